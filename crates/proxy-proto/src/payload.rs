@@ -1,0 +1,364 @@
+//! Typed JSON payloads of the proxy protocol (PROTOCOL.md §3–§5), with the
+//! wire's exact key names.
+//!
+//! Decoding is lenient about absent optional fields (as the reference's Go
+//! decoder is) and strict about types; [`validate`](RegisterVm::validate)
+//! methods apply the rules that the types alone cannot.
+
+use alloc::borrow::ToOwned;
+use alloc::boxed::Box;
+use alloc::string::String;
+use alloc::vec::Vec;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde_json::value::RawValue;
+
+/// A required field is missing or empty.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{command}: `{field}` is required and must not be empty")]
+pub struct MissingField {
+    /// The command whose payload it is.
+    pub command: &'static str,
+    /// The JSON key.
+    pub field: &'static str,
+}
+
+fn require(command: &'static str, field: &'static str, v: &str) -> Result<(), MissingField> {
+    if v.is_empty() {
+        Err(MissingField { command, field })
+    } else {
+        Ok(())
+    }
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+/// `tokens`: `null` on the wire when empty (the reference's nil slice);
+/// `null` or absent read as empty.
+mod null_tokens {
+    use super::*;
+
+    pub fn serialize<S: Serializer>(v: &[String], s: S) -> Result<S::Ok, S::Error> {
+        if v.is_empty() {
+            s.serialize_none()
+        } else {
+            v.serialize(s)
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+        Ok(Option::<Vec<String>>::deserialize(d)?.unwrap_or_default())
+    }
+}
+
+/// RegisterVM (command 0).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegisterVm {
+    /// The VM's container (pod) id.
+    #[serde(rename = "containerId", default)]
+    pub container_id: String,
+    /// Address of the agent's ctl channel.
+    #[serde(rename = "ctlSerial", default)]
+    pub ctl_serial: String,
+    /// Address of the agent's io channel.
+    #[serde(rename = "ioSerial", default)]
+    pub io_serial: String,
+    /// Address of the VM console (optional).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub console: String,
+    /// How many I/O tokens to allocate.
+    #[serde(rename = "numIOStreams", default, skip_serializing_if = "is_zero")]
+    pub num_io_streams: u32,
+}
+
+impl RegisterVm {
+    /// containerId, ctlSerial and ioSerial are required and non-empty.
+    pub fn validate(&self) -> Result<(), MissingField> {
+        require("RegisterVM", "containerId", &self.container_id)?;
+        require("RegisterVM", "ctlSerial", &self.ctl_serial)?;
+        require("RegisterVM", "ioSerial", &self.io_serial)
+    }
+}
+
+/// AttachVM (command 2).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttachVm {
+    /// The VM to attach to.
+    #[serde(rename = "containerId", default)]
+    pub container_id: String,
+    /// How many more I/O tokens to allocate.
+    #[serde(rename = "numIOStreams", default, skip_serializing_if = "is_zero")]
+    pub num_io_streams: u32,
+}
+
+impl AttachVm {
+    /// containerId is required.
+    pub fn validate(&self) -> Result<(), MissingField> {
+        require("AttachVM", "containerId", &self.container_id)
+    }
+}
+
+/// UnregisterVM (command 1).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnregisterVm {
+    /// The VM to unregister.
+    #[serde(rename = "containerId", default)]
+    pub container_id: String,
+}
+
+impl UnregisterVm {
+    /// containerId is required.
+    pub fn validate(&self) -> Result<(), MissingField> {
+        require("UnregisterVM", "containerId", &self.container_id)
+    }
+}
+
+/// Hyper (command 3). `data` is kept as raw JSON, byte for byte.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Hyper {
+    /// hyperstart command name.
+    #[serde(rename = "hyperName", default)]
+    pub hyper_name: String,
+    /// I/O tokens (0 or 1, only for newcontainer and execcmd).
+    #[serde(default, with = "null_tokens")]
+    pub tokens: Vec<String>,
+    /// The command's data, untouched.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<Box<RawValue>>,
+}
+
+impl Hyper {
+    /// A Hyper payload; `data` must be valid JSON.
+    pub fn new(
+        hyper_name: impl Into<String>,
+        tokens: Vec<String>,
+        data: Option<&str>,
+    ) -> Result<Self, serde_json::Error> {
+        Ok(Self {
+            hyper_name: hyper_name.into(),
+            tokens,
+            data: data
+                .map(|d| RawValue::from_string(d.to_owned()))
+                .transpose()?,
+        })
+    }
+
+    /// The data's bytes, or empty.
+    pub fn data_bytes(&self) -> &[u8] {
+        self.data.as_deref().map_or(&[][..], |d| d.get().as_bytes())
+    }
+
+    /// hyperName is required.
+    pub fn validate(&self) -> Result<(), MissingField> {
+        require("Hyper", "hyperName", &self.hyper_name)
+    }
+}
+
+impl PartialEq for Hyper {
+    fn eq(&self, other: &Self) -> bool {
+        self.hyper_name == other.hyper_name
+            && self.tokens == other.tokens
+            && self.data.as_deref().map(RawValue::get) == other.data.as_deref().map(RawValue::get)
+    }
+}
+
+/// ConnectShim (command 4).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConnectShim {
+    /// The I/O token to claim.
+    #[serde(default)]
+    pub token: String,
+}
+
+impl ConnectShim {
+    /// token is required.
+    pub fn validate(&self) -> Result<(), MissingField> {
+        require("ConnectShim", "token", &self.token)
+    }
+}
+
+/// DisconnectShim (command 5): `{}` or no payload.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DisconnectShim {}
+
+/// Signal (command 6). Numbers are signed on the wire (Go `int`), so a
+/// negative number decodes and is then refused by the proxy's rules.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Signal {
+    /// Signal number (0–30 accepted).
+    #[serde(rename = "signalNumber", default)]
+    pub signal_number: i64,
+    /// Terminal columns, SIGWINCH only.
+    #[serde(default, skip_serializing_if = "is_zero_i64")]
+    pub columns: i64,
+    /// Terminal rows, SIGWINCH only.
+    #[serde(default, skip_serializing_if = "is_zero_i64")]
+    pub rows: i64,
+}
+
+fn is_zero_i64(n: &i64) -> bool {
+    *n == 0
+}
+
+/// The `io` object of RegisterVM and AttachVM responses.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IoResponse {
+    /// The proxy's socket as `unix://…` (key is upper-case `URL`).
+    #[serde(rename = "URL", alias = "url", default)]
+    pub url: String,
+    /// The allocated tokens; `null` when none.
+    #[serde(default, with = "null_tokens")]
+    pub tokens: Vec<String>,
+}
+
+/// RegisterVM's (and AttachVM's) success payload.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegisterVmResponse {
+    /// Where shims connect, and their tokens.
+    pub io: IoResponse,
+}
+
+/// AttachVM's success payload: the same shape as RegisterVM's.
+pub type AttachVmResponse = RegisterVmResponse;
+
+/// An error response's payload.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorResponse {
+    /// What went wrong.
+    #[serde(default)]
+    pub msg: String,
+}
+
+/// Who wrote a log entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogSource {
+    /// A shim.
+    Shim,
+    /// A runtime.
+    Runtime,
+}
+
+/// A log entry's level.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogLevel {
+    /// Debug.
+    Debug,
+    /// Info.
+    Info,
+    /// Warning.
+    Warn,
+    /// Error.
+    Error,
+}
+
+/// The log stream's payload (stream 3).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogEntry {
+    /// Who wrote it.
+    pub source: LogSource,
+    /// The container it is about (optional).
+    #[serde(
+        rename = "containerId",
+        default,
+        skip_serializing_if = "String::is_empty"
+    )]
+    pub container_id: String,
+    /// Level.
+    pub level: LogLevel,
+    /// Message.
+    pub msg: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn register_vm_wire_names_and_validation() {
+        let r: RegisterVm = serde_json::from_str(
+            r#"{"containerId":"c","ctlSerial":"/a","ioSerial":"/b","numIOStreams":2}"#,
+        )
+        .unwrap();
+        assert_eq!(r.num_io_streams, 2);
+        r.validate().unwrap();
+        assert_eq!(
+            serde_json::to_string(&r).unwrap(),
+            r#"{"containerId":"c","ctlSerial":"/a","ioSerial":"/b","numIOStreams":2}"#
+        );
+        let r: RegisterVm = serde_json::from_str(r#"{"containerId":"c","ioSerial":"/b"}"#).unwrap();
+        let e = r.validate().unwrap_err();
+        assert_eq!(e.field, "ctlSerial");
+        assert_eq!(
+            alloc::format!("{e}"),
+            "RegisterVM: `ctlSerial` is required and must not be empty"
+        );
+        assert!(serde_json::from_str::<RegisterVm>(r#"{"numIOStreams":-1}"#).is_err());
+    }
+
+    #[test]
+    fn io_response_url_upper_case_and_null_tokens() {
+        let r = RegisterVmResponse {
+            io: IoResponse {
+                url: "unix:///run/p.sock".into(),
+                tokens: Vec::new(),
+            },
+        };
+        assert_eq!(
+            serde_json::to_string(&r).unwrap(),
+            r#"{"io":{"URL":"unix:///run/p.sock","tokens":null}}"#
+        );
+        let r2: RegisterVmResponse =
+            serde_json::from_str(r#"{"io":{"url":"unix:///x","tokens":["a","b"]}}"#).unwrap();
+        assert_eq!(r2.io.tokens, ["a", "b"]);
+        assert_eq!(r2.io.url, "unix:///x");
+    }
+
+    #[test]
+    fn hyper_keeps_data_byte_for_byte() {
+        let wire = r#"{"hyperName":"execcmd","tokens":null,"data":{"b":1,  "a":[ 2 ,3]}}"#;
+        let h: Hyper = serde_json::from_str(wire).unwrap();
+        assert!(h.tokens.is_empty());
+        assert_eq!(h.data_bytes(), br#"{"b":1,  "a":[ 2 ,3]}"#);
+        assert_eq!(
+            serde_json::to_string(&h).unwrap(),
+            r#"{"hyperName":"execcmd","tokens":null,"data":{"b":1,  "a":[ 2 ,3]}}"#
+        );
+        let h: Hyper = serde_json::from_str(r#"{"hyperName":"ping"}"#).unwrap();
+        assert!(h.data.is_none() && h.tokens.is_empty());
+        let h = Hyper::new("ping", Vec::new(), None).unwrap();
+        assert_eq!(h.data_bytes(), b"");
+        let h: Hyper = serde_json::from_str(r#"{"hyperName":"","tokens":[]}"#).unwrap();
+        assert_eq!(h.validate().unwrap_err().field, "hyperName");
+    }
+
+    #[test]
+    fn signal_and_log_entry() {
+        let s: Signal =
+            serde_json::from_str(r#"{"signalNumber":28,"columns":80,"rows":24}"#).unwrap();
+        assert_eq!((s.signal_number, s.columns, s.rows), (28, 80, 24));
+        assert_eq!(
+            serde_json::to_string(&Signal {
+                signal_number: 15,
+                ..Default::default()
+            })
+            .unwrap(),
+            r#"{"signalNumber":15}"#
+        );
+        let s: Signal = serde_json::from_str(r#"{"signalNumber":-1}"#).unwrap();
+        assert_eq!(s.signal_number, -1);
+        let l: LogEntry =
+            serde_json::from_str(r#"{"source":"shim","level":"warn","msg":"m"}"#).unwrap();
+        assert_eq!(l.level, LogLevel::Warn);
+        assert!(
+            serde_json::from_str::<LogEntry>(r#"{"source":"x","level":"warn","msg":"m"}"#).is_err()
+        );
+        assert!(
+            serde_json::from_str::<LogEntry>(r#"{"source":"shim","level":"loud","msg":"m"}"#)
+                .is_err()
+        );
+    }
+}

@@ -1,0 +1,83 @@
+//! `cargo xtask <verb>`: the project's verbs, as in rust-analyzer.
+//!
+//! - `ci`    — what `.ci/run` and the GitHub workflow run: fmt check, clippy
+//!   with `-D warnings`, every test and doc test, the `no_std` build of
+//!   `proxy-proto`.
+//!
+//! Every command that is run is echoed first, so a CI log reads as a script.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+
+mod util;
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let (verb, rest) = match args.split_first() {
+        Some((v, rest)) => (v.as_str(), rest),
+        None => {
+            eprintln!("{}", USAGE);
+            return ExitCode::from(2);
+        }
+    };
+    let result = match verb {
+        "ci" => ci(rest),
+        "-h" | "--help" | "help" => {
+            println!("{}", USAGE);
+            Ok(())
+        }
+        other => Err(format!("unknown verb `{other}`\n\n{USAGE}")),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+const USAGE: &str = "usage: cargo xtask <verb>
+
+verbs:
+  ci                 fmt check, clippy -D warnings, all tests, no_std build";
+
+/// The repository root, found from this crate's manifest directory.
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives one level below the repository root")
+        .to_path_buf()
+}
+
+fn ci(args: &[String]) -> Result<(), String> {
+    let skip_e2e = args.iter().any(|a| a == "--no-e2e");
+    let _ = skip_e2e;
+    let cargo = util::cargo();
+    util::run(Command::new(&cargo).args(["fmt", "--all", "--", "--check"]))?;
+    util::run(Command::new(&cargo).args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    util::run(Command::new(&cargo).args(["test", "--workspace", "--all-targets"]))?;
+    util::run(Command::new(&cargo).args(["test", "--workspace", "--doc"]))?;
+    util::run(Command::new(&cargo).args([
+        "build",
+        "-p",
+        "proxy-proto",
+        "--no-default-features",
+    ]))?;
+    util::run(Command::new(&cargo).args([
+        "build",
+        "-p",
+        "proxy-proto",
+        "--no-default-features",
+        "--features",
+        "alloc,serde",
+    ]))?;
+    Ok(())
+}
