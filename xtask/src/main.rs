@@ -65,12 +65,7 @@ fn ci(args: &[String]) -> Result<(), String> {
     ]))?;
     util::run(Command::new(&cargo).args(["test", "--workspace", "--all-targets"]))?;
     util::run(Command::new(&cargo).args(["test", "--workspace", "--doc"]))?;
-    util::run(Command::new(&cargo).args([
-        "build",
-        "-p",
-        "proxy-proto",
-        "--no-default-features",
-    ]))?;
+    util::run(Command::new(&cargo).args(["build", "-p", "proxy-proto", "--no-default-features"]))?;
     util::run(Command::new(&cargo).args([
         "build",
         "-p",
