@@ -1,0 +1,616 @@
+//! One client connection: a reader that decodes frames and applies the
+//! rules, and a writer that sends responses and, once the connection is a
+//! shim, its session's output.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use proxy_proto::hyper::ctl::Code;
+use proxy_proto::payload::{
+    AttachVm, ConnectShim, Hyper, LogEntry, LogLevel, RegisterVm, RegisterVmResponse, Signal,
+    UnregisterVm,
+};
+use proxy_proto::{
+    Command, Frame, FrameDecoder, FrameError, FrameKind, Header, Limits, RawHeader, Stream,
+};
+use serde::de::DeserializeOwned;
+use tokio::io::AsyncReadExt;
+use tokio::net::UnixStream;
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, info, warn, Instrument};
+
+use crate::registry::{ConnId, ProxyError, SignalPlan, VmId};
+use crate::server::Shared;
+use crate::session::{Output, OutputQueue, Session};
+use crate::vm::{Gone, Vm};
+use crate::wire::Batch;
+
+/// What the reader asks the writer to do.
+#[derive(Debug)]
+enum ToWriter {
+    /// Send a frame.
+    Frame(Frame),
+    /// From now on, also send this session's output.
+    Attach(Arc<Session>),
+    /// The VM is gone: write what is queued, then stop.
+    Drain,
+}
+
+/// The shim side of a connection.
+#[derive(Debug)]
+struct ShimRole {
+    token: String,
+    vm: Arc<Vm>,
+    session: Arc<Session>,
+}
+
+enum Flow {
+    Continue,
+    Close,
+}
+
+/// Serve one client connection until it closes.
+pub async fn serve(shared: Arc<Shared>, stream: UnixStream, conn: ConnId) {
+    let span = tracing::debug_span!("conn", conn = conn.0);
+    serve_inner(shared, stream, conn).instrument(span).await
+}
+
+async fn serve_inner(shared: Arc<Shared>, stream: UnixStream, conn: ConnId) {
+    debug!("client connected");
+    let (mut r, w) = stream.into_split();
+    let (tx, rx) = mpsc::channel::<ToWriter>(64);
+    let writer = tokio::spawn(writer(w, rx).in_current_span());
+    let mut c = Conn {
+        shared: shared.clone(),
+        id: conn,
+        tx,
+        vm: None,
+        shim: None,
+    };
+    let limits = Limits {
+        max_payload: shared.config.max_frame_size,
+    };
+    let mut dec = FrameDecoder::new(limits);
+    let mut buf = BytesMut::with_capacity(8 * 1024);
+    let mut shutdown = shared.shutdown.subscribe();
+    let mut gone: Option<watch::Receiver<Gone>> = None;
+    let mut drain = false;
+    'conn: loop {
+        loop {
+            match dec.decode(&mut buf) {
+                Ok(Some(frame)) => match c.handle(frame).await {
+                    Flow::Continue => {
+                        if gone.is_none() {
+                            gone = c.shim.as_ref().map(|s| s.vm.gone.subscribe());
+                        }
+                    }
+                    Flow::Close => break 'conn,
+                },
+                Ok(None) => break,
+                Err(e) => {
+                    c.malformed(&buf, &e).await;
+                    break 'conn;
+                }
+            }
+        }
+        if buf.capacity() - buf.len() < 4096 {
+            buf.reserve(16 * 1024);
+        }
+        tokio::select! {
+            n = r.read_buf(&mut buf) => match n {
+                Ok(0) => {
+                    if !buf.is_empty() {
+                        debug!(left = buf.len(), "client closed mid-frame");
+                    }
+                    break;
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    debug!(error = %e, "read failed");
+                    break;
+                }
+            },
+            _ = shutdown.wait_for(|s| *s) => break,
+            _ = vm_gone(&mut gone) => {
+                drain = true;
+                break;
+            }
+        }
+    }
+    // Ending: the writer flushes what it was given, gives the session's
+    // queue back, and only then is the token claimable again.
+    if drain {
+        let _ = c.tx.send(ToWriter::Drain).await;
+    }
+    let Conn { tx, shim, .. } = c;
+    drop(tx);
+    let _ = writer.await;
+    if let Some(s) = shim {
+        shared.state().registry.shim_gone(conn, &s.token);
+        s.session.shim.send_replace(false);
+        debug!(token = %s.token, "shim gone; token claimable again");
+    }
+    debug!("client disconnected");
+}
+
+async fn vm_gone(g: &mut Option<watch::Receiver<Gone>>) {
+    match g {
+        Some(g) => {
+            let _ = g.wait_for(|g| *g != Gone::No).await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+struct Conn {
+    shared: Arc<Shared>,
+    id: ConnId,
+    tx: mpsc::Sender<ToWriter>,
+    vm: Option<VmId>,
+    shim: Option<ShimRole>,
+}
+
+fn parse<T: DeserializeOwned>(command: Command, payload: &[u8]) -> Result<T, ProxyError> {
+    let payload: &[u8] = if payload.is_empty() { b"{}" } else { payload };
+    serde_json::from_slice(payload).map_err(|source| ProxyError::InvalidPayload {
+        command: command.name(),
+        source,
+    })
+}
+
+impl Conn {
+    async fn send(&self, f: Frame) {
+        let _ = self.tx.send(ToWriter::Frame(f)).await;
+    }
+
+    async fn respond(&self, cmd: Command, r: Result<Bytes, ProxyError>) {
+        match r {
+            Ok(p) => self.send(Frame::response(cmd, p)).await,
+            Err(e) => {
+                debug!(command = cmd.name(), error = %e, "command refused");
+                self.send(Frame::error_response(cmd, &e.to_string())).await
+            }
+        }
+    }
+
+    /// A malformed frame: an error response where one can be addressed
+    /// (a command header), then the connection closes.
+    async fn malformed(&self, buf: &[u8], e: &FrameError) {
+        warn!(error = %e, "malformed frame; closing the connection");
+        if let Some(raw) = RawHeader::peek(buf) {
+            if raw.frame_type == 0 {
+                if let Some(cmd) = Command::from_u8(raw.opcode) {
+                    self.send(Frame::error_response(cmd, &format!("malformed frame: {e}")))
+                        .await;
+                }
+            }
+        }
+    }
+
+    async fn handle(&mut self, f: Frame) -> Flow {
+        match f.kind {
+            FrameKind::Command(cmd) => self.command(cmd, f.payload).await,
+            FrameKind::Stream(Stream::Stdin) => self.stdin(f.payload).await,
+            FrameKind::Stream(Stream::Log) => self.log(&f.payload),
+            FrameKind::Stream(s) => {
+                warn!(
+                    stream = s.name(),
+                    "clients may not send this stream; closing"
+                );
+                Flow::Close
+            }
+            other => {
+                warn!(kind = ?other, "clients may only send commands and streams; closing");
+                Flow::Close
+            }
+        }
+    }
+
+    async fn command(&mut self, cmd: Command, payload: Bytes) -> Flow {
+        let r = match cmd {
+            Command::RegisterVm => self.register(&payload).await,
+            Command::UnregisterVm => self.unregister(&payload),
+            Command::AttachVm => self.attach(&payload),
+            Command::Hyper => self.hyper(&payload).await,
+            Command::ConnectShim => match self.connect_shim(&payload).await {
+                Ok(()) => return Flow::Continue,
+                Err(e) => Err(e),
+            },
+            Command::DisconnectShim => return self.disconnect_shim(),
+            Command::Signal => match self.signal(&payload).await {
+                Ok(Some(r)) => Ok(r),
+                Ok(None) => return Flow::Continue,
+                Err(e) => Err(e),
+            },
+        };
+        let unregistered = cmd == Command::UnregisterVm && r.is_ok();
+        self.respond(cmd, r).await;
+        if unregistered && self.shared.pod_mode {
+            info!("pod mode: VM unregistered, exiting");
+            self.shared.stop();
+        }
+        Flow::Continue
+    }
+
+    async fn register(&mut self, payload: &[u8]) -> Result<Bytes, ProxyError> {
+        let req: RegisterVm = parse(Command::RegisterVm, payload)?;
+        let (vm, io) = self.shared.register_vm(req).await?;
+        self.vm = Some(vm);
+        json(&RegisterVmResponse { io })
+    }
+
+    fn attach(&mut self, payload: &[u8]) -> Result<Bytes, ProxyError> {
+        let req: AttachVm = parse(Command::AttachVm, payload)?;
+        let (vm, io) = self.shared.attach_vm(&req)?;
+        self.vm = Some(vm);
+        json(&RegisterVmResponse { io })
+    }
+
+    fn unregister(&mut self, payload: &[u8]) -> Result<Bytes, ProxyError> {
+        let req: UnregisterVm = parse(Command::UnregisterVm, payload)?;
+        let vm = self.shared.state().registry.unregister_vm(&req)?;
+        info!(vm = %req.container_id, "VM unregistered");
+        if self.vm == Some(vm) {
+            self.vm = None;
+        }
+        Ok(Bytes::new())
+    }
+
+    async fn hyper(&mut self, payload: &[u8]) -> Result<Bytes, ProxyError> {
+        let req: Hyper = parse(Command::Hyper, payload)?;
+        let (plan, vm) = {
+            let mut st = self.shared.state();
+            let plan = st.registry.plan_hyper(self.vm, &req)?;
+            let vm = st.vms.get(&plan.vm).cloned();
+            (plan, vm)
+        };
+        let token = plan.session.as_ref().map(|(t, _)| t.clone());
+        let result = async {
+            let vm = vm.ok_or(ProxyError::VmGone)?;
+            let session = match &plan.session {
+                Some((_, io_base)) => Some(vm.session(*io_base).ok_or(ProxyError::VmGone)?),
+                None => None,
+            };
+            if let Some(s) = &session {
+                let t = self.shared.config.shim_timeout;
+                wait_true(&s.shim, t, || {
+                    format!("the shim of token {:?} to connect", s.token)
+                })
+                .await?;
+            }
+            let reply = vm.ctl(plan.code, Bytes::from(plan.data)).await?;
+            if let Some(s) = &session {
+                s.started.send_replace(true);
+            }
+            Ok(reply)
+        }
+        .await;
+        if let Some(t) = token {
+            let mut st = self.shared.state();
+            match &result {
+                Ok(_) => st.registry.process_started(&t, plan.container_id.clone()),
+                Err(_) => st.registry.process_start_failed(&t),
+            }
+        }
+        if plan.code == Code::DestroyPod {
+            debug!("destroypod forwarded");
+        }
+        result
+    }
+
+    /// On success the response is sent here, before the session's output.
+    async fn connect_shim(&mut self, payload: &[u8]) -> Result<(), ProxyError> {
+        if self.shim.is_some() {
+            return Err(ProxyError::AlreadyAShim);
+        }
+        let req: ConnectShim = parse(Command::ConnectShim, payload)?;
+        req.validate()?;
+        let (vm, session) = {
+            let mut st = self.shared.state();
+            let (vm_id, io_base) = st.registry.connect_shim(self.id, &req.token)?;
+            let vm = st.vms.get(&vm_id).cloned();
+            let session = vm.as_ref().and_then(|v| v.session(io_base));
+            match (vm, session) {
+                (Some(vm), Some(s)) => (vm, s),
+                _ => {
+                    st.registry.shim_gone(self.id, &req.token);
+                    return Err(ProxyError::VmGone);
+                }
+            }
+        };
+        // Response first, then the session's output.
+        self.send(Frame::response(Command::ConnectShim, Bytes::new()))
+            .await;
+        let _ = self.tx.send(ToWriter::Attach(session.clone())).await;
+        session.shim.send_replace(true);
+        info!(token = %req.token, io_base = session.io_base, "shim connected");
+        self.shim = Some(ShimRole {
+            token: req.token,
+            vm,
+            session,
+        });
+        Ok(())
+    }
+
+    fn disconnect_shim(&mut self) -> Flow {
+        let Some(s) = self.shim.take() else {
+            warn!("DisconnectShim from a connection that is not a shim; closing");
+            return Flow::Close;
+        };
+        self.shared
+            .state()
+            .registry
+            .disconnect_shim(self.id, &s.token);
+        s.vm.remove_session(s.session.io_base);
+        info!(token = %s.token, "shim disconnected; token freed");
+        Flow::Close
+    }
+
+    /// `Ok(None)`: the response was already sent.
+    async fn signal(&mut self, payload: &[u8]) -> Result<Option<Bytes>, ProxyError> {
+        let Some(shim) = &self.shim else {
+            return Err(ProxyError::NotAShim("Signal"));
+        };
+        let sig: Signal = parse(Command::Signal, payload)?;
+        let (token, session, vm) = (shim.token.clone(), shim.session.clone(), shim.vm.clone());
+        let mut waited = false;
+        loop {
+            let plan = self.shared.state().registry.plan_signal(&token, &sig)?;
+            match plan {
+                SignalPlan::ExitedBeforeStart => {
+                    info!(
+                        signal = sig.signal_number,
+                        "signal before the process started: exit 0"
+                    );
+                    self.send(Frame::process_exited(0)).await;
+                    self.send(Frame::response(Command::Signal, Bytes::new()))
+                        .await;
+                    return Ok(None);
+                }
+                SignalPlan::WaitForStart if !waited => {
+                    let t = self.shared.config.process_timeout;
+                    wait_true(&session.started, t, || {
+                        format!("the process of token {token:?} to start")
+                    })
+                    .await?;
+                    waited = true;
+                }
+                SignalPlan::WaitForStart => {
+                    return Err(ProxyError::Timeout {
+                        waited_for: format!("the process of token {token:?} to start"),
+                        after: self.shared.config.process_timeout,
+                    })
+                }
+                SignalPlan::Send { code, data } => {
+                    return vm
+                        .ctl(code, Bytes::from(data))
+                        .await
+                        .map(|_| Some(Bytes::new()));
+                }
+            }
+        }
+    }
+
+    async fn stdin(&mut self, data: Bytes) -> Flow {
+        let Some(shim) = &self.shim else {
+            warn!("stdin from a connection that is not a shim; closing");
+            return Flow::Close;
+        };
+        if !*shim.session.started.borrow() {
+            let t = self.shared.config.process_timeout;
+            let token = shim.token.clone();
+            if let Err(e) = wait_true(&shim.session.started, t, || {
+                format!("the process of token {token:?} to start")
+            })
+            .await
+            {
+                warn!(error = %e, "stdin cannot be delivered; closing");
+                return Flow::Close;
+            }
+        }
+        let n = data.len() as u64;
+        match shim.vm.stdin(shim.session.io_base, data).await {
+            Ok(()) => {
+                shim.session
+                    .bytes_in
+                    .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+                Flow::Continue
+            }
+            Err(e) => {
+                warn!(error = %e, "stdin cannot be delivered; closing");
+                Flow::Close
+            }
+        }
+    }
+
+    fn log(&self, payload: &[u8]) -> Flow {
+        let entry: LogEntry = match serde_json::from_slice(payload) {
+            Ok(e) => e,
+            Err(e) => {
+                warn!(error = %e, "invalid log entry; closing");
+                return Flow::Close;
+            }
+        };
+        let source = match entry.source {
+            proxy_proto::payload::LogSource::Shim => "shim",
+            proxy_proto::payload::LogSource::Runtime => "runtime",
+        };
+        let cid = entry.container_id.as_str();
+        match entry.level {
+            LogLevel::Debug => {
+                tracing::debug!(target: "cc_proxy::client", source, container = cid, "{}", entry.msg)
+            }
+            LogLevel::Info => {
+                tracing::info!(target: "cc_proxy::client", source, container = cid, "{}", entry.msg)
+            }
+            LogLevel::Warn => {
+                tracing::warn!(target: "cc_proxy::client", source, container = cid, "{}", entry.msg)
+            }
+            LogLevel::Error => {
+                tracing::error!(target: "cc_proxy::client", source, container = cid, "{}", entry.msg)
+            }
+        }
+        Flow::Continue
+    }
+}
+
+fn json<T: serde::Serialize>(v: &T) -> Result<Bytes, ProxyError> {
+    serde_json::to_vec(v)
+        .map(Bytes::from)
+        .map_err(|e| ProxyError::AgentIo(format!("encoding a response: {e}")))
+}
+
+async fn wait_true(
+    w: &watch::Sender<bool>,
+    t: Duration,
+    what: impl FnOnce() -> String,
+) -> Result<(), ProxyError> {
+    let mut rx = w.subscribe();
+    let r = tokio::time::timeout(t, rx.wait_for(|v| *v))
+        .await
+        .map(|r| r.is_ok());
+    match r {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(ProxyError::VmGone),
+        Err(_) => Err(ProxyError::Timeout {
+            waited_for: what(),
+            after: t,
+        }),
+    }
+}
+
+/// Frames and session output to the client, batched into vectored writes.
+async fn writer(mut w: tokio::net::unix::OwnedWriteHalf, mut rx: mpsc::Receiver<ToWriter>) {
+    let mut session: Option<(Arc<Session>, OutputQueue)> = None;
+    let mut batch = Batch::new();
+    // Output items in the batch, to account for (or put back) after writing.
+    let mut inflight: Vec<Output> = Vec::new();
+    let mut closing = false;
+    let mut drain = false;
+    loop {
+        // Wait for something to write.
+        if batch.is_empty() {
+            let msg = match &mut session {
+                Some((_, q)) => tokio::select! {
+                    biased;
+                    m = rx.recv() => Some(m),
+                    o = q.next() => {
+                        if let Some(o) = o {
+                            push_output(&mut batch, &o);
+                            inflight.push(o);
+                        }
+                        None
+                    }
+                },
+                None => Some(rx.recv().await),
+            };
+            match msg {
+                Some(Some(m)) => handle_msg(m, &mut batch, &mut session, &mut drain),
+                Some(None) => closing = true,
+                None => {}
+            }
+        }
+        // Gather more without waiting.
+        while !closing && batch.len() < 256 * 1024 && batch.chunks() < 512 {
+            match rx.try_recv() {
+                Ok(m) => {
+                    handle_msg(m, &mut batch, &mut session, &mut drain);
+                    continue;
+                }
+                Err(mpsc::error::TryRecvError::Disconnected) => {
+                    closing = true;
+                    break;
+                }
+                Err(mpsc::error::TryRecvError::Empty) => {}
+            }
+            match session.as_mut().and_then(|(_, q)| q.try_next()) {
+                Some(o) => {
+                    push_output(&mut batch, &o);
+                    inflight.push(o);
+                }
+                None => break,
+            }
+        }
+        if drain {
+            if let Some((_, q)) = session.as_mut() {
+                while let Some(o) = q.try_next() {
+                    push_output(&mut batch, &o);
+                    inflight.push(o);
+                }
+            }
+        }
+        if !batch.is_empty() {
+            if let Err((_, e)) = batch.write_all(&mut w).await {
+                debug!(error = %e, "write to client failed");
+                // Nothing of the batch is known to have reached the shim
+                // program: its output goes back in front, for the next shim.
+                if let Some((_, q)) = session.as_mut() {
+                    for o in inflight.drain(..).rev() {
+                        q.front.push_front(o);
+                    }
+                }
+                batch = Batch::new();
+                break;
+            }
+            if let Some((s, _)) = &session {
+                for o in inflight.drain(..) {
+                    s.written(&o);
+                }
+            }
+            inflight.clear();
+        }
+        if closing || drain {
+            break;
+        }
+    }
+    let _ = batch;
+    if let Some((s, q)) = session.take() {
+        s.return_queue(q);
+    }
+    use tokio::io::AsyncWriteExt;
+    let _ = w.shutdown().await;
+}
+
+fn handle_msg(
+    m: ToWriter,
+    batch: &mut Batch,
+    session: &mut Option<(Arc<Session>, OutputQueue)>,
+    drain: &mut bool,
+) {
+    match m {
+        ToWriter::Frame(f) => push_frame(batch, f.header(), f.payload),
+        ToWriter::Attach(s) => {
+            if let Some(q) = s.take_queue() {
+                *session = Some((s, q));
+            } else {
+                warn!(token = %s.token, "session output queue is held elsewhere");
+            }
+        }
+        ToWriter::Drain => *drain = true,
+    }
+}
+
+fn push_frame(batch: &mut Batch, h: Header, payload: Bytes) {
+    batch.push(Bytes::copy_from_slice(&h.to_bytes()));
+    batch.push(payload);
+}
+
+fn push_output(batch: &mut Batch, o: &Output) {
+    match o {
+        Output::Stdout(b) => push_frame(
+            batch,
+            Header::new(FrameKind::Stream(Stream::Stdout), b.len() as u32),
+            b.clone(),
+        ),
+        Output::Stderr(b) => push_frame(
+            batch,
+            Header::new(FrameKind::Stream(Stream::Stderr), b.len() as u32),
+            b.clone(),
+        ),
+        Output::Exited(code) => {
+            let f = Frame::process_exited(*code);
+            push_frame(batch, f.header(), f.payload)
+        }
+    }
+}

@@ -1,0 +1,43 @@
+//! `cc-proxy`: the daemon binary.
+
+use std::process::ExitCode;
+
+use proxy_server::config::Config;
+
+fn main() -> ExitCode {
+    let config = match Config::parse_args(std::env::args()) {
+        Ok(c) => c,
+        Err(e) => {
+            // --help and --version land here too, with exit code 0.
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    if let Err(e) = proxy_server::logging::init(&config.log, config.log_format) {
+        eprintln!("cc-proxy: {e}");
+        return ExitCode::from(2);
+    }
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cc-proxy: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(proxy_server::server::run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("cc-proxy: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

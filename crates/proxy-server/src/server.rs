@@ -1,0 +1,539 @@
+//! The daemon: the listening socket, the shared state, VM registration and
+//! teardown, shutdown.
+
+use std::collections::HashMap;
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
+use std::os::unix::io::FromRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use proxy_proto::payload::{AttachVm, IoResponse, RegisterVm};
+use tokio::net::UnixListener;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tracing::{debug, error, info, warn, Instrument};
+
+use crate::config::Config;
+use crate::ksm::Ksm;
+use crate::registry::{ConnId, NewToken, ProxyError, Registry, VmId};
+use crate::vm::{Channels, Vm, VmEvents, VmTimeouts};
+
+/// The state every task shares. Locked briefly, never across an await.
+#[derive(Debug, Default)]
+pub struct State {
+    /// The rules.
+    pub registry: Registry,
+    /// VMs at run time.
+    pub vms: HashMap<VmId, Arc<Vm>>,
+}
+
+/// What the daemon's tasks share.
+#[derive(Debug)]
+pub struct Shared {
+    /// The configuration.
+    pub config: Config,
+    state: Mutex<State>,
+    /// `unix://<socket path>`, handed out in RegisterVM/AttachVM replies.
+    pub url: String,
+    next_conn: AtomicU64,
+    /// Set to true to stop: connections close, the daemon exits.
+    pub shutdown: watch::Sender<bool>,
+    /// Pod mode: exit after UnregisterVM.
+    pub pod_mode: bool,
+    ksm: Option<Arc<Ksm>>,
+}
+
+impl Shared {
+    /// Shared state for a daemon listening at `socket_path`.
+    pub fn new(
+        config: Config,
+        socket_path: &Path,
+        pod_mode: bool,
+        ksm: Option<Arc<Ksm>>,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            config,
+            state: Mutex::new(State::default()),
+            url: format!("unix://{}", socket_path.display()),
+            next_conn: AtomicU64::new(0),
+            shutdown: watch::channel(false).0,
+            pod_mode,
+            ksm,
+        })
+    }
+
+    /// Lock the state. A poisoned lock (a panic elsewhere) is taken over:
+    /// the registry's methods leave it consistent at every return.
+    pub fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A new connection id.
+    pub fn next_conn(&self) -> ConnId {
+        ConnId(self.next_conn.fetch_add(1, Ordering::Relaxed) + 1)
+    }
+
+    /// A VM by id.
+    pub fn vm(&self, id: VmId) -> Option<Arc<Vm>> {
+        self.state().vms.get(&id).cloned()
+    }
+
+    /// RegisterVM: reserve, connect the channels, wait READY, start the
+    /// VM's tasks. On failure nothing stays registered.
+    pub async fn register_vm(
+        self: &Arc<Self>,
+        req: RegisterVm,
+    ) -> Result<(VmId, IoResponse), ProxyError> {
+        let (vm_id, tokens) = self.state().registry.register_vm(&req, new_token)?;
+        let span = tracing::info_span!("vm", vm = %req.container_id);
+        match self
+            .bring_up(vm_id, &req, &tokens)
+            .instrument(span.clone())
+            .await
+        {
+            Ok(()) => {
+                span.in_scope(|| info!(tokens = tokens.len(), "VM registered"));
+                if let Some(k) = &self.ksm {
+                    k.kick();
+                }
+                Ok((vm_id, self.io_response(tokens)))
+            }
+            Err(e) => {
+                self.state().registry.remove_vm(vm_id);
+                span.in_scope(|| warn!(error = %e, "RegisterVM failed"));
+                Err(e)
+            }
+        }
+    }
+
+    async fn bring_up(
+        self: &Arc<Self>,
+        vm_id: VmId,
+        req: &RegisterVm,
+        tokens: &[NewToken],
+    ) -> Result<(), ProxyError> {
+        let waited = self.config.ready_timeout;
+        let deadline = Instant::now() + waited;
+        let (mut ctl_r, ctl_w) = crate::agent::connect("ctl", &req.ctl_serial, deadline).await?;
+        let (io_r, io_w) = crate::agent::connect("io", &req.io_serial, deadline).await?;
+        debug!("agent channels connected, waiting for READY");
+        let mut ctl_buf = BytesMut::with_capacity(4096);
+        crate::vm::wait_ready(&mut ctl_r, &mut ctl_buf, deadline, waited).await?;
+        if !req.console.is_empty() {
+            spawn_console(req.console.clone(), req.container_id.clone());
+        }
+        let events: Arc<dyn VmEvents> = Arc::new(Events(Arc::downgrade(self)));
+        let vm = Vm::start(
+            vm_id,
+            req.container_id.clone(),
+            Channels {
+                ctl_r,
+                ctl_w,
+                ctl_buf,
+                io_r,
+                io_w,
+            },
+            VmTimeouts {
+                ctl: self.config.ctl_timeout,
+            },
+            self.config.session_buffer as usize,
+            events,
+        );
+        for t in tokens {
+            vm.add_session(t.token.clone(), t.io_base);
+        }
+        let mut st = self.state();
+        if !st.registry.vm_exists(vm_id) {
+            drop(st);
+            vm.shut("registration abandoned");
+            return Err(ProxyError::ShuttingDown);
+        }
+        st.registry.vm_ready(vm_id);
+        st.vms.insert(vm_id, vm);
+        Ok(())
+    }
+
+    /// AttachVM.
+    pub fn attach_vm(&self, req: &AttachVm) -> Result<(VmId, IoResponse), ProxyError> {
+        let mut st = self.state();
+        let (vm_id, tokens) = st.registry.attach_vm(req, new_token)?;
+        let vm = st.vms.get(&vm_id).cloned().ok_or(ProxyError::VmGone)?;
+        drop(st);
+        for t in &tokens {
+            vm.add_session(t.token.clone(), t.io_base);
+        }
+        Ok((vm_id, self.io_response(tokens)))
+    }
+
+    fn io_response(&self, tokens: Vec<NewToken>) -> IoResponse {
+        IoResponse {
+            url: self.url.clone(),
+            tokens: tokens.into_iter().map(|t| t.token).collect(),
+        }
+    }
+
+    /// Tear a VM down: forget it and its tokens, close its sessions (their
+    /// shims' connections close once their queued output is written).
+    pub fn teardown(&self, vm_id: VmId, reason: &str) {
+        let vm = {
+            let mut st = self.state();
+            st.registry.remove_vm(vm_id);
+            st.vms.remove(&vm_id)
+        };
+        if let Some(vm) = vm {
+            vm.shut(reason);
+        }
+    }
+
+    /// One line of statistics.
+    pub fn log_stats(&self) {
+        let (vms, tokens, list) = {
+            let st = self.state();
+            (
+                st.registry.vm_count(),
+                st.registry.token_count(),
+                st.vms.values().cloned().collect::<Vec<_>>(),
+            )
+        };
+        info!(vms, tokens, "stats");
+        let bound = self.config.session_buffer as usize;
+        for vm in list {
+            let sessions = vm.sessions();
+            let queued: usize = sessions.iter().map(|s| s.queued_bytes(bound)).sum();
+            info!(
+                vm = %vm.container_id,
+                sessions = sessions.len(),
+                bytes_from_agent = vm.bytes_from_agent.load(Ordering::Relaxed),
+                bytes_to_agent = vm.bytes_to_agent.load(Ordering::Relaxed),
+                queued,
+                "vm stats"
+            );
+        }
+    }
+
+    /// Stop everything.
+    pub fn stop(&self) {
+        self.shutdown.send_replace(true);
+    }
+}
+
+/// VM task events, routed back to the shared state.
+#[derive(Debug)]
+struct Events(std::sync::Weak<Shared>);
+
+impl VmEvents for Events {
+    fn vm_failed(&self, vm: VmId, reason: String) {
+        if let Some(s) = self.0.upgrade() {
+            s.teardown(vm, &reason);
+        }
+    }
+
+    fn process_exited(&self, _vm: VmId, token: &str, code: u8) {
+        if let Some(s) = self.0.upgrade() {
+            debug!(token, code, "process exited");
+            s.state().registry.process_exited(token);
+        }
+    }
+}
+
+/// A token as the reference makes them: 32 random bytes, base64url.
+pub fn new_token() -> String {
+    let bytes: [u8; 32] = rand::random();
+    base64url(&bytes)
+}
+
+fn base64url(data: &[u8]) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut s = String::with_capacity(data.len().div_ceil(3) * 4);
+    for c in data.chunks(3) {
+        let b = [c[0], *c.get(1).unwrap_or(&0), *c.get(2).unwrap_or(&0)];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= c.len() {
+                s.push(T[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            } else {
+                s.push('=');
+            }
+        }
+    }
+    s
+}
+
+fn spawn_console(path: String, vm: String) {
+    tokio::spawn(
+        async move {
+            use tokio::io::AsyncBufReadExt;
+            let deadline = Instant::now() + Duration::from_secs(5);
+            let (r, _w) = match crate::agent::connect("console", &path, deadline).await {
+                Ok(c) => c,
+                Err(e) => {
+                    warn!(error = %e, "VM console not available");
+                    return;
+                }
+            };
+            let mut lines = tokio::io::BufReader::new(r).split(b'\n');
+            while let Ok(Some(line)) = lines.next_segment().await {
+                let line = String::from_utf8_lossy(&line);
+                debug!(target: "cc_proxy::console", "{}", line.trim_end());
+            }
+        }
+        .instrument(tracing::info_span!("console", vm = %vm)),
+    );
+}
+
+/// Bind the listening socket: `LISTEN_FDS` socket activation, or a fresh
+/// socket (mode 0660; its directory made 0750 if we create it). A stale
+/// socket file is replaced only when nothing listens on it.
+pub fn bind(path: &Path) -> io::Result<(UnixListener, bool)> {
+    if let Some(l) = activated_listener()? {
+        return Ok((l, true));
+    }
+    let len = path.as_os_str().len();
+    if len > 107 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "socket path {} is {len} bytes; unix socket paths are limited to 107",
+                path.display()
+            ),
+        ));
+    }
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if !dir.exists() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o750)
+                .create(dir)
+                .map_err(|e| {
+                    io::Error::new(e.kind(), format!("creating {}: {e}", dir.display()))
+                })?;
+        }
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(md) if md.file_type().is_socket() => {
+            match std::os::unix::net::UnixStream::connect(path) {
+                Ok(_) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::AddrInUse,
+                        format!("another proxy is listening on {}", path.display()),
+                    ))
+                }
+                Err(_) => {
+                    info!(path = %path.display(), "removing a stale socket");
+                    std::fs::remove_file(path)?;
+                }
+            }
+        }
+        Ok(_) => {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!("{} exists and is not a socket", path.display()),
+            ))
+        }
+        Err(_) => {}
+    }
+    let l = UnixListener::bind(path)
+        .map_err(|e| io::Error::new(e.kind(), format!("binding {}: {e}", path.display())))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+    Ok((l, false))
+}
+
+fn activated_listener() -> io::Result<Option<UnixListener>> {
+    let pid_ok = std::env::var("LISTEN_PID")
+        .ok()
+        .and_then(|p| p.parse::<u32>().ok())
+        .is_some_and(|p| p == std::process::id());
+    let fds = std::env::var("LISTEN_FDS")
+        .ok()
+        .and_then(|n| n.parse::<i32>().ok())
+        .unwrap_or(0);
+    if !pid_ok || fds < 1 {
+        return Ok(None);
+    }
+    std::env::remove_var("LISTEN_PID");
+    std::env::remove_var("LISTEN_FDS");
+    std::env::remove_var("LISTEN_FDNAMES");
+    // SAFETY: with LISTEN_PID naming this process, the service manager
+    // passed us fd 3 (SD_LISTEN_FDS_START) as a listening socket that
+    // nothing else in this process owns; we take ownership exactly once
+    // (the variables are removed above).
+    let std_listener = unsafe { std::os::unix::net::UnixListener::from_raw_fd(3) };
+    std_listener.set_nonblocking(true)?;
+    info!("using the socket passed by the service manager (LISTEN_FDS)");
+    Ok(Some(UnixListener::from_std(std_listener)?))
+}
+
+/// Run the daemon until SIGTERM/SIGINT (or, in pod mode, UnregisterVM).
+pub async fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
+    let (path, pod_mode) = config.listen_path()?;
+    let (listener, activated) = bind(&path)?;
+    let ksm = Ksm::start(config.ksm, &config.ksm_sysfs);
+    let shared = Shared::new(config, &path, pod_mode, ksm.clone());
+    info!(socket = %path.display(), pod_mode, "cc-proxy listening");
+    serve(shared.clone(), listener).await;
+    if let Some(k) = ksm {
+        k.restore();
+    }
+    if !activated {
+        let _ = std::fs::remove_file(&path);
+    }
+    info!("cc-proxy stopped");
+    Ok(())
+}
+
+/// Accept connections until shutdown.
+pub async fn serve(shared: Arc<Shared>, listener: UnixListener) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).ok();
+    let mut int = signal(SignalKind::interrupt()).ok();
+    let mut usr1 = signal(SignalKind::user_defined1()).ok();
+    let mut shutdown = shared.shutdown.subscribe();
+    let mut stats = shared.config.stats_interval.map(tokio::time::interval);
+    let tasks = tokio_util_tracker::Tracker::default();
+    loop {
+        tokio::select! {
+            r = listener.accept() => match r {
+                Ok((stream, _)) => {
+                    let s = shared.clone();
+                    let conn = s.next_conn();
+                    tasks.spawn(crate::conn::serve(s, stream, conn));
+                }
+                Err(e) => {
+                    error!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            _ = recv_sig(&mut term) => { info!("SIGTERM: shutting down"); break; }
+            _ = recv_sig(&mut int) => { info!("SIGINT: shutting down"); break; }
+            _ = recv_sig(&mut usr1) => shared.log_stats(),
+            _ = tick(&mut stats) => shared.log_stats(),
+            _ = shutdown.wait_for(|s| *s) => break,
+        }
+    }
+    drop(listener);
+    shared.stop();
+    let vms: Vec<Arc<Vm>> = shared.state().vms.values().cloned().collect();
+    for vm in vms {
+        shared.teardown(vm.id, "the proxy is shutting down");
+    }
+    if tokio::time::timeout(Duration::from_secs(3), tasks.wait())
+        .await
+        .is_err()
+    {
+        warn!("some connections did not close within 3s");
+    }
+}
+
+async fn recv_sig(s: &mut Option<tokio::signal::unix::Signal>) {
+    match s {
+        Some(s) => {
+            s.recv().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+async fn tick(i: &mut Option<tokio::time::Interval>) {
+    match i {
+        Some(i) => {
+            i.tick().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// Counting spawned connection tasks so shutdown can wait for them.
+mod tokio_util_tracker {
+    use std::future::Future;
+    use std::sync::Arc;
+
+    use tokio::sync::Notify;
+
+    #[derive(Debug, Default, Clone)]
+    pub struct Tracker(Arc<Inner>);
+
+    #[derive(Debug, Default)]
+    struct Inner {
+        live: std::sync::atomic::AtomicUsize,
+        idle: Notify,
+    }
+
+    struct Guard(Arc<Inner>);
+
+    impl Drop for Guard {
+        fn drop(&mut self) {
+            if self
+                .0
+                .live
+                .fetch_sub(1, std::sync::atomic::Ordering::AcqRel)
+                == 1
+            {
+                self.0.idle.notify_waiters();
+            }
+        }
+    }
+
+    impl Tracker {
+        pub fn spawn<F: Future<Output = ()> + Send + 'static>(&self, f: F) {
+            self.0
+                .live
+                .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+            let g = Guard(self.0.clone());
+            tokio::spawn(async move {
+                let _g = g;
+                f.await
+            });
+        }
+
+        pub async fn wait(&self) {
+            loop {
+                let n = self.0.idle.notified();
+                if self.0.live.load(std::sync::atomic::Ordering::Acquire) == 0 {
+                    return;
+                }
+                n.await;
+            }
+        }
+    }
+}
+
+/// The socket path as the `unix://` URL (for tests).
+pub fn socket_url(path: &Path) -> String {
+    format!("unix://{}", path.display())
+}
+
+#[allow(dead_code)]
+fn _assert_send(p: PathBuf) -> PathBuf {
+    p
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_are_base64url_of_32_bytes_and_unique() {
+        let a = new_token();
+        let b = new_token();
+        assert_eq!(a.len(), 44);
+        assert!(a.ends_with('='));
+        assert_ne!(a, b);
+        assert!(a
+            .trim_end_matches('=')
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_'));
+        assert_eq!(base64url(b"foobar"), "Zm9vYmFy");
+        assert_eq!(base64url(b"fo"), "Zm8=");
+    }
+
+    #[test]
+    fn long_socket_paths_are_refused() {
+        let p = PathBuf::from(format!("/tmp/{}", "x".repeat(120)));
+        let e = bind(&p).unwrap_err();
+        assert!(e.to_string().contains("107"), "{e}");
+    }
+}

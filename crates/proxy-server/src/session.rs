@@ -1,0 +1,204 @@
+//! A token's session at run time: the bounded output queue between the VM's
+//! io task and whichever shim connection holds the token, and the two
+//! things others wait for (a shim connected, the process started).
+//!
+//! The queue is bounded in bytes by a semaphore: the io task takes permits
+//! before it queues a message and the shim's writer gives them back once
+//! the bytes are written to the shim's socket. Memory is taken only as
+//! output arrives; a full queue stalls only the VM's io reader (the bound
+//! is large enough that one slow shim does not stall its siblings for
+//! long), and nothing is ever dropped.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, watch, Semaphore};
+
+/// One item of a session's output, in order.
+#[derive(Debug, Clone)]
+pub enum Output {
+    /// Bytes the process wrote to stdout.
+    Stdout(Bytes),
+    /// Bytes the process wrote to stderr.
+    Stderr(Bytes),
+    /// The process exited with this code.
+    Exited(u8),
+}
+
+impl Output {
+    /// The permits (bytes of budget) this item holds.
+    pub fn cost(&self) -> u32 {
+        match self {
+            Output::Stdout(b) | Output::Stderr(b) => {
+                u32::try_from(b.len()).unwrap_or(u32::MAX).max(1)
+            }
+            Output::Exited(_) => 1,
+        }
+    }
+}
+
+/// The receiving side of a session's output queue, handed to the shim
+/// connection that holds the token and given back when it goes.
+#[derive(Debug)]
+pub struct OutputQueue {
+    /// Items taken from `rx` but not (fully) written to a shim; they go first.
+    pub front: VecDeque<Output>,
+    /// The queue.
+    pub rx: mpsc::UnboundedReceiver<Output>,
+}
+
+impl OutputQueue {
+    /// The next item without waiting.
+    pub fn try_next(&mut self) -> Option<Output> {
+        self.front.pop_front().or_else(|| self.rx.try_recv().ok())
+    }
+
+    /// The next item.
+    pub async fn next(&mut self) -> Option<Output> {
+        if let Some(o) = self.front.pop_front() {
+            return Some(o);
+        }
+        self.rx.recv().await
+    }
+}
+
+/// A session at run time.
+#[derive(Debug)]
+pub struct Session {
+    /// The token.
+    pub token: String,
+    /// stdin/stdout seq; stderr is `io_base + 1`.
+    pub io_base: u64,
+    tx: mpsc::UnboundedSender<Output>,
+    queue: Mutex<Option<OutputQueue>>,
+    budget: Arc<Semaphore>,
+    /// Whether a shim holds the token.
+    pub shim: watch::Sender<bool>,
+    /// Whether the process was started.
+    pub started: watch::Sender<bool>,
+    /// Output bytes queued so far (stats).
+    pub bytes_out: AtomicU64,
+    /// Input bytes forwarded so far (stats).
+    pub bytes_in: AtomicU64,
+}
+
+impl Session {
+    /// A session whose output queue holds at most `bound` bytes.
+    pub fn new(token: String, io_base: u64, bound: usize) -> Arc<Self> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        Arc::new(Self {
+            token,
+            io_base,
+            tx,
+            queue: Mutex::new(Some(OutputQueue {
+                front: VecDeque::new(),
+                rx,
+            })),
+            budget: Arc::new(Semaphore::new(
+                bound.max(proxy_proto::hyper::MAX_MESSAGE_LEN),
+            )),
+            shim: watch::channel(false).0,
+            started: watch::channel(false).0,
+            bytes_out: AtomicU64::new(0),
+            bytes_in: AtomicU64::new(0),
+        })
+    }
+
+    /// Queue output, waiting while the queue is full (back-pressure on the
+    /// caller, the VM's io reader). Returns false if the session is gone.
+    pub async fn push(&self, item: Output) -> bool {
+        let cost = item.cost();
+        match self.budget.acquire_many(cost).await {
+            Ok(permit) => permit.forget(),
+            Err(_) => return false,
+        }
+        if let Output::Stdout(b) | Output::Stderr(b) = &item {
+            self.bytes_out.fetch_add(b.len() as u64, Ordering::Relaxed);
+        }
+        self.tx.send(item).is_ok()
+    }
+
+    /// The writer wrote `item` to the shim: its budget is free again.
+    pub fn written(&self, item: &Output) {
+        self.budget.add_permits(item.cost() as usize);
+    }
+
+    /// Bytes of output queued and not yet written to a shim.
+    pub fn queued_bytes(&self, bound: usize) -> usize {
+        bound
+            .max(proxy_proto::hyper::MAX_MESSAGE_LEN)
+            .saturating_sub(self.budget.available_permits())
+    }
+
+    /// Take the output queue (the shim that claimed the token).
+    pub fn take_queue(&self) -> Option<OutputQueue> {
+        self.queue.lock().ok()?.take()
+    }
+
+    /// Give the output queue back (the shim's connection ended).
+    pub fn return_queue(&self, q: OutputQueue) {
+        if let Ok(mut g) = self.queue.lock() {
+            *g = Some(q);
+        }
+    }
+
+    /// The session ends (token freed or VM gone): wake and refuse producers.
+    pub fn close(&self) {
+        self.budget.close();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_full_queue_waits_and_nothing_is_dropped() {
+        let s = Session::new("t".into(), 3, 10240);
+        let chunk = Bytes::from(vec![7u8; 10240]);
+        assert!(s.push(Output::Stdout(chunk.clone())).await);
+        // The queue is full: the next push waits.
+        let s2 = s.clone();
+        let pusher =
+            tokio::spawn(async move { s2.push(Output::Stderr(Bytes::from_static(b"x"))).await });
+        tokio::task::yield_now().await;
+        assert!(!pusher.is_finished());
+        let mut q = s.take_queue().unwrap();
+        let first = q.next().await.unwrap();
+        assert!(matches!(&first, Output::Stdout(b) if b.len() == 10240));
+        s.written(&first);
+        assert!(pusher.await.unwrap());
+        assert!(matches!(q.next().await.unwrap(), Output::Stderr(_)));
+    }
+
+    #[tokio::test]
+    async fn the_queue_survives_a_shim_handover_in_order() {
+        let s = Session::new("t".into(), 3, 1 << 20);
+        for i in 0..3u8 {
+            s.push(Output::Stdout(Bytes::from(vec![i]))).await;
+        }
+        let mut q = s.take_queue().unwrap();
+        assert!(s.take_queue().is_none(), "one holder at a time");
+        let first = q.next().await.unwrap();
+        // Not written: goes back in front.
+        q.front.push_front(first);
+        s.return_queue(q);
+        let mut q = s.take_queue().unwrap();
+        for i in 0..3u8 {
+            assert!(matches!(q.next().await.unwrap(), Output::Stdout(b) if b[0] == i));
+        }
+    }
+
+    #[tokio::test]
+    async fn closing_releases_a_waiting_producer() {
+        let s = Session::new("t".into(), 3, 10240);
+        s.push(Output::Stdout(Bytes::from(vec![0; 10240]))).await;
+        let s2 = s.clone();
+        let pusher = tokio::spawn(async move { s2.push(Output::Exited(0)).await });
+        tokio::task::yield_now().await;
+        s.close();
+        assert!(!pusher.await.unwrap());
+    }
+}

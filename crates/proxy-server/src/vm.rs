@@ -1,0 +1,548 @@
+//! A VM at run time: its ctl task (one transaction in flight, replies
+//! matched in order), its io reader (demultiplexes the agent's output into
+//! per-session queues) and its io writer (stdin to the agent).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use proxy_proto::hyper::ctl::{Code, CtlDecoder, CtlMessage, CTL_HEADER_LEN};
+use proxy_proto::hyper::io::{IoDecoder, IoHeader, MAX_IO_DATA, NULL_SEQ};
+use proxy_proto::hyper::MAX_MESSAGE_LEN;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
+use tracing::{debug, info, warn, Instrument};
+
+use crate::registry::{ProxyError, VmId};
+use crate::session::{Output, Session};
+use crate::wire::Batch;
+
+/// Read half of an agent channel.
+pub type AgentRead = Box<dyn AsyncRead + Send + Unpin>;
+/// Write half of an agent channel.
+pub type AgentWrite = Box<dyn AsyncWrite + Send + Unpin>;
+
+/// Largest ctl data the agent takes in one message.
+pub const MAX_CTL_DATA: usize = MAX_MESSAGE_LEN - CTL_HEADER_LEN;
+
+struct CtlRequest {
+    code: Code,
+    data: Bytes,
+    reply: oneshot::Sender<Result<Bytes, ProxyError>>,
+}
+
+/// stdin on its way to the agent.
+#[derive(Debug)]
+struct IoOut {
+    header: [u8; 12],
+    data: Bytes,
+}
+
+/// Why a VM went away.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Gone {
+    /// Still here.
+    No,
+    /// Torn down, with the reason.
+    Yes(String),
+}
+
+/// A registered VM's channels and sessions.
+#[derive(Debug)]
+pub struct Vm {
+    /// Daemon-internal id.
+    pub id: VmId,
+    /// The container id it was registered with.
+    pub container_id: String,
+    ctl_tx: mpsc::Sender<CtlRequest>,
+    io_tx: mpsc::Sender<IoOut>,
+    sessions: Mutex<HashMap<u64, Arc<Session>>>,
+    /// Flips once, when the VM is torn down.
+    pub gone: watch::Sender<Gone>,
+    /// Bytes received from the agent on io.
+    pub bytes_from_agent: AtomicU64,
+    /// Bytes sent to the agent on io.
+    pub bytes_to_agent: AtomicU64,
+    session_bound: usize,
+}
+
+impl std::fmt::Debug for CtlRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CtlRequest")
+            .field("code", &self.code)
+            .field("len", &self.data.len())
+            .finish()
+    }
+}
+
+/// Timeouts of a VM's tasks.
+#[derive(Debug, Clone, Copy)]
+pub struct VmTimeouts {
+    /// Per ctl transaction.
+    pub ctl: Duration,
+}
+
+/// The agent's two channels, connected, READY seen.
+pub struct Channels {
+    /// ctl read half.
+    pub ctl_r: AgentRead,
+    /// ctl write half.
+    pub ctl_w: AgentWrite,
+    /// Bytes read from ctl after READY.
+    pub ctl_buf: BytesMut,
+    /// io read half.
+    pub io_r: AgentRead,
+    /// io write half.
+    pub io_w: AgentWrite,
+}
+
+impl std::fmt::Debug for Channels {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Channels").finish_non_exhaustive()
+    }
+}
+
+/// Wait for READY on a freshly connected ctl channel. Messages before it
+/// (there should be none) are logged and skipped.
+pub async fn wait_ready(
+    ctl_r: &mut AgentRead,
+    buf: &mut BytesMut,
+    deadline: Instant,
+    waited: Duration,
+) -> Result<(), ProxyError> {
+    let mut dec = CtlDecoder::new(MAX_MESSAGE_LEN);
+    loop {
+        match dec.decode(buf) {
+            Ok(Some(m)) if m.code() == Some(Code::Ready) => return Ok(()),
+            Ok(Some(m)) => {
+                debug!(code = m.code, "skipping ctl message before READY");
+                continue;
+            }
+            Ok(None) => {}
+            Err(e) => {
+                return Err(ProxyError::AgentIo(format!(
+                    "the agent sent garbage on ctl before READY: {e}"
+                )))
+            }
+        }
+        buf.reserve(4096);
+        match tokio::time::timeout_at(deadline, ctl_r.read_buf(buf)).await {
+            Err(_) => {
+                return Err(ProxyError::Timeout {
+                    waited_for: "the agent's READY on the ctl channel".into(),
+                    after: waited,
+                })
+            }
+            Ok(Ok(0)) => {
+                return Err(ProxyError::AgentIo(
+                    "the agent closed the ctl channel before sending READY".into(),
+                ))
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                return Err(ProxyError::AgentIo(format!(
+                    "reading ctl while waiting for READY: {e}"
+                )))
+            }
+        }
+    }
+}
+
+/// What a VM's tasks need from the rest of the daemon.
+pub trait VmEvents: Send + Sync + 'static {
+    /// The VM's channels failed or closed: tear it down.
+    fn vm_failed(&self, vm: VmId, reason: String);
+    /// The exit code of `token`'s process arrived.
+    fn process_exited(&self, vm: VmId, token: &str, code: u8);
+}
+
+impl Vm {
+    /// Start the VM's tasks on its connected channels.
+    pub fn start(
+        id: VmId,
+        container_id: String,
+        ch: Channels,
+        timeouts: VmTimeouts,
+        session_bound: usize,
+        events: Arc<dyn VmEvents>,
+    ) -> Arc<Vm> {
+        let (ctl_tx, ctl_rx) = mpsc::channel(64);
+        let (io_tx, io_rx) = mpsc::channel(256);
+        let vm = Arc::new(Vm {
+            id,
+            container_id: container_id.clone(),
+            ctl_tx,
+            io_tx,
+            sessions: Mutex::new(HashMap::new()),
+            gone: watch::channel(Gone::No).0,
+            bytes_from_agent: AtomicU64::new(0),
+            bytes_to_agent: AtomicU64::new(0),
+            session_bound,
+        });
+        let span = tracing::info_span!("vm", vm = %container_id);
+        tokio::spawn(
+            ctl_task(
+                vm.clone(),
+                ch.ctl_r,
+                ch.ctl_w,
+                ch.ctl_buf,
+                ctl_rx,
+                timeouts.ctl,
+                events.clone(),
+            )
+            .instrument(span.clone()),
+        );
+        tokio::spawn(io_reader(vm.clone(), ch.io_r, events.clone()).instrument(span.clone()));
+        tokio::spawn(io_writer(vm.clone(), ch.io_w, io_rx, events).instrument(span));
+        vm
+    }
+
+    /// Create the session of a new token.
+    pub fn add_session(&self, token: String, io_base: u64) -> Arc<Session> {
+        let s = Session::new(token, io_base, self.session_bound);
+        if let Ok(mut m) = self.sessions.lock() {
+            m.insert(io_base, s.clone());
+        }
+        s
+    }
+
+    /// The session at `io_base`.
+    pub fn session(&self, io_base: u64) -> Option<Arc<Session>> {
+        self.sessions.lock().ok()?.get(&io_base).cloned()
+    }
+
+    /// Forget a session (DisconnectShim).
+    pub fn remove_session(&self, io_base: u64) {
+        let s = self
+            .sessions
+            .lock()
+            .ok()
+            .and_then(|mut m| m.remove(&io_base));
+        if let Some(s) = s {
+            s.close();
+        }
+    }
+
+    /// All sessions.
+    pub fn sessions(&self) -> Vec<Arc<Session>> {
+        self.sessions
+            .lock()
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Whether the VM was torn down.
+    pub fn is_gone(&self) -> bool {
+        *self.gone.borrow() != Gone::No
+    }
+
+    /// Tear down: stop the tasks, close every session.
+    pub fn shut(&self, reason: &str) {
+        let changed = self.gone.send_if_modified(|g| {
+            if *g == Gone::No {
+                *g = Gone::Yes(reason.to_owned());
+                true
+            } else {
+                false
+            }
+        });
+        if changed {
+            info!(vm = %self.container_id, reason, "VM torn down");
+            for s in self.sessions() {
+                s.close();
+            }
+        }
+    }
+
+    /// One ctl transaction: send `code` with `data`, wait for ACK (its
+    /// payload) or ERROR (an error carrying the agent's message).
+    pub async fn ctl(&self, code: Code, data: Bytes) -> Result<Bytes, ProxyError> {
+        if data.len() > MAX_CTL_DATA {
+            return Err(ProxyError::CtlTooLarge {
+                code,
+                len: data.len(),
+                max: MAX_CTL_DATA,
+            });
+        }
+        let (reply, rx) = oneshot::channel();
+        self.ctl_tx
+            .send(CtlRequest { code, data, reply })
+            .await
+            .map_err(|_| self.gone_error())?;
+        rx.await.map_err(|_| self.gone_error())?
+    }
+
+    fn gone_error(&self) -> ProxyError {
+        match &*self.gone.borrow() {
+            Gone::Yes(r) => ProxyError::AgentIo(format!("the VM is gone: {r}")),
+            Gone::No => ProxyError::AgentIo("the VM is gone".into()),
+        }
+    }
+
+    /// Forward stdin for the session at `io_base`: split into messages the
+    /// agent accepts; an empty `data` is EOF (one zero-length message).
+    pub async fn stdin(&self, io_base: u64, data: Bytes) -> Result<(), ProxyError> {
+        if data.is_empty() {
+            return self.send_io(io_base, data).await;
+        }
+        let mut rest = data;
+        while !rest.is_empty() {
+            let chunk = rest.split_to(rest.len().min(MAX_IO_DATA));
+            self.send_io(io_base, chunk).await?;
+        }
+        Ok(())
+    }
+
+    async fn send_io(&self, seq: u64, data: Bytes) -> Result<(), ProxyError> {
+        let header = IoHeader::for_data(seq, data.len()).to_bytes();
+        self.io_tx
+            .send(IoOut { header, data })
+            .await
+            .map_err(|_| self.gone_error())
+    }
+}
+
+async fn ctl_task(
+    vm: Arc<Vm>,
+    mut r: AgentRead,
+    mut w: AgentWrite,
+    mut buf: BytesMut,
+    mut rx: mpsc::Receiver<CtlRequest>,
+    timeout: Duration,
+    events: Arc<dyn VmEvents>,
+) {
+    let mut dec = CtlDecoder::new(MAX_MESSAGE_LEN);
+    let mut gone = vm.gone.subscribe();
+    // Replies still owed for transactions that timed out: discarded when
+    // they come, so later replies match their requests.
+    let mut stale = 0usize;
+    let reason = loop {
+        // Drain anything the agent sent while idle.
+        loop {
+            match dec.decode(&mut buf) {
+                Ok(Some(m)) => idle_message(&m, &mut stale),
+                Ok(None) => break,
+                Err(e) => {
+                    let reason = format!("garbage on ctl: {e}");
+                    events.vm_failed(vm.id, reason.clone());
+                    return fail_pending(&mut rx, &reason).await;
+                }
+            }
+        }
+        buf.reserve(4096);
+        let req = tokio::select! {
+            req = rx.recv() => match req {
+                Some(req) => req,
+                None => break "no more requests".to_string(),
+            },
+            n = r.read_buf(&mut buf) => match n {
+                Ok(0) => break "the agent closed the ctl channel".to_string(),
+                Ok(_) => continue,
+                Err(e) => break format!("reading ctl: {e}"),
+            },
+            _ = gone.changed() => break "VM torn down".to_string(),
+        };
+        let code = req.code;
+        let mut out = BytesMut::with_capacity(CTL_HEADER_LEN + req.data.len());
+        CtlMessage {
+            code: code as u32,
+            payload: req.data,
+        }
+        .encode(&mut out, MAX_MESSAGE_LEN)
+        .ok();
+        debug!(%code, len = out.len(), "ctl request");
+        if let Err(e) = w.write_all(&out).await {
+            let reason = format!("writing {code} to ctl: {e}");
+            let _ = req.reply.send(Err(ProxyError::AgentIo(format!(
+                "the agent's ctl channel failed: {reason}"
+            ))));
+            break reason;
+        }
+        let deadline = Instant::now() + timeout;
+        let result = loop {
+            match dec.decode(&mut buf) {
+                Ok(Some(m)) => match m.code() {
+                    Some(Code::Ack | Code::Error) if stale > 0 => {
+                        stale -= 1;
+                        debug!("discarding a late reply to a timed-out command");
+                    }
+                    Some(Code::Ack) => break Ok(m.payload),
+                    Some(Code::Error) => {
+                        break Err(ProxyError::Agent {
+                            code,
+                            msg: String::from_utf8_lossy(&m.payload).trim().to_owned(),
+                        })
+                    }
+                    _ => idle_message(&m, &mut stale),
+                },
+                Ok(None) => {
+                    buf.reserve(4096);
+                    tokio::select! {
+                        n = tokio::time::timeout_at(deadline, r.read_buf(&mut buf)) => match n {
+                            Err(_) => {
+                                stale += 1;
+                                break Err(ProxyError::Timeout {
+                                    waited_for: format!("the agent's reply to {code}"),
+                                    after: timeout,
+                                });
+                            }
+                            Ok(Ok(0)) => break Err(ProxyError::AgentIo(format!(
+                                "the agent closed the ctl channel while {code} was waiting for its reply"
+                            ))),
+                            Ok(Ok(_)) => {}
+                            Ok(Err(e)) => break Err(ProxyError::AgentIo(format!(
+                                "reading the reply to {code} from ctl: {e}"
+                            ))),
+                        },
+                        _ = gone.changed() => break Err(ProxyError::AgentIo(format!(
+                            "the VM was torn down while {code} was waiting for its reply"
+                        ))),
+                    }
+                }
+                Err(e) => {
+                    break Err(ProxyError::AgentIo(format!(
+                        "the agent sent garbage on ctl while {code} was waiting for its reply: {e}"
+                    )))
+                }
+            }
+        };
+        let fatal = matches!(&result, Err(ProxyError::AgentIo(_)));
+        let reason = match &result {
+            Err(e) if fatal => Some(e.to_string()),
+            _ => None,
+        };
+        let _ = req.reply.send(result);
+        if let Some(reason) = reason {
+            break reason;
+        }
+    };
+    events.vm_failed(vm.id, reason.clone());
+    fail_pending(&mut rx, &reason).await;
+}
+
+fn idle_message(m: &CtlMessage, stale: &mut usize) {
+    match m.code() {
+        Some(Code::Next | Code::Ready) => {}
+        Some(Code::ProcessAsyncEvent) => {
+            debug!(payload = %String::from_utf8_lossy(&m.payload), "agent event")
+        }
+        Some(Code::Ack | Code::Error) if *stale > 0 => *stale -= 1,
+        _ => warn!(
+            code = m.code,
+            len = m.payload.len(),
+            "unexpected ctl message ignored"
+        ),
+    }
+}
+
+async fn fail_pending(rx: &mut mpsc::Receiver<CtlRequest>, reason: &str) {
+    rx.close();
+    while let Some(req) = rx.recv().await {
+        let _ = req.reply.send(Err(ProxyError::AgentIo(format!(
+            "the agent's ctl channel is gone: {reason}"
+        ))));
+    }
+}
+
+async fn io_reader(vm: Arc<Vm>, mut r: AgentRead, events: Arc<dyn VmEvents>) {
+    let mut buf = BytesMut::with_capacity(64 * 1024);
+    let mut dec = IoDecoder::new(MAX_MESSAGE_LEN);
+    let mut gone = vm.gone.subscribe();
+    // Sessions whose stdout EOF was seen: the next 1-byte message is the
+    // exit code.
+    let mut eof: HashMap<u64, bool> = HashMap::new();
+    let reason = 'outer: loop {
+        loop {
+            let m = match dec.decode(&mut buf) {
+                Ok(Some(m)) => m,
+                Ok(None) => break,
+                Err(e) => break 'outer format!("garbage on io: {e}"),
+            };
+            vm.bytes_from_agent
+                .fetch_add(m.data.len() as u64, Ordering::Relaxed);
+            let seq = m.seq;
+            if seq == NULL_SEQ || seq == NULL_SEQ + 1 {
+                continue; // the null session: discarded
+            }
+            let base = if seq % 2 == 1 { seq } else { seq - 1 };
+            let Some(session) = vm.session(base) else {
+                debug!(seq, len = m.data.len(), "io for an unknown seq dropped");
+                continue;
+            };
+            let item = if seq == base {
+                let at_eof = eof.get(&base).copied().unwrap_or(false);
+                if m.data.is_empty() {
+                    eof.insert(base, true);
+                    continue;
+                } else if at_eof && m.data.len() == 1 {
+                    let code = m.data[0];
+                    eof.remove(&base);
+                    events.process_exited(vm.id, &session.token, code);
+                    Output::Exited(code)
+                } else {
+                    Output::Stdout(m.data)
+                }
+            } else if m.data.is_empty() {
+                continue; // stderr EOF
+            } else {
+                Output::Stderr(m.data)
+            };
+            tokio::select! {
+                _ = session.push(item) => {}
+                _ = gone.changed() => break 'outer "VM torn down".to_string(),
+            }
+        }
+        if buf.capacity() - buf.len() < 16 * 1024 {
+            buf.reserve(64 * 1024);
+        }
+        tokio::select! {
+            n = r.read_buf(&mut buf) => match n {
+                Ok(0) => break "the agent closed the io channel".to_string(),
+                Ok(_) => {}
+                Err(e) => break format!("reading io: {e}"),
+            },
+            _ = gone.changed() => break "VM torn down".to_string(),
+        }
+    };
+    events.vm_failed(vm.id, reason);
+}
+
+async fn io_writer(
+    vm: Arc<Vm>,
+    mut w: AgentWrite,
+    mut rx: mpsc::Receiver<IoOut>,
+    events: Arc<dyn VmEvents>,
+) {
+    let mut gone = vm.gone.subscribe();
+    let mut batch = Batch::new();
+    loop {
+        let first = tokio::select! {
+            m = rx.recv() => match m {
+                Some(m) => m,
+                None => return,
+            },
+            _ = gone.changed() => return,
+        };
+        let mut n = 0u64;
+        let mut add = |m: IoOut, batch: &mut Batch| {
+            n += m.data.len() as u64;
+            batch.push(Bytes::copy_from_slice(&m.header));
+            batch.push(m.data);
+        };
+        add(first, &mut batch);
+        while batch.len() < 256 * 1024 {
+            match rx.try_recv() {
+                Ok(m) => add(m, &mut batch),
+                Err(_) => break,
+            }
+        }
+        if let Err((_, e)) = batch.write_all(&mut w).await {
+            events.vm_failed(vm.id, format!("writing io: {e}"));
+            return;
+        }
+        vm.bytes_to_agent.fetch_add(n, Ordering::Relaxed);
+    }
+}

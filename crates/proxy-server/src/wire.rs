@@ -1,0 +1,122 @@
+//! Writing batches of frames with vectored I/O: headers and payloads go to
+//! the kernel straight from where they are, without being copied into one
+//! buffer first.
+
+use std::io::{self, IoSlice};
+
+use bytes::{Buf, Bytes};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+
+/// At most this many slices per `writev` (Linux's IOV_MAX is 1024).
+const MAX_SLICES: usize = 256;
+
+/// A batch of byte chunks to write in order.
+#[derive(Debug, Default)]
+pub struct Batch {
+    chunks: Vec<Bytes>,
+    len: usize,
+}
+
+impl Batch {
+    /// An empty batch.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Append a chunk (empty chunks are skipped).
+    pub fn push(&mut self, b: Bytes) {
+        if !b.is_empty() {
+            self.len += b.len();
+            self.chunks.push(b);
+        }
+    }
+
+    /// Bytes in the batch.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the batch is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Number of chunks.
+    pub fn chunks(&self) -> usize {
+        self.chunks.len()
+    }
+
+    /// Write everything, returning how many bytes were written before an
+    /// error (on error the count tells what reached the peer's socket).
+    pub async fn write_all<W: AsyncWrite + Unpin>(
+        &mut self,
+        w: &mut W,
+    ) -> Result<(), (usize, io::Error)> {
+        let mut written = 0usize;
+        let mut idx = 0usize;
+        while idx < self.chunks.len() {
+            let end = (idx + MAX_SLICES).min(self.chunks.len());
+            let slices: Vec<IoSlice<'_>> = self.chunks[idx..end]
+                .iter()
+                .map(|c| IoSlice::new(c))
+                .collect();
+            let n = match w.write_vectored(&slices).await {
+                Ok(0) => {
+                    return Err((
+                        written,
+                        io::Error::new(io::ErrorKind::WriteZero, "peer accepts no more bytes"),
+                    ))
+                }
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err((written, e)),
+            };
+            drop(slices);
+            written += n;
+            let mut left = n;
+            while left > 0 {
+                let c = &mut self.chunks[idx];
+                if left >= c.len() {
+                    left -= c.len();
+                    idx += 1;
+                } else {
+                    c.advance(left);
+                    left = 0;
+                }
+            }
+        }
+        self.chunks.clear();
+        self.len = 0;
+        if let Err(e) = w.flush().await {
+            return Err((written, e));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+
+    #[tokio::test]
+    async fn writes_everything_in_order() {
+        let (mut a, mut b) = tokio::net::UnixStream::pair().unwrap();
+        let reader = tokio::spawn(async move {
+            let mut v = Vec::new();
+            b.read_to_end(&mut v).await.unwrap();
+            v
+        });
+        let mut batch = Batch::new();
+        let mut expect = Vec::new();
+        for i in 0..1000u32 {
+            let c = vec![(i % 251) as u8; (i as usize * 37) % 5000];
+            expect.extend_from_slice(&c);
+            batch.push(Bytes::from(c));
+        }
+        batch.write_all(&mut a).await.unwrap();
+        assert!(batch.is_empty());
+        drop(a);
+        assert_eq!(reader.await.unwrap(), expect);
+    }
+}
