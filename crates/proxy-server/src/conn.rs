@@ -592,7 +592,7 @@ fn handle_msg(
 }
 
 fn push_frame(batch: &mut Batch, h: Header, payload: Bytes) {
-    batch.push(Bytes::copy_from_slice(&h.to_bytes()));
+    batch.push_small(&h.to_bytes());
     batch.push(payload);
 }
 

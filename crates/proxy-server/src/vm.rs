@@ -529,7 +529,7 @@ async fn io_writer(
         let mut n = 0u64;
         let mut add = |m: IoOut, batch: &mut Batch| {
             n += m.data.len() as u64;
-            batch.push(Bytes::copy_from_slice(&m.header));
+            batch.push_small(&m.header);
             batch.push(m.data);
         };
         add(first, &mut batch);

@@ -4,7 +4,7 @@
 
 use std::io::{self, IoSlice};
 
-use bytes::{Buf, Bytes};
+use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
 /// At most this many slices per `writev` (Linux's IOV_MAX is 1024).
@@ -15,6 +15,9 @@ const MAX_SLICES: usize = 256;
 pub struct Batch {
     chunks: Vec<Bytes>,
     len: usize,
+    /// Small headers are carved out of one buffer instead of one
+    /// allocation each.
+    arena: BytesMut,
 }
 
 impl Batch {
@@ -29,6 +32,17 @@ impl Batch {
             self.len += b.len();
             self.chunks.push(b);
         }
+    }
+
+    /// Append a small chunk (a frame header) by copying it into the
+    /// batch's arena.
+    pub fn push_small(&mut self, b: &[u8]) {
+        if self.arena.capacity() < b.len() {
+            self.arena = BytesMut::with_capacity(4096);
+        }
+        self.arena.extend_from_slice(b);
+        let chunk = self.arena.split().freeze();
+        self.push(chunk);
     }
 
     /// Bytes in the batch.
