@@ -15,7 +15,6 @@ use proxy_proto::{
     Command, Frame, FrameDecoder, FrameError, FrameKind, Header, Limits, RawHeader, Stream,
 };
 use serde::de::DeserializeOwned;
-use tokio::io::AsyncReadExt;
 use tokio::net::UnixStream;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn, Instrument};
@@ -25,6 +24,11 @@ use crate::server::Shared;
 use crate::session::{Output, OutputQueue, Session};
 use crate::vm::{Gone, Vm};
 use crate::wire::Batch;
+
+/// First read size on a connection; doubled while reads fill it.
+const MIN_READ: usize = 4 * 1024;
+/// Largest read size.
+const MAX_READ: usize = 256 * 1024;
 
 /// What the reader asks the writer to do.
 #[derive(Debug)]
@@ -58,7 +62,7 @@ pub async fn serve(shared: Arc<Shared>, stream: UnixStream, conn: ConnId) {
 
 async fn serve_inner(shared: Arc<Shared>, stream: UnixStream, conn: ConnId) {
     debug!("client connected");
-    let (mut r, w) = stream.into_split();
+    let (r, w) = stream.into_split();
     let (tx, rx) = mpsc::channel::<ToWriter>(64);
     let writer = tokio::spawn(writer(w, rx).in_current_span());
     let mut c = Conn {
@@ -72,7 +76,10 @@ async fn serve_inner(shared: Arc<Shared>, stream: UnixStream, conn: ConnId) {
         max_payload: shared.config.max_frame_size,
     };
     let mut dec = FrameDecoder::new(limits);
-    let mut buf = BytesMut::with_capacity(8 * 1024);
+    // The read buffer is allocated only while bytes are pending: an idle
+    // connection (1000 waiting shims) holds no buffer at all.
+    let mut buf = BytesMut::new();
+    let mut read_size = MIN_READ;
     let mut shutdown = shared.shutdown.subscribe();
     let mut gone: Option<watch::Receiver<Gone>> = None;
     let mut drain = false;
@@ -94,26 +101,43 @@ async fn serve_inner(shared: Arc<Shared>, stream: UnixStream, conn: ConnId) {
                 }
             }
         }
-        if buf.capacity() - buf.len() < 4096 {
-            buf.reserve(16 * 1024);
+        if buf.is_empty() {
+            buf = BytesMut::new();
         }
         tokio::select! {
-            n = r.read_buf(&mut buf) => match n {
-                Ok(0) => {
-                    if !buf.is_empty() {
-                        debug!(left = buf.len(), "client closed mid-frame");
-                    }
-                    break;
-                }
-                Ok(_) => {}
-                Err(e) => {
+            r = r.readable() => {
+                if let Err(e) = r {
                     debug!(error = %e, "read failed");
                     break;
                 }
-            },
+            }
             _ = shutdown.wait_for(|s| *s) => break,
             _ = vm_gone(&mut gone) => {
                 drain = true;
+                break;
+            }
+        }
+        // Room for what is pending: the rest of a partial frame, or more.
+        let want = RawHeader::peek(&buf)
+            .map(|h| (h.header_len() + h.payload_len as usize).saturating_sub(buf.len()))
+            .unwrap_or(0)
+            .max(read_size);
+        buf.reserve(want);
+        match r.try_read_buf(&mut buf) {
+            Ok(0) => {
+                if !buf.is_empty() {
+                    debug!(left = buf.len(), "client closed mid-frame");
+                }
+                break;
+            }
+            Ok(n) => {
+                if n >= read_size {
+                    read_size = (read_size * 2).min(MAX_READ);
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => {
+                debug!(error = %e, "read failed");
                 break;
             }
         }

@@ -36,7 +36,6 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e}");
-            eprintln!("cc-proxy: {e}");
             ExitCode::FAILURE
         }
     }

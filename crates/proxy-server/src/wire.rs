@@ -7,6 +7,9 @@ use std::io::{self, IoSlice};
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
+/// Header arena allocation size.
+const ARENA: usize = 768;
+
 /// At most this many slices per `writev` (Linux's IOV_MAX is 1024).
 const MAX_SLICES: usize = 256;
 
@@ -38,7 +41,7 @@ impl Batch {
     /// batch's arena.
     pub fn push_small(&mut self, b: &[u8]) {
         if self.arena.capacity() < b.len() {
-            self.arena = BytesMut::with_capacity(4096);
+            self.arena = BytesMut::with_capacity(ARENA);
         }
         self.arena.extend_from_slice(b);
         let chunk = self.arena.split().freeze();
@@ -100,6 +103,9 @@ impl Batch {
             }
         }
         self.chunks.clear();
+        if self.chunks.capacity() > 1024 {
+            self.chunks = Vec::new();
+        }
         self.len = 0;
         if let Err(e) = w.flush().await {
             return Err((written, e));
