@@ -30,6 +30,9 @@ const MIN_READ: usize = 4 * 1024;
 /// Largest read size.
 const MAX_READ: usize = 256 * 1024;
 
+/// How long a closing connection's writer may take to flush.
+const WRITER_GRACE: Duration = Duration::from_secs(2);
+
 /// What the reader asks the writer to do.
 #[derive(Debug)]
 enum ToWriter {
@@ -64,7 +67,8 @@ async fn serve_inner(shared: Arc<Shared>, stream: UnixStream, conn: ConnId) {
     debug!("client connected");
     let (r, w) = stream.into_split();
     let (tx, rx) = mpsc::channel::<ToWriter>(64);
-    let writer = tokio::spawn(writer(w, rx).in_current_span());
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut writer = tokio::spawn(writer(w, rx, stop_rx).in_current_span());
     let mut c = Conn {
         shared: shared.clone(),
         id: conn,
@@ -149,7 +153,16 @@ async fn serve_inner(shared: Arc<Shared>, stream: UnixStream, conn: ConnId) {
     }
     let Conn { tx, shim, .. } = c;
     drop(tx);
-    let _ = writer.await;
+    // A peer that stopped reading cannot hold the session's queue hostage:
+    // after a grace period the writer gives up and hands the queue back.
+    if tokio::time::timeout(WRITER_GRACE, &mut writer)
+        .await
+        .is_err()
+    {
+        debug!("client not reading; abandoning its pending output");
+        stop_tx.send_replace(true);
+        let _ = writer.await;
+    }
     if let Some(s) = shim {
         shared.state().registry.shim_gone(conn, &s.token);
         s.session.shim.send_replace(false);
@@ -505,7 +518,11 @@ async fn wait_true(
 }
 
 /// Frames and session output to the client, batched into vectored writes.
-async fn writer(mut w: tokio::net::unix::OwnedWriteHalf, mut rx: mpsc::Receiver<ToWriter>) {
+async fn writer(
+    mut w: tokio::net::unix::OwnedWriteHalf,
+    mut rx: mpsc::Receiver<ToWriter>,
+    mut stop: watch::Receiver<bool>,
+) {
     let mut session: Option<(Arc<Session>, OutputQueue)> = None;
     let mut batch = Batch::new();
     // Output items in the batch, to account for (or put back) after writing.
@@ -565,7 +582,11 @@ async fn writer(mut w: tokio::net::unix::OwnedWriteHalf, mut rx: mpsc::Receiver<
             }
         }
         if !batch.is_empty() {
-            if let Err((_, e)) = batch.write_all(&mut w).await {
+            let r = tokio::select! {
+                r = batch.write_all(&mut w) => r.map_err(|(_, e)| e),
+                _ = stop.wait_for(|s| *s) => Err(std::io::Error::other("abandoned")),
+            };
+            if let Err(e) = r {
                 debug!(error = %e, "write to client failed");
                 // Nothing of the batch is known to have reached the shim
                 // program: its output goes back in front, for the next shim.
