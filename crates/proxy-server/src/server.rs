@@ -370,11 +370,14 @@ fn activated_listener() -> io::Result<Option<UnixListener>> {
 /// Run the daemon until SIGTERM/SIGINT (or, in pod mode, UnregisterVM).
 pub async fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     let (path, pod_mode) = config.listen_path()?;
+    // Handlers first: a SIGTERM that arrives while we start still means
+    // "stop cleanly".
+    let signals = Signals::install();
     let (listener, activated) = bind(&path)?;
     let ksm = Ksm::start(config.ksm, &config.ksm_sysfs);
     let shared = Shared::new(config, &path, pod_mode, ksm.clone());
     info!(socket = %path.display(), pod_mode, "cc-proxy listening");
-    serve(shared.clone(), listener).await;
+    serve(shared.clone(), listener, signals).await;
     if let Some(k) = ksm {
         k.restore();
     }
@@ -385,12 +388,33 @@ pub async fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
+/// The signals the daemon handles.
+#[derive(Debug)]
+pub struct Signals {
+    term: Option<tokio::signal::unix::Signal>,
+    int: Option<tokio::signal::unix::Signal>,
+    usr1: Option<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    /// Install the handlers (SIGTERM, SIGINT: stop; SIGUSR1: log stats).
+    pub fn install() -> Self {
+        use tokio::signal::unix::{signal, SignalKind};
+        Self {
+            term: signal(SignalKind::terminate()).ok(),
+            int: signal(SignalKind::interrupt()).ok(),
+            usr1: signal(SignalKind::user_defined1()).ok(),
+        }
+    }
+}
+
 /// Accept connections until shutdown.
-pub async fn serve(shared: Arc<Shared>, listener: UnixListener) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).ok();
-    let mut int = signal(SignalKind::interrupt()).ok();
-    let mut usr1 = signal(SignalKind::user_defined1()).ok();
+pub async fn serve(shared: Arc<Shared>, listener: UnixListener, signals: Signals) {
+    let Signals {
+        mut term,
+        mut int,
+        mut usr1,
+    } = signals;
     let mut shutdown = shared.shutdown.subscribe();
     let mut stats = shared.config.stats_interval.map(tokio::time::interval);
     let tasks = tokio_util_tracker::Tracker::default();
