@@ -546,3 +546,276 @@ async fn io_writer(
         vm.bytes_to_agent.fetch_add(n, Ordering::Relaxed);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proxy_proto::hyper::io::IoMessage;
+    use tokio::io::{duplex, DuplexStream};
+
+    #[derive(Debug, Default)]
+    struct Recorder {
+        failed: Mutex<Vec<String>>,
+        exited: Mutex<Vec<(String, u8)>>,
+    }
+
+    impl VmEvents for Recorder {
+        fn vm_failed(&self, _vm: VmId, reason: String) {
+            self.failed.lock().unwrap().push(reason);
+        }
+        fn process_exited(&self, _vm: VmId, token: &str, code: u8) {
+            self.exited.lock().unwrap().push((token.to_owned(), code));
+        }
+    }
+
+    struct Agent {
+        ctl: DuplexStream,
+        io: DuplexStream,
+        ctl_buf: BytesMut,
+        io_buf: BytesMut,
+    }
+
+    impl Agent {
+        async fn ctl_msg(&mut self) -> CtlMessage {
+            let mut dec = CtlDecoder::new(MAX_MESSAGE_LEN);
+            loop {
+                if let Some(m) = dec.decode(&mut self.ctl_buf).unwrap() {
+                    return m;
+                }
+                assert!(self.ctl.read_buf(&mut self.ctl_buf).await.unwrap() > 0);
+            }
+        }
+        async fn reply(&mut self, code: Code, payload: &[u8]) {
+            let mut b = BytesMut::new();
+            CtlMessage::new(code, payload.to_vec())
+                .encode(&mut b, MAX_MESSAGE_LEN)
+                .unwrap();
+            self.ctl.write_all(&b).await.unwrap();
+        }
+        async fn io_msg(&mut self) -> IoMessage {
+            let mut dec = IoDecoder::new(MAX_MESSAGE_LEN);
+            loop {
+                if let Some(m) = dec.decode(&mut self.io_buf).unwrap() {
+                    return m;
+                }
+                assert!(self.io.read_buf(&mut self.io_buf).await.unwrap() > 0);
+            }
+        }
+        async fn send_io(&mut self, seq: u64, data: &[u8]) {
+            let mut b = BytesMut::new();
+            IoMessage::new(seq, data.to_vec())
+                .encode(&mut b, MAX_MESSAGE_LEN)
+                .unwrap();
+            self.io.write_all(&b).await.unwrap();
+        }
+    }
+
+    fn vm(ctl_timeout: Duration) -> (Arc<Vm>, Agent, Arc<Recorder>) {
+        let (ctl_a, ctl_p) = duplex(1 << 16);
+        let (io_a, io_p) = duplex(1 << 16);
+        let (ctl_r, ctl_w) = tokio::io::split(ctl_p);
+        let (io_r, io_w) = tokio::io::split(io_p);
+        let rec = Arc::new(Recorder::default());
+        let vm = Vm::start(
+            VmId(1),
+            "vm".into(),
+            Channels {
+                ctl_r: Box::new(ctl_r),
+                ctl_w: Box::new(ctl_w),
+                ctl_buf: BytesMut::new(),
+                io_r: Box::new(io_r),
+                io_w: Box::new(io_w),
+            },
+            VmTimeouts { ctl: ctl_timeout },
+            1 << 20,
+            rec.clone(),
+        );
+        let agent = Agent {
+            ctl: ctl_a,
+            io: io_a,
+            ctl_buf: BytesMut::new(),
+            io_buf: BytesMut::new(),
+        };
+        (vm, agent, rec)
+    }
+
+    #[tokio::test]
+    async fn one_transaction_at_a_time_replies_in_order() {
+        let (vm, mut agent, _) = vm(Duration::from_secs(5));
+        let mut calls = Vec::new();
+        for i in 0..5u8 {
+            let vm = vm.clone();
+            calls.push(tokio::spawn(async move {
+                vm.ctl(Code::Ping, Bytes::from(vec![b'0' + i])).await
+            }));
+            tokio::task::yield_now().await;
+        }
+        for _ in 0..5 {
+            let m = agent.ctl_msg().await;
+            // The next request is not on the wire before this reply.
+            assert!(agent.ctl_buf.is_empty());
+            let more = tokio::time::timeout(
+                Duration::from_millis(20),
+                agent.ctl.read_buf(&mut agent.ctl_buf),
+            )
+            .await;
+            assert!(more.is_err(), "a second request was sent before the reply");
+            agent.reply(Code::Next, b"").await; // flow-control hint, ignored
+            agent.reply(Code::Ack, &m.payload).await;
+        }
+        for (i, c) in calls.into_iter().enumerate() {
+            assert_eq!(c.await.unwrap().unwrap(), Bytes::from(vec![b'0' + i as u8]));
+        }
+    }
+
+    #[tokio::test]
+    async fn agent_error_carries_its_message() {
+        let (vm, mut agent, _) = vm(Duration::from_secs(5));
+        let call = tokio::spawn({
+            let vm = vm.clone();
+            async move { vm.ctl(Code::StartPod, Bytes::from_static(b"{}")).await }
+        });
+        agent.ctl_msg().await;
+        agent.reply(Code::Error, b"no such pod\n").await;
+        let e = call.await.unwrap().unwrap_err();
+        assert_eq!(e.to_string(), "agent error on startpod: no such pod");
+        assert!(!vm.is_gone());
+    }
+
+    #[tokio::test]
+    async fn a_late_reply_after_a_timeout_is_not_given_to_the_next_command() {
+        let (vm, mut agent, _) = vm(Duration::from_millis(100));
+        let e = vm.ctl(Code::Ping, Bytes::new()).await.unwrap_err();
+        assert!(e.to_string().contains("reply to ping"), "{e}");
+        agent.ctl_msg().await;
+        agent.reply(Code::Ack, b"late").await;
+        let call = tokio::spawn({
+            let vm = vm.clone();
+            async move { vm.ctl(Code::Version, Bytes::new()).await }
+        });
+        agent.ctl_msg().await;
+        agent.reply(Code::Ack, b"v1").await;
+        assert_eq!(call.await.unwrap().unwrap(), Bytes::from_static(b"v1"));
+    }
+
+    #[tokio::test]
+    async fn oversized_ctl_data_is_refused_and_the_vm_stays() {
+        let (vm, mut agent, _) = vm(Duration::from_secs(5));
+        let e = vm
+            .ctl(
+                Code::NewContainer,
+                Bytes::from(vec![b' '; MAX_CTL_DATA + 1]),
+            )
+            .await
+            .unwrap_err();
+        assert!(matches!(e, ProxyError::CtlTooLarge { .. }), "{e}");
+        let call = tokio::spawn({
+            let vm = vm.clone();
+            async move { vm.ctl(Code::Ping, Bytes::new()).await }
+        });
+        agent.ctl_msg().await;
+        agent.reply(Code::Ack, b"").await;
+        call.await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn agent_vanishing_mid_command_fails_it_and_the_vm() {
+        let (vm, mut agent, rec) = vm(Duration::from_secs(5));
+        let call = tokio::spawn({
+            let vm = vm.clone();
+            async move { vm.ctl(Code::Ping, Bytes::new()).await }
+        });
+        agent.ctl_msg().await;
+        drop(agent);
+        let e = call.await.unwrap().unwrap_err();
+        assert!(e.to_string().contains("closed the ctl channel"), "{e}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!rec.failed.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn garbage_on_ctl_fails_the_vm() {
+        let (vm, mut agent, rec) = vm(Duration::from_secs(5));
+        let call = tokio::spawn({
+            let vm = vm.clone();
+            async move { vm.ctl(Code::Ping, Bytes::new()).await }
+        });
+        agent.ctl_msg().await;
+        // length 3 < the 8-byte header
+        agent
+            .ctl
+            .write_all(&[0, 0, 0, 9, 0, 0, 0, 3])
+            .await
+            .unwrap();
+        let e = call.await.unwrap().unwrap_err();
+        assert!(e.to_string().contains("garbage"), "{e}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(rec.failed.lock().unwrap()[0].contains("garbage"));
+    }
+
+    #[tokio::test]
+    async fn stdin_is_split_at_the_agent_limit_and_eof_is_forwarded() {
+        let (vm, mut agent, _) = vm(Duration::from_secs(5));
+        let data: Vec<u8> = (0..25_000u32).map(|i| (i % 251) as u8).collect();
+        vm.stdin(3, Bytes::from(data.clone())).await.unwrap();
+        vm.stdin(3, Bytes::new()).await.unwrap();
+        let mut got = Vec::new();
+        for want in [MAX_IO_DATA, MAX_IO_DATA, 25_000 - 2 * MAX_IO_DATA] {
+            let m = agent.io_msg().await;
+            assert_eq!((m.seq, m.data.len()), (3, want));
+            got.extend_from_slice(&m.data);
+        }
+        assert_eq!(got, data);
+        let eof = agent.io_msg().await;
+        assert_eq!((eof.seq, eof.data.len()), (3, 0));
+    }
+
+    #[tokio::test]
+    async fn output_is_routed_by_seq_with_eof_then_exit_code() {
+        let (vm, mut agent, rec) = vm(Duration::from_secs(5));
+        let s = vm.add_session("t".into(), 3);
+        let other = vm.add_session("u".into(), 5);
+        agent.send_io(1, b"null session").await;
+        agent.send_io(3, b"out").await;
+        agent.send_io(4, b"err").await;
+        agent.send_io(99, b"unknown").await;
+        agent.send_io(6, b"other").await;
+        agent.send_io(3, b"").await;
+        agent.send_io(3, &[7]).await;
+        let mut q = s.take_queue().unwrap();
+        assert!(matches!(q.next().await, Some(Output::Stdout(b)) if &b[..] == b"out"));
+        assert!(matches!(q.next().await, Some(Output::Stderr(b)) if &b[..] == b"err"));
+        assert!(matches!(q.next().await, Some(Output::Exited(7))));
+        let mut oq = other.take_queue().unwrap();
+        assert!(matches!(oq.next().await, Some(Output::Stderr(b)) if &b[..] == b"other"));
+        assert_eq!(rec.exited.lock().unwrap()[0], ("t".to_string(), 7));
+    }
+
+    #[tokio::test]
+    async fn a_one_byte_message_without_eof_is_data() {
+        let (vm, mut agent, _) = vm(Duration::from_secs(5));
+        let s = vm.add_session("t".into(), 3);
+        agent.send_io(3, b"x").await;
+        let mut q = s.take_queue().unwrap();
+        assert!(matches!(q.next().await, Some(Output::Stdout(b)) if &b[..] == b"x"));
+    }
+
+    #[tokio::test]
+    async fn garbage_on_io_tears_the_vm_down() {
+        let (vm, mut agent, rec) = vm(Duration::from_secs(5));
+        // length 5 < the 12-byte header
+        agent
+            .io
+            .write_all(&[0, 0, 0, 0, 0, 0, 0, 3, 0, 0, 0, 5])
+            .await
+            .unwrap();
+        for _ in 0..100 {
+            if !rec.failed.lock().unwrap().is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(rec.failed.lock().unwrap()[0].contains("garbage on io"));
+        drop(vm);
+    }
+}
