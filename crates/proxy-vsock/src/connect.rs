@@ -102,7 +102,7 @@ pub enum ConnectError {
     Timeout {
         /// The address.
         addr: AgentAddr,
-        /// The total timeout.
+        /// The total timeout ([`ConnectOptions::timeout`]).
         waited: Duration,
         /// How many attempts were started.
         attempts: u32,
@@ -152,6 +152,22 @@ impl ConnectError {
             ConnectError::Handshake { source, .. } => source.is_peer_gone(),
             ConnectError::HandshakeTimeout { .. } | ConnectError::Timeout { .. } => false,
         }
+    }
+}
+
+/// For callers that speak `io::Result`: the kind is `TimedOut` for
+/// timeouts, the underlying kind for connect errors, and otherwise
+/// `ConnectionAborted` (handshake failures); the message is kept whole.
+impl From<ConnectError> for io::Error {
+    fn from(e: ConnectError) -> Self {
+        let kind = match &e {
+            ConnectError::Connect { source, .. } => source.kind(),
+            ConnectError::HandshakeTimeout { .. } | ConnectError::Timeout { .. } => {
+                io::ErrorKind::TimedOut
+            }
+            ConnectError::Handshake { .. } => io::ErrorKind::ConnectionAborted,
+        };
+        io::Error::new(kind, e)
     }
 }
 
@@ -325,6 +341,19 @@ mod tests {
         );
         assert!(s.contains("last error: connect to /x failed"), "{s}");
         assert!(std::error::Error::source(&e).is_some());
+    }
+
+    #[test]
+    fn converts_to_io_error_keeping_the_message() {
+        let addr: AgentAddr = "/x".parse().unwrap();
+        let e = ConnectError::HandshakeTimeout {
+            addr,
+            waited: Duration::from_millis(5),
+        };
+        let msg = e.to_string();
+        let io: io::Error = e.into();
+        assert_eq!(io.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(io.to_string(), msg);
     }
 
     fn assert_connector<C: AgentConnector>() {}

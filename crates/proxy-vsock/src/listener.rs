@@ -46,7 +46,9 @@ impl VsockListener {
 /// and the stream is handed over raw, otherwise it is closed.
 ///
 /// Handshakes are done one at a time inside [`accept`](Self::accept), each
-/// bounded by the handshake timeout (default 5 s).
+/// bounded by the handshake timeout (default 5 s). The `OK <n>` numbers are
+/// handed out from 1 upwards, like a VMM's local ports. The socket file is
+/// left in place on drop; removing it is the caller's business.
 #[derive(Debug)]
 pub struct HybridListener {
     inner: UnixListener,

@@ -467,3 +467,22 @@ async fn connector_trait_over_hybrid() {
     assert_eq!(&b, b"?");
     guest.await.unwrap();
 }
+
+#[tokio::test]
+async fn closed_right_after_accept_is_retried() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = sock(&dir);
+    let listener = UnixListener::bind(&path).unwrap();
+    tokio::spawn(async move {
+        for _ in 0..3 {
+            // Close without reading: the client's write or read fails with
+            // EPIPE, ECONNRESET or end of stream.
+            drop(listener.accept().await.unwrap());
+        }
+        let (mut s, _) = listener.accept().await.unwrap();
+        expect_connect(&mut s, 8).await;
+        s.write_all(b"OK 4\n").await.unwrap();
+        sleep(Duration::from_secs(1)).await;
+    });
+    connect(&hv(&path, 8), &quick()).await.unwrap();
+}

@@ -84,9 +84,8 @@ async fn unix_missing_socket_times_out_with_last_error() {
 }
 
 #[tokio::test]
-async fn unix_permission_error_is_not_retried() {
-    // A directory is not a socket: ECONNREFUSED on Linux for a non-socket
-    // file, but a path under a regular file is ENOTDIR, which is final.
+async fn unix_final_error_is_not_retried() {
+    // A path below a regular file fails with ENOTDIR, which no retry fixes.
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("plain");
     std::fs::write(&file, b"").unwrap();
