@@ -1,9 +1,11 @@
 //! Reaching the agent's channels. The daemon does not care which transport
-//! carries them (PROTOCOL.md §8): the address picks it.
+//! carries them (PROTOCOL.md §8): the address picks it — a plain path or
+//! `unix:///path` (virtio-serial), `vsock://cid:port` (AF_VSOCK) or
+//! `hvsock://path:port` (hybrid vsock) — and `proxy-vsock` does the rest.
 
 use std::time::Duration;
 
-use tokio::net::UnixStream;
+use proxy_vsock::{AgentAddr, AgentStream, ConnectOptions};
 use tokio::time::Instant;
 
 use crate::registry::ProxyError;
@@ -16,24 +18,25 @@ pub async fn connect(
     addr: &str,
     deadline: Instant,
 ) -> Result<(AgentRead, AgentWrite), ProxyError> {
-    let path = addr.strip_prefix("unix://").unwrap_or(addr);
-    let mut delay = Duration::from_millis(5);
-    loop {
-        match UnixStream::connect(path).await {
-            Ok(s) => {
-                let (r, w) = s.into_split();
-                return Ok((Box::new(r), Box::new(w)));
-            }
-            Err(e) if Instant::now() + delay < deadline => {
-                tracing::trace!(error = %e, "retrying");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_millis(200));
-            }
-            Err(e) => {
-                return Err(ProxyError::AgentIo(format!(
-                    "connecting to the agent's {what} channel at {addr}: {e}"
-                )))
-            }
+    let parsed: AgentAddr = addr
+        .parse()
+        .map_err(|e| ProxyError::AgentIo(format!("the {what} address {addr:?} is invalid: {e}")))?;
+    let budget = deadline.saturating_duration_since(Instant::now());
+    let opts = ConnectOptions::default()
+        .with_timeout(budget.max(Duration::from_millis(1)))
+        .with_handshake_timeout(budget.max(Duration::from_millis(1)));
+    let stream = proxy_vsock::connect(&parsed, &opts).await.map_err(|e| {
+        ProxyError::AgentIo(format!("connecting to the agent's {what} channel: {e}"))
+    })?;
+    Ok(match stream {
+        // Owned halves: no lock between the reading and the writing task.
+        AgentStream::Unix(s) => {
+            let (r, w) = s.into_split();
+            (Box::new(r), Box::new(w))
         }
-    }
+        other => {
+            let (r, w) = tokio::io::split(other);
+            (Box::new(r), Box::new(w))
+        }
+    })
 }
