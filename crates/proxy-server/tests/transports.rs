@@ -51,9 +51,10 @@ async fn start_proxy(dir: &Path) -> Proxy {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
+    let p = Proxy { child, sock };
     for _ in 0..500 {
-        if UnixStream::connect(&sock).await.is_ok() {
-            return Proxy { child, sock };
+        if UnixStream::connect(&p.sock).await.is_ok() {
+            return p;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
