@@ -261,3 +261,47 @@ async fn a_bad_agent_address_is_a_clear_error() {
     let msg = String::from_utf8_lossy(&f.payload).to_string();
     assert!(msg.contains("ctl address") && msg.contains("cid"), "{msg}");
 }
+
+#[tokio::test]
+async fn pod_mode_serves_one_vm_and_exits_after_unregister() {
+    let d = tempdir("pod");
+    let sock = d.join("pod.sock");
+    let child = Command::new(BIN)
+        .args([
+            "-uri",
+            &format!("unix://{}", sock.display()),
+            "-ksm",
+            "initial",
+        ])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut p = Proxy { child, sock };
+    for _ in 0..500 {
+        if UnixStream::connect(&p.sock).await.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let ctl_l = UnixListener::bind(d.join("ctl.sock")).unwrap();
+    let io_l = UnixListener::bind(d.join("io.sock")).unwrap();
+    tokio::spawn(async move {
+        let (ctl, _) = ctl_l.accept().await.unwrap();
+        let (io, _) = io_l.accept().await.unwrap();
+        agent(ctl, io).await;
+    });
+    let ctl = d.join("ctl.sock").display().to_string();
+    let io = d.join("io.sock").display().to_string();
+    scenario(&p, &ctl, &io).await;
+    let mut status = None;
+    for _ in 0..500 {
+        if let Some(st) = p.child.try_wait().unwrap() {
+            status = Some(st);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let status = status.expect("pod-mode proxy exits after UnregisterVM");
+    assert!(status.success(), "{status}");
+    assert!(!p.sock.exists(), "socket removed");
+}
