@@ -113,7 +113,8 @@ impl Ksm {
         match mode {
             KsmMode::Off => ksm.write("run", "0"),
             KsmMode::Auto => {
-                ksm.apply(SLOW);
+                // Nothing changes until the first VM is registered: an idle
+                // daemon does not turn the host's KSM on.
                 if tokio::runtime::Handle::try_current().is_ok() {
                     tokio::spawn(ksm.clone().throttle());
                 }
@@ -260,9 +261,9 @@ mod tests {
             (Duration::from_secs(30), Duration::from_secs(120)),
         )
         .unwrap();
-        assert_eq!(k.current(), Some(SLOW));
-        // 400000 kB = 100000 pages; slow scans one per 500.
-        assert_eq!(knob(&d, "pages_to_scan"), "200");
+        assert_eq!(k.current(), None);
+        assert_eq!(knob(&d, "run"), "1");
+        assert_eq!(knob(&d, "pages_to_scan"), "77");
         k.kick();
         tokio::time::sleep(Duration::from_millis(10)).await;
         assert_eq!(k.current(), Some(AGGRESSIVE));
@@ -276,6 +277,9 @@ mod tests {
         assert_eq!(k.current(), Some(AGGRESSIVE));
         tokio::time::sleep(Duration::from_secs(31 + 121)).await;
         assert_eq!(k.current(), Some(SLOW));
+        // 400000 kB = 100000 pages; slow scans one per 500.
+        assert_eq!(knob(&d, "pages_to_scan"), "200");
+        assert_eq!(knob(&d, "sleep_millisecs"), "100");
         k.restore();
         assert_eq!(knob(&d, "pages_to_scan"), "77");
     }
