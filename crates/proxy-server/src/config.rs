@@ -93,6 +93,12 @@ pub struct Config {
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
     pub process_timeout: Duration,
 
+    /// Worker threads. 1 (the default) runs the daemon on one thread: the
+    /// lowest latency and memory, and the fastest on small hosts; raise it
+    /// for many busy VMs on a large host.
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub threads: u16,
+
     /// Log a stats line (VMs, sessions, bytes, queue depths) at this
     /// interval; SIGUSR1 logs one at any time.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]

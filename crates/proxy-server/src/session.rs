@@ -110,9 +110,15 @@ impl Session {
     /// caller, the VM's io reader). Returns false if the session is gone.
     pub async fn push(&self, item: Output) -> bool {
         let cost = item.cost();
-        match self.budget.acquire_many(cost).await {
+        match self.budget.try_acquire_many(cost) {
             Ok(permit) => permit.forget(),
-            Err(_) => return false,
+            Err(tokio::sync::TryAcquireError::Closed) => return false,
+            Err(tokio::sync::TryAcquireError::NoPermits) => {
+                match self.budget.acquire_many(cost).await {
+                    Ok(permit) => permit.forget(),
+                    Err(_) => return false,
+                }
+            }
         }
         if let Output::Stdout(b) | Output::Stderr(b) = &item {
             self.bytes_out.fetch_add(b.len() as u64, Ordering::Relaxed);

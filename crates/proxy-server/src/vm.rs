@@ -454,6 +454,7 @@ async fn io_reader(vm: Arc<Vm>, mut r: AgentRead, events: Arc<dyn VmEvents>) {
     // Sessions whose stdout EOF was seen: the next 1-byte message is the
     // exit code.
     let mut eof: HashMap<u64, bool> = HashMap::new();
+    let mut cache: HashMap<u64, Arc<Session>> = HashMap::new();
     let reason = 'outer: loop {
         loop {
             let m = match dec.decode(&mut buf) {
@@ -468,9 +469,20 @@ async fn io_reader(vm: Arc<Vm>, mut r: AgentRead, events: Arc<dyn VmEvents>) {
                 continue; // the null session: discarded
             }
             let base = if seq % 2 == 1 { seq } else { seq - 1 };
-            let Some(session) = vm.session(base) else {
-                debug!(seq, len = m.data.len(), "io for an unknown seq dropped");
-                continue;
+            // A local cache spares the shared map's lock per message; a
+            // session that was closed since is evicted when a push fails.
+            let session = match cache.get(&base) {
+                Some(s) => s.clone(),
+                None => match vm.session(base) {
+                    Some(s) => {
+                        cache.insert(base, s.clone());
+                        s
+                    }
+                    None => {
+                        debug!(seq, len = m.data.len(), "io for an unknown seq dropped");
+                        continue;
+                    }
+                },
             };
             let item = if seq == base {
                 let at_eof = eof.get(&base).copied().unwrap_or(false);
@@ -491,7 +503,11 @@ async fn io_reader(vm: Arc<Vm>, mut r: AgentRead, events: Arc<dyn VmEvents>) {
                 Output::Stderr(m.data)
             };
             tokio::select! {
-                _ = session.push(item) => {}
+                pushed = session.push(item) => {
+                    if !pushed {
+                        cache.remove(&base);
+                    }
+                }
                 _ = gone.changed() => break 'outer "VM torn down".to_string(),
             }
         }
