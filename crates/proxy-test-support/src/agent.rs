@@ -36,8 +36,8 @@ pub enum ReadyMode {
     /// Accept both channels but send nothing: the test calls
     /// [`MockAgent::send_ready`] itself, or never (an agent that hangs).
     Manual,
-    /// Accept ctl and close it at once, before READY (an agent that dies
-    /// while booting); io is never accepted.
+    /// Accept both channels and close them at once, before READY (an agent
+    /// that dies while booting).
     CloseOnConnect,
 }
 
@@ -99,9 +99,12 @@ async fn accept_channels(ctl_l: UnixListener, io_l: UnixListener, mode: ReadyMod
     match mode {
         ReadyMode::OnConnect => ctl.write_all(&encode_ctl(Code::Ready, &[])).await?,
         ReadyMode::Manual => {}
-        ReadyMode::CloseOnConnect => return Ok(None),
+        ReadyMode::CloseOnConnect => {}
     }
     let (io, _) = io_l.accept().await?;
+    if mode == ReadyMode::CloseOnConnect {
+        return Ok(None);
+    }
     Ok(Some((ctl, io)))
 }
 

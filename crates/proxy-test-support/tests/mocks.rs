@@ -122,6 +122,7 @@ async fn manual_ready_and_close_on_connect() {
         .start()
         .await;
     let mut ctl = UnixStream::connect(agent.ctl_path()).await.unwrap();
+    let _io = UnixStream::connect(agent.io_path()).await.unwrap();
     let n = tokio::time::timeout(Duration::from_secs(5), ctl.read(&mut one))
         .await
         .unwrap()

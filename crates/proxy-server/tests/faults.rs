@@ -1,0 +1,277 @@
+//! Agents that misbehave (PROTOCOL.md §6–§7, §10.4–§10.5): no READY, death
+//! before READY, vanishing mid-command, garbage on ctl or io, silence. Each
+//! gets a clear error, never a hang or a crash, and every other VM carries
+//! on.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{assert_vm_answers, proxy, proxy_with, SHORT};
+use proxy_test_support::hyper::{Code, CtlMessage};
+use proxy_test_support::proxy_proto::Command;
+use proxy_test_support::scenario::{unique_id, Vm};
+use proxy_test_support::{assert_serves_fresh_vm, MockAgent, ReadyMode};
+
+#[tokio::test]
+async fn an_agent_that_never_sends_ready_fails_register_vm_in_time() {
+    let mut p = proxy_with(&["--ready-timeout", "500ms"]).await;
+    let mut other = Vm::register(&p, 0).await;
+    let mut agent = MockAgent::builder().ready(ReadyMode::Manual).start().await;
+    let id = unique_id("mute");
+    let mut c = p.client().await;
+    let t0 = Instant::now();
+    let msg = c.register_agent(&id, &agent, 1).await.unwrap_err();
+    let waited = t0.elapsed();
+    assert!(msg.contains("READY"), "the error names READY: {msg:?}");
+    assert!(waited >= Duration::from_millis(400), "waited {waited:?}");
+    // The proxy dropped the agent's channels.
+    agent.expect_ctl_closed().await;
+    // Nothing stayed registered.
+    assert!(c.attach_vm(&id, 0).await.is_err());
+    let healthy = MockAgent::start().await;
+    c.register_agent(&id, &healthy, 0).await.unwrap();
+    assert_vm_answers(&mut other).await;
+    p.assert_running();
+    assert_serves_fresh_vm(&p).await;
+}
+
+#[tokio::test]
+async fn an_agent_that_closes_before_ready_fails_register_vm_at_once() {
+    // The proxy may retry unreachable sockets (a hypervisor still starting)
+    // until the READY timeout: keep it short for the vanished agent below.
+    let mut p = proxy_with(&["--ready-timeout", "3s"]).await;
+    let mut other = Vm::register(&p, 0).await;
+    let agent = MockAgent::builder()
+        .ready(ReadyMode::CloseOnConnect)
+        .start()
+        .await;
+    let id = unique_id("dying");
+    let mut c = p.client().await;
+    let t0 = Instant::now();
+    let msg = c.register_agent(&id, &agent, 1).await.unwrap_err();
+    // At once, not at the READY timeout.
+    assert!(
+        t0.elapsed() < Duration::from_millis(1500),
+        "{:?}",
+        t0.elapsed()
+    );
+    assert!(!msg.is_empty());
+    assert!(
+        c.attach_vm(&id, 0).await.is_err(),
+        "nothing stays registered"
+    );
+    // Unreachable sockets: the agent is gone entirely.
+    agent.vanish();
+    let gone = MockAgent::start().await;
+    let (ctl, io) = (gone.ctl_path().to_owned(), gone.io_path().to_owned());
+    gone.vanish();
+    let msg = c.register_vm(&id, &ctl, &io, 0).await.unwrap_err();
+    assert!(!msg.is_empty());
+    assert_vm_answers(&mut other).await;
+    p.assert_running();
+    assert_serves_fresh_vm(&p).await;
+}
+
+#[tokio::test]
+async fn an_agent_that_vanishes_mid_command_fails_the_command_and_tears_down_the_vm() {
+    let mut p = proxy().await;
+    let mut other = Vm::register(&p, 0).await;
+    let mut vm = Vm::register(&p, 1).await;
+    let t = vm.tokens[0].clone();
+    let mut c = vm.start_container(&p, &t).await;
+
+    vm.runtime.send_hyper("ping", &[], None).await;
+    vm.agent.expect_ctl(Code::Ping).await;
+    let Vm {
+        id,
+        agent,
+        mut runtime,
+        ..
+    } = vm;
+    agent.vanish();
+    let msg = runtime.expect_error(Command::Hyper).await;
+    assert!(!msg.is_empty());
+    // The VM's shims are closed; later commands fail without hanging.
+    c.shim.expect_closed().await;
+    let msg = runtime.hyper("ping", &[], None).await.unwrap_err();
+    assert!(!msg.is_empty());
+    let mut late = p.client().await;
+    if late.attach_vm(&id, 0).await.is_ok() {
+        assert!(late.hyper("ping", &[], None).await.is_err());
+    }
+    assert_vm_answers(&mut other).await;
+    p.assert_running();
+    assert_serves_fresh_vm(&p).await;
+}
+
+#[tokio::test]
+async fn an_agent_that_never_answers_times_out_and_the_vm_stays_usable() {
+    let mut p = proxy_with(&["--ctl-timeout", "400ms"]).await;
+    let mut vm = Vm::register(&p, 0).await;
+    let (r, ()) = tokio::join!(vm.runtime.hyper("ping", &[], None), async {
+        vm.agent.expect_ctl(Code::Ping).await;
+    });
+    let msg = r.unwrap_err();
+    assert!(msg.contains("ping") || msg.contains("reply"), "{msg}");
+    // The late reply must not be taken for the next command's reply.
+    vm.agent.reply_ack(b"late").await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let (r, ()) = tokio::join!(vm.runtime.hyper("version", &[], None), async {
+        match vm.agent.recv_ctl().await {
+            Some(m) if m.code == Code::Version as u32 => vm.agent.reply_ack(b"v2").await,
+            // A proxy that gave up on the VM after the timeout may close ctl.
+            Some(m) => panic!("unexpected {m:?}"),
+            None => {}
+        }
+    });
+    if let Ok(reply) = r {
+        assert_eq!(&reply[..], b"v2", "no stale reply");
+    }
+    p.assert_running();
+    assert_serves_fresh_vm(&p).await;
+}
+
+#[tokio::test]
+async fn garbage_on_ctl_fails_the_pending_command_not_the_proxy() {
+    let mut p = proxy().await;
+    let mut other = Vm::register(&p, 0).await;
+
+    // Garbage in place of a reply: a ctl header claiming 3 bytes.
+    let mut vm = Vm::register(&p, 0).await;
+    let (r, ()) = tokio::join!(vm.runtime.hyper("ping", &[], None), async {
+        vm.agent.expect_ctl(Code::Ping).await;
+        vm.agent
+            .send_garbage_ctl(&[0, 0, 0, 9, 0, 0, 0, 3, 0xde, 0xad])
+            .await;
+    });
+    assert!(r.is_err(), "a garbage reply is an error: {r:?}");
+    // Never a hang afterwards.
+    let r =
+        tokio::time::timeout(Duration::from_secs(10), vm.runtime.hyper("ping", &[], None)).await;
+    if let Ok(Ok(_)) = r {
+        panic!("a VM whose ctl framing is lost cannot answer");
+    }
+
+    // Garbage while idle: a length far over 10240.
+    let mut vm2 = Vm::register(&p, 0).await;
+    vm2.agent
+        .send_garbage_ctl(&[0, 0, 0, 9, 0x7f, 0xff, 0xff, 0xff])
+        .await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let r = tokio::time::timeout(
+        Duration::from_secs(10),
+        vm2.runtime.hyper("ping", &[], None),
+    )
+    .await
+    .expect("no hang after garbage on ctl");
+    assert!(r.is_err(), "{r:?}");
+
+    assert_vm_answers(&mut other).await;
+    p.assert_running();
+    assert_serves_fresh_vm(&p).await;
+}
+
+#[tokio::test]
+async fn harmless_noise_on_ctl_is_ignored() {
+    let mut p = proxy().await;
+    let mut vm = Vm::register(&p, 0).await;
+    // NEXT hints and async events while idle and before a reply.
+    vm.agent.send_next().await;
+    vm.agent
+        .send_ctl(CtlMessage::new(
+            Code::ProcessAsyncEvent,
+            &br#"{"container":"x","process":"y","event":"finished","status":0}"#[..],
+        ))
+        .await;
+    let (r, ()) = tokio::join!(vm.runtime.hyper("ping", &[], None), async {
+        vm.agent.expect_ctl(Code::Ping).await;
+        vm.agent.send_next().await;
+        vm.agent
+            .send_ctl(CtlMessage::new(Code::ProcessAsyncEvent, &b"{}"[..]))
+            .await;
+        vm.agent.reply_ack(b"the reply").await;
+    });
+    assert_eq!(&r.unwrap()[..], b"the reply");
+    // An agent ERROR is an error response carrying its message.
+    let (r, ()) = tokio::join!(vm.runtime.hyper("ping", &[], None), async {
+        vm.agent.expect_ctl(Code::Ping).await;
+        vm.agent.reply_error("agent says no").await;
+    });
+    assert!(r.unwrap_err().contains("agent says no"));
+    assert_vm_answers(&mut vm).await;
+    p.assert_running();
+    assert_serves_fresh_vm(&p).await;
+}
+
+#[tokio::test]
+async fn garbage_on_io_tears_down_only_that_vm() {
+    let mut p = proxy().await;
+    let mut other = Vm::register(&p, 1).await;
+    let ot = other.tokens[0].clone();
+    let mut oc = other.start_container(&p, &ot).await;
+
+    let mut vm = Vm::register(&p, 1).await;
+    let t = vm.tokens[0].clone();
+    let mut c = vm.start_container(&p, &t).await;
+    // Data for an unknown seq is dropped, the session carries on.
+    vm.agent.send_io(99, b"nobody's").await;
+    vm.agent.send_io(1, b"null session").await;
+    vm.agent.send_io(c.io_base, b"mine").await;
+    assert_eq!(&c.shim.expect_stdout(4).await[..], b"mine");
+    // A header claiming 5 bytes (below the 12-byte header): framing lost.
+    vm.agent
+        .send_garbage_io(&[0, 0, 0, 0, 0, 0, 0, 3, 0, 0, 0, 5, 1, 2, 3])
+        .await;
+    c.shim.expect_closed().await;
+    let r = tokio::time::timeout(Duration::from_secs(10), vm.runtime.hyper("ping", &[], None))
+        .await
+        .expect("no hang after garbage on io");
+    assert!(r.is_err(), "{r:?}");
+
+    // The other VM's session is untouched.
+    other.agent.send_io(oc.io_base, b"fine").await;
+    assert_eq!(&oc.shim.expect_stdout(4).await[..], b"fine");
+    oc.shim.stdin(&b"in"[..]).await;
+    assert_eq!(&other.agent.expect_io(oc.io_base).await[..], b"in");
+    assert_vm_answers(&mut other).await;
+    p.assert_running();
+    assert_serves_fresh_vm(&p).await;
+}
+
+#[tokio::test]
+async fn an_agent_closing_io_tears_down_the_vm_and_frees_its_id() {
+    let mut p = proxy().await;
+    let mut vm = Vm::register(&p, 1).await;
+    let t = vm.tokens[0].clone();
+    let mut c = vm.start_container(&p, &t).await;
+    vm.agent.close_io().await;
+    c.shim.expect_closed().await;
+    let r = tokio::time::timeout(Duration::from_secs(10), vm.runtime.hyper("ping", &[], None))
+        .await
+        .expect("no hang after the io channel closed");
+    assert!(r.is_err(), "{r:?}");
+    vm.agent.expect_ctl_closed().await;
+    // Unregister the dead VM (it may be gone already); then its id is free.
+    let _ = vm.runtime.unregister_vm(&vm.id).await;
+    let fresh = MockAgent::start().await;
+    let mut c2 = p.client().await;
+    c2.register_agent(&vm.id, &fresh, 0).await.unwrap();
+    p.assert_running();
+    assert_serves_fresh_vm(&p).await;
+}
+
+#[tokio::test]
+async fn sigterm_exits_cleanly_with_live_vms_and_shims() {
+    let mut p = proxy().await;
+    let mut vm = Vm::register(&p, 1).await;
+    let t = vm.tokens[0].clone();
+    let mut c = vm.start_container(&p, &t).await;
+    let status = p.terminate().await;
+    assert!(status.success(), "{status}");
+    c.shim.expect_closed().await;
+    vm.runtime.expect_closed().await;
+    assert!(!p.socket_path().exists(), "the socket is removed on exit");
+    // Quiet unused warnings for SHORT in this file.
+    let _ = SHORT;
+}
