@@ -393,3 +393,28 @@ async fn missing_or_empty_required_fields_are_named() {
     p.assert_running();
     assert_serves_fresh_vm(&p).await;
 }
+
+#[tokio::test]
+async fn log_entries_are_accepted_and_invalid_ones_close_the_connection() {
+    let mut p = proxy().await;
+    let mut c = p.client().await;
+    c.log(r#"{"source":"shim","containerId":"c1","level":"warn","msg":"hello from a test"}"#)
+        .await;
+    c.log(r#"{"source":"runtime","level":"debug","msg":"no container"}"#)
+        .await;
+    p.wait_for_log("hello from a test", Duration::from_secs(5))
+        .await;
+    // Still open: a command gets its response.
+    assert!(c.attach_vm("nope", 0).await.is_err());
+    for bad in [
+        r#"{"source":"kernel","level":"info","msg":"x"}"#,
+        r#"{"source":"shim","level":"loud","msg":"x"}"#,
+        r#"not json"#,
+    ] {
+        let mut c = p.client().await;
+        c.log(bad).await;
+        only_error_responses(&c.expect_closed().await);
+    }
+    p.assert_running();
+    assert_serves_fresh_vm(&p).await;
+}

@@ -423,3 +423,19 @@ async fn unregister_then_attach_is_refused_and_the_id_is_free() {
     p.assert_running();
     assert_serves_fresh_vm(&p).await;
 }
+
+#[tokio::test]
+async fn disconnect_shim_frees_the_token_without_a_response() {
+    let mut p = proxy().await;
+    let mut vm = Vm::register(&p, 1).await;
+    let t = vm.tokens[0].clone();
+    let mut c = vm.start_container(&p, &t).await;
+    c.shim.disconnect_shim().await;
+    let mut again = p.client().await;
+    assert!(
+        again.connect_shim(&t).await.is_err(),
+        "DisconnectShim frees the token"
+    );
+    p.assert_running();
+    assert_serves_fresh_vm(&p).await;
+}
