@@ -148,6 +148,9 @@ async fn serve_inner(shared: Arc<Shared>, stream: UnixStream, conn: ConnId) {
     }
     // Ending: the writer flushes what it was given, gives the session's
     // queue back, and only then is the token claimable again.
+    if let Some(s) = &c.shim {
+        shared.state().registry.shim_closing(conn, &s.token);
+    }
     if drain {
         let _ = c.tx.send(ToWriter::Drain).await;
     }
@@ -343,18 +346,14 @@ impl Conn {
         }
         let req: ConnectShim = parse(Command::ConnectShim, payload)?;
         req.validate()?;
-        let (vm, session) = {
-            let mut st = self.shared.state();
-            let (vm_id, io_base) = st.registry.connect_shim(self.id, &req.token)?;
-            let vm = st.vms.get(&vm_id).cloned();
-            let session = vm.as_ref().and_then(|v| v.session(io_base));
-            match (vm, session) {
-                (Some(vm), Some(s)) => (vm, s),
-                _ => {
-                    st.registry.shim_gone(self.id, &req.token);
-                    return Err(ProxyError::VmGone);
-                }
+        // A shim that just dropped may not have been noticed yet (or its
+        // connection may still be closing): give it a moment to let go.
+        let (vm, session) = match self.claim(&req.token) {
+            Err(ProxyError::TokenClaimed(_) | ProxyError::TokenReleasing(_)) => {
+                self.wait_released(&req.token).await;
+                self.claim(&req.token)?
             }
+            other => other?,
         };
         // Response first, then the session's output.
         self.send(Frame::response(Command::ConnectShim, Bytes::new()))
@@ -368,6 +367,42 @@ impl Conn {
             session,
         });
         Ok(())
+    }
+
+    fn claim(&self, token: &str) -> Result<(Arc<Vm>, Arc<Session>), ProxyError> {
+        let mut st = self.shared.state();
+        let (vm_id, io_base) = st.registry.connect_shim(self.id, token)?;
+        let vm = st.vms.get(&vm_id).cloned();
+        let session = vm.as_ref().and_then(|v| v.session(io_base));
+        match (vm, session) {
+            (Some(vm), Some(s)) => Ok((vm, s)),
+            _ => {
+                st.registry.shim_gone(self.id, token);
+                Err(ProxyError::VmGone)
+            }
+        }
+    }
+
+    /// Wait until the token's current shim lets go: up to the writer's
+    /// grace period if its connection is known to be closing, briefly
+    /// otherwise (time for its end of stream to be read).
+    async fn wait_released(&self, token: &str) {
+        let (session, releasing) = {
+            let st = self.shared.state();
+            let Some(t) = st.registry.token(token) else {
+                return;
+            };
+            let s = st.vms.get(&t.vm).and_then(|v| v.session(t.io_base));
+            (s, t.releasing)
+        };
+        let Some(session) = session else { return };
+        let patience = if releasing {
+            WRITER_GRACE + Duration::from_millis(500)
+        } else {
+            Duration::from_millis(250)
+        };
+        let mut rx = session.shim.subscribe();
+        let _ = tokio::time::timeout(patience, rx.wait_for(|connected| !*connected)).await;
     }
 
     fn disconnect_shim(&mut self) -> Flow {

@@ -90,6 +90,10 @@ pub enum ProxyError {
     /// A command only shims may send.
     #[error("{0} is only accepted from a shim (send ConnectShim first)")]
     NotAShim(&'static str),
+    /// ConnectShim with a token whose previous shim's connection is still
+    /// being closed (the caller waits for it and tries again).
+    #[error("token {0:?} is being released by its previous shim")]
+    TokenReleasing(String),
     /// ConnectShim on a connection that is a shim already.
     #[error("this connection is already the shim of a token")]
     AlreadyAShim,
@@ -184,6 +188,9 @@ pub struct TokenEntry {
     pub io_base: u64,
     /// The live shim holding the token.
     pub claimed_by: Option<ConnId>,
+    /// The claiming connection is closing (its reader ended); the claim is
+    /// released as soon as its writer has handed the session back.
+    pub releasing: bool,
     /// The session's process.
     pub process: ProcessState,
 }
@@ -342,6 +349,7 @@ impl Registry {
                     vm,
                     io_base,
                     claimed_by: None,
+                    releasing: false,
                     process: ProcessState::None,
                 },
             );
@@ -482,10 +490,24 @@ impl Registry {
             .get_mut(token)
             .ok_or_else(|| ProxyError::UnknownToken(token.to_owned()))?;
         match t.claimed_by {
+            Some(c) if c != conn && t.releasing => {
+                Err(ProxyError::TokenReleasing(token.to_owned()))
+            }
             Some(c) if c != conn => Err(ProxyError::TokenClaimed(token.to_owned())),
             _ => {
                 t.claimed_by = Some(conn);
+                t.releasing = false;
                 Ok((t.vm, t.io_base))
+            }
+        }
+    }
+
+    /// The shim's connection is closing: a new claim will be accepted once
+    /// [`shim_gone`](Self::shim_gone) releases this one.
+    pub fn shim_closing(&mut self, conn: ConnId, token: &str) {
+        if let Some(t) = self.tokens.get_mut(token) {
+            if t.claimed_by == Some(conn) {
+                t.releasing = true;
             }
         }
     }
@@ -496,6 +518,7 @@ impl Registry {
         if let Some(t) = self.tokens.get_mut(token) {
             if t.claimed_by == Some(conn) {
                 t.claimed_by = None;
+                t.releasing = false;
             }
         }
     }
@@ -834,6 +857,11 @@ mod tests {
         assert!(matches!(
             r.connect_shim(ConnId(2), tok),
             Err(ProxyError::TokenClaimed(_))
+        ));
+        r.shim_closing(ConnId(1), tok);
+        assert!(matches!(
+            r.connect_shim(ConnId(2), tok),
+            Err(ProxyError::TokenReleasing(_))
         ));
         r.shim_gone(ConnId(1), tok);
         r.connect_shim(ConnId(2), tok).unwrap();

@@ -170,7 +170,7 @@ async fn a_shim_reconnecting_a_hundred_times_mid_stream_loses_and_repeats_nothin
 }
 
 #[tokio::test]
-#[ignore = "server bug: ConnectShim right after the previous shim's connection dropped is refused as already claimed until the proxy has noticed the drop"]
+
 async fn regression_immediate_reconnect_after_a_drop_is_accepted() {
     let mut p = proxy_with(&[]).await;
     let mut vm = Vm::register(&p, 1).await;
