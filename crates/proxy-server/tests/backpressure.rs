@@ -169,8 +169,69 @@ async fn a_shim_reconnecting_a_hundred_times_mid_stream_loses_and_repeats_nothin
     assert_serves_fresh_vm(&p).await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_output_is_bounded_and_all_delivered_to_the_next_shim() {
+    let mut p = proxy_with(&["--session-buffer", "1MiB"]).await;
+    let mut vm = Vm::register(&p, 1).await;
+    let t = vm.tokens[0].clone();
+    let c = vm.start_container(&p, &t).await;
+    drop(c.shim);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let writer = vm.agent.io_writer_task().await;
+    const LEN: usize = 24 << 20;
+    writer.send_io(c.io_base, pattern(0, LEN));
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let taken = writer.written();
+    assert!(
+        taken < LEN as u64 / 2,
+        "with no shim the proxy took {taken} bytes for a session bounded at 1 MiB"
+    );
+    let (mut shim, _) = claim(&p, &t).await;
+    shim.set_timeout(Duration::from_secs(30));
+    let got = shim.expect_stdout(LEN).await;
+    check_pattern(0, &got).unwrap();
+    writer.flushed(Duration::from_secs(10)).await;
+    writer.send_exit(c.io_base, 0);
+    assert_eq!(shim.expect_exit().await, 0);
+    p.assert_running();
+    assert_serves_fresh_vm(&p).await;
+}
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stdin_to_an_agent_that_does_not_read_pushes_back_on_the_shim() {
+    use proxy_test_support::proxy_proto::{Frame, Stream};
+    use tokio::io::AsyncWriteExt;
+    let mut p = proxy_with(&[]).await;
+    let mut vm = Vm::register(&p, 1).await;
+    let t = vm.tokens[0].clone();
+    let mut c = vm.start_container(&p, &t).await;
+    const FRAME: usize = 64 << 10;
+    const FRAMES: usize = 1024;
+    // The agent reads nothing on io while the shim writes 64 MiB.
+    let mut frames = 0usize;
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        while frames < FRAMES {
+            let f = Frame::stream(Stream::Stdin, pattern(frames * FRAME, FRAME)).to_bytes();
+            c.shim.raw().write_all(&f).await.unwrap();
+            frames += 1;
+        }
+    })
+    .await;
+    assert!(
+        frames < FRAMES,
+        "the proxy accepted all {} MiB of stdin for an agent that reads nothing",
+        FRAMES * FRAME >> 20
+    );
+    // Every whole frame written reaches the agent, in order, once it reads.
+    vm.agent.set_timeout(Duration::from_secs(30));
+    let got = vm.agent.read_io_until(c.io_base, frames * FRAME).await;
+    check_pattern(0, &got).unwrap();
+    vm.agent.send_exit(c.io_base, 0).await;
+    p.assert_running();
+    assert_serves_fresh_vm(&p).await;
+}
+
+#[tokio::test]
 async fn regression_immediate_reconnect_after_a_drop_is_accepted() {
     let mut p = proxy_with(&[]).await;
     let mut vm = Vm::register(&p, 1).await;
