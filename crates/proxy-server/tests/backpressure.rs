@@ -220,7 +220,7 @@ async fn stdin_to_an_agent_that_does_not_read_pushes_back_on_the_shim() {
     assert!(
         frames < FRAMES,
         "the proxy accepted all {} MiB of stdin for an agent that reads nothing",
-        FRAMES * FRAME >> 20
+        (FRAMES * FRAME) >> 20
     );
     // Every whole frame written reaches the agent, in order, once it reads.
     vm.agent.set_timeout(Duration::from_secs(30));
