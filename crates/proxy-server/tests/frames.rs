@@ -444,3 +444,39 @@ async fn regression_a_huge_num_io_streams_is_refused() {
     p.assert_running();
     assert_serves_fresh_vm(&p).await;
 }
+
+#[tokio::test]
+async fn longer_headers_and_reserved_fields_are_accepted() {
+    let mut p = proxy().await;
+    let agent = MockAgent::start().await;
+    let id = unique_id("hdr");
+    let payload = serde_json::json!({
+        "containerId": id,
+        "ctlSerial": agent.ctl_path(),
+        "ioSerial": agent.io_path(),
+        "numIOStreams": 1,
+    })
+    .to_string();
+    // A 5-word header (8 bytes to skip) with every reserved field set.
+    let mut wire = header(2, 5, 0, Command::RegisterVm as u8, payload.len() as u32).to_vec();
+    wire[3] = 0xaa;
+    wire[4] = 0xbb;
+    wire[5] = 0xcc;
+    wire.extend_from_slice(&[0xee; 8]);
+    wire.extend_from_slice(payload.as_bytes());
+    let mut c = p.client().await;
+    c.send_raw(&wire).await;
+    let r = c.expect_response(Command::RegisterVm).await.unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&r).unwrap();
+    let token = v["io"]["tokens"][0].as_str().unwrap().to_owned();
+    // The longest header there is: 255 words, then the payload.
+    let payload = serde_json::json!({ "token": token }).to_string();
+    let mut wire = header(2, 255, 0, Command::ConnectShim as u8, payload.len() as u32).to_vec();
+    wire.resize(255 * 4, 0x55);
+    wire.extend_from_slice(payload.as_bytes());
+    let mut shim = p.client().await;
+    shim.send_raw(&wire).await;
+    shim.expect_response(Command::ConnectShim).await.unwrap();
+    p.assert_running();
+    assert_serves_fresh_vm(&p).await;
+}

@@ -439,3 +439,51 @@ async fn disconnect_shim_frees_the_token_without_a_response() {
     p.assert_running();
     assert_serves_fresh_vm(&p).await;
 }
+
+#[tokio::test]
+async fn a_one_byte_message_is_data_unless_it_follows_eof() {
+    let mut p = proxy().await;
+    let mut vm = Vm::register(&p, 1).await;
+    let t = vm.tokens[0].clone();
+    let mut c = vm.start_container(&p, &t).await;
+    vm.agent.send_io(c.io_base, b"x").await;
+    vm.agent.send_io(c.io_base, b"y").await;
+    assert_eq!(&c.shim.expect_stdout(2).await[..], b"xy");
+    vm.agent.send_io(c.io_base + 1, b"!").await;
+    assert_eq!(&c.shim.expect_stderr(1).await[..], b"!");
+    c.shim.expect_silence(Duration::from_millis(100)).await;
+    vm.agent.send_exit(c.io_base, 255).await;
+    assert_eq!(c.shim.expect_exit().await, 255);
+    p.assert_running();
+    assert_serves_fresh_vm(&p).await;
+}
+
+#[tokio::test]
+async fn a_caller_leaving_mid_command_does_not_shift_later_replies() {
+    let mut p = proxy().await;
+    let mut vm = Vm::register(&p, 0).await;
+    let mut quitter = p.client().await;
+    quitter.attach_vm(&vm.id, 0).await.unwrap();
+    quitter
+        .send_hyper("ping", &[], Some(r#"{"who":"quitter"}"#))
+        .await;
+    let m = vm.agent.expect_ctl(Code::Ping).await;
+    assert_eq!(&m.payload[..], br#"{"who":"quitter"}"#);
+    drop(quitter);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // A second caller queues behind the orphaned transaction.
+    vm.runtime
+        .send_hyper("ping", &[], Some(r#"{"who":"runtime"}"#))
+        .await;
+    vm.agent.reply_ack(b"for the quitter").await;
+    let m = vm.agent.expect_ctl(Code::Ping).await;
+    assert_eq!(&m.payload[..], br#"{"who":"runtime"}"#);
+    vm.agent.reply_ack(b"for the runtime").await;
+    assert_eq!(
+        &vm.runtime.expect_response(Command::Hyper).await.unwrap()[..],
+        b"for the runtime"
+    );
+    assert_vm_answers(&mut vm).await;
+    p.assert_running();
+    assert_serves_fresh_vm(&p).await;
+}
