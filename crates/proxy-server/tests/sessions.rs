@@ -266,3 +266,44 @@ async fn hyper_without_a_token_sends_output_to_the_null_session() {
     p.assert_running();
     assert_serves_fresh_vm(&p).await;
 }
+
+#[tokio::test]
+async fn the_vm_console_is_read_into_the_log() {
+    use tokio::io::AsyncWriteExt;
+    let mut p = proxy().await;
+    let agent = MockAgent::start().await;
+    let dir = proxy_test_support::TempDir::new();
+    let console_path = dir.socket("console.sock");
+    let console = tokio::net::UnixListener::bind(&console_path).unwrap();
+    let mut c = p.client().await;
+    let id = unique_id("console");
+    let payload = serde_json::json!({
+        "containerId": id,
+        "ctlSerial": agent.ctl_path(),
+        "ioSerial": agent.io_path(),
+        "console": console_path,
+    })
+    .to_string();
+    c.call(Command::RegisterVm, payload.into_bytes())
+        .await
+        .unwrap();
+    let (mut s, _) = tokio::time::timeout(Duration::from_secs(10), console.accept())
+        .await
+        .expect("the proxy connects to the console")
+        .unwrap();
+    s.write_all(b"[    0.000000] Linux version 6.1 marker-line\n")
+        .await
+        .unwrap();
+    p.wait_for_log("marker-line", Duration::from_secs(5)).await;
+    // A console that goes away is not the VM going away.
+    drop(s);
+    let mut vm_runtime = c;
+    let mut agent = agent;
+    let (r, ()) = tokio::join!(vm_runtime.hyper("ping", &[], None), async {
+        agent.expect_ctl(Code::Ping).await;
+        agent.reply_ack(b"").await;
+    });
+    r.unwrap();
+    p.assert_running();
+    assert_serves_fresh_vm(&p).await;
+}
