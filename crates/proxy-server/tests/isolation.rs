@@ -7,7 +7,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{assert_vm_answers, proxy, proxy_with, SHORT};
+use common::{assert_vm_answers, check_pattern, pattern, proxy, proxy_with, SHORT};
 use proxy_test_support::hyper::Code;
 use proxy_test_support::proxy_proto::{Command, Frame, Stream};
 use proxy_test_support::scenario::{newcontainer_data, unique_id, Vm};
@@ -182,6 +182,63 @@ async fn unregister_vm_leaves_running_sessions_alone() {
     // The agent going away closes the old VM's shim.
     vm.agent.close().await;
     c.shim.expect_closed().await;
+    p.assert_running();
+    assert_serves_fresh_vm(&p).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_vms_with_two_sessions_each_stream_both_ways_without_misrouting() {
+    const LEN: usize = 64 << 10;
+    let p = std::sync::Arc::new(proxy().await);
+    let mut tasks = Vec::new();
+    for v in 0..20usize {
+        let p = p.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut vm = Vm::register(&p, 2).await;
+            let (ta, tb) = (vm.tokens[0].clone(), vm.tokens[1].clone());
+            let mut a = vm.start_container(&p, &ta).await;
+            let mut b = vm.start_container(&p, &tb).await;
+            // Distinct streams per VM and session: offsets never overlap.
+            let (oa, ob) = (v * 4 * LEN, v * 4 * LEN + 2 * LEN);
+            let writer = vm.agent.io_writer_task().await;
+            writer.send_io(a.io_base, pattern(oa, LEN));
+            writer.send_io(b.io_base, pattern(ob, LEN));
+            writer.send_io(b.io_base + 1, pattern(ob + LEN, 1000));
+            a.shim.stdin(pattern(oa + LEN, LEN)).await;
+            b.shim.stdin(pattern(ob + 1000, LEN)).await;
+            let (ga, (gb, ge)) = tokio::join!(a.shim.expect_stdout(LEN), async {
+                let gb = b.shim.expect_stdout(LEN).await;
+                (gb, b.shim.expect_stderr(1000).await)
+            });
+            check_pattern(oa, &ga).unwrap();
+            check_pattern(ob, &gb).unwrap();
+            check_pattern(ob + LEN, &ge).unwrap();
+            // stdin of both sessions, demultiplexed by seq.
+            let mut got_a = Vec::new();
+            let mut got_b = Vec::new();
+            while got_a.len() < LEN || got_b.len() < LEN {
+                let m = vm.agent.recv_io().await.expect("io open");
+                if m.seq == a.io_base {
+                    got_a.extend_from_slice(&m.data);
+                } else if m.seq == b.io_base {
+                    got_b.extend_from_slice(&m.data);
+                } else {
+                    panic!("vm {v}: stdin on unexpected seq {}", m.seq);
+                }
+            }
+            check_pattern(oa + LEN, &got_a).unwrap();
+            check_pattern(ob + 1000, &got_b).unwrap();
+            writer.flushed(Duration::from_secs(10)).await;
+            writer.send_exit(a.io_base, v as u8);
+            writer.send_exit(b.io_base, 100 + v as u8);
+            assert_eq!(a.shim.expect_exit().await, v as u8);
+            assert_eq!(b.shim.expect_exit().await, 100 + v as u8);
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let mut p = std::sync::Arc::try_unwrap(p).expect("tasks are done");
     p.assert_running();
     assert_serves_fresh_vm(&p).await;
 }

@@ -449,7 +449,8 @@ impl MockClient {
     }
 
     /// Exactly `n` bytes of stdout, across as many frames as needed. Bytes
-    /// of a frame beyond `n` are kept for the next call.
+    /// of a frame beyond `n`, and stderr that comes meanwhile, are kept for
+    /// the next calls.
     ///
     /// # Panics
     ///
@@ -486,6 +487,20 @@ impl MockClient {
                     } else {
                         out.extend_from_slice(&f.payload);
                     }
+                }
+                // The other output stream: kept for its own expect call
+                // (stdout and stderr of a session have no order between them).
+                Recv::Frame(f)
+                    if matches!(f.kind, FrameKind::Stream(Stream::Stdout | Stream::Stderr)) =>
+                {
+                    let other = match stream {
+                        Stream::Stderr => &mut self.stdout_left,
+                        _ => &mut self.stderr_left,
+                    };
+                    let mut b = BytesMut::with_capacity(other.len() + f.payload.len());
+                    b.extend_from_slice(other);
+                    b.extend_from_slice(&f.payload);
+                    *other = b.freeze();
                 }
                 Recv::Frame(f) => panic!(
                     "mock client: expected {} more bytes of {} ({} so far), got {}",
