@@ -307,3 +307,34 @@ async fn the_vm_console_is_read_into_the_log() {
     p.assert_running();
     assert_serves_fresh_vm(&p).await;
 }
+
+#[tokio::test]
+async fn hyper_data_and_ack_payloads_pass_through_byte_for_byte() {
+    let mut p = proxy().await;
+    let mut vm = Vm::register(&p, 0).await;
+    let odd = "{ \"z\" : 1,\n\t\"a\":\"\\u00e9\u{e9}\", \"n\":[ 1.50, -0, 1e3 ] }";
+    let payload = format!(r#"{{"hyperName":"writefile","tokens":[],"data":{odd}}}"#);
+    vm.runtime
+        .send_command(Command::Hyper, payload.into_bytes())
+        .await;
+    let m = vm.agent.expect_ctl(Code::WriteFile).await;
+    assert_eq!(
+        String::from_utf8_lossy(&m.payload),
+        odd,
+        "data reaches the agent untouched"
+    );
+    // The agent's ACK payload comes back raw, JSON or not.
+    vm.agent.reply_ack(b"\x00not json\xff").await;
+    assert_eq!(
+        &vm.runtime.expect_response(Command::Hyper).await.unwrap()[..],
+        b"\x00not json\xff"
+    );
+    // No data: an empty payload to the agent.
+    let (r, ()) = tokio::join!(vm.runtime.hyper("ping", &[], None), async {
+        let m = vm.agent.expect_ctl(Code::Ping).await;
+        assert!(m.payload.is_empty() || &m.payload[..] == b"null", "{m:?}");
+        vm.agent.reply_ack(b"").await;
+    });
+    assert!(r.unwrap().is_empty());
+    p.assert_running();
+}
