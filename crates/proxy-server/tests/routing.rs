@@ -487,3 +487,53 @@ async fn a_caller_leaving_mid_command_does_not_shift_later_replies() {
     p.assert_running();
     assert_serves_fresh_vm(&p).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_simultaneous_claims_of_one_token_have_one_winner() {
+    let mut p = proxy().await;
+    let mut vm = Vm::register(&p, 1).await;
+    let t = vm.tokens[0].clone();
+    let mut shims = Vec::new();
+    for _ in 0..20 {
+        shims.push(p.client().await);
+    }
+    let results = futures_join_all(shims.iter_mut().map(|s| s.connect_shim(&t))).await;
+    let winners = results.iter().filter(|r| r.is_ok()).count();
+    assert_eq!(winners, 1, "{results:?}");
+    let w = results.iter().position(|r| r.is_ok()).unwrap();
+    let mut shim = shims.swap_remove(w);
+    let io_base = vm.newcontainer(&unique_id("c"), &t).await;
+    vm.agent.send_io(io_base, b"winner").await;
+    assert_eq!(&shim.expect_stdout(6).await[..], b"winner");
+    for mut s in shims {
+        s.expect_silence(Duration::from_millis(10)).await;
+    }
+    vm.agent.send_exit(io_base, 0).await;
+    assert_eq!(shim.expect_exit().await, 0);
+    p.assert_running();
+    assert_serves_fresh_vm(&p).await;
+}
+
+/// `join_all` without the futures crate: poll every future concurrently.
+async fn futures_join_all<F: std::future::Future>(futs: impl Iterator<Item = F>) -> Vec<F::Output> {
+    let mut set: Vec<_> = futs.map(Box::pin).collect();
+    let mut out: Vec<Option<F::Output>> = set.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (i, f) in set.iter_mut().enumerate() {
+            if out[i].is_none() {
+                match f.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => out[i] = Some(v),
+                    std::task::Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
+    })
+    .await;
+    out.into_iter().map(|o| o.expect("ready")).collect()
+}
