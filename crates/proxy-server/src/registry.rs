@@ -34,6 +34,9 @@ pub const SIGWINCH: i64 = 28;
 /// Signals 0..MAX_SIGNAL are accepted (the reference rejects ≥ 31).
 pub const MAX_SIGNAL: i64 = 31;
 
+/// Most tokens one RegisterVM or AttachVM may allocate.
+pub const MAX_IO_STREAMS: u32 = 4096;
+
 /// Why a client's command was refused. The `Display` text is what the
 /// client reads in the error response's `msg`.
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +54,9 @@ pub enum ProxyError {
         #[source]
         source: serde_json::Error,
     },
+    /// More tokens asked for than one request may allocate.
+    #[error("numIOStreams {0} is more than the {MAX_IO_STREAMS} one request may allocate")]
+    TooManyStreams(u32),
     /// RegisterVM of a containerId that is registered already.
     #[error("container {0} is already registered")]
     DuplicateContainer(String),
@@ -269,6 +275,9 @@ impl Registry {
         mut new_token: impl FnMut() -> String,
     ) -> Result<(VmId, Vec<NewToken>), ProxyError> {
         req.validate()?;
+        if req.num_io_streams > MAX_IO_STREAMS {
+            return Err(ProxyError::TooManyStreams(req.num_io_streams));
+        }
         if self.by_container.contains_key(&req.container_id) {
             return Err(ProxyError::DuplicateContainer(req.container_id.clone()));
         }
@@ -302,6 +311,9 @@ impl Registry {
         mut new_token: impl FnMut() -> String,
     ) -> Result<(VmId, Vec<NewToken>), ProxyError> {
         req.validate()?;
+        if req.num_io_streams > MAX_IO_STREAMS {
+            return Err(ProxyError::TooManyStreams(req.num_io_streams));
+        }
         let vm = self.attachable(&req.container_id)?;
         let tokens = self.allocate(vm, req.num_io_streams, &mut new_token);
         Ok((vm, tokens))
@@ -665,6 +677,24 @@ mod tests {
         // Per VM: a second VM starts at 3 again.
         let (_, t) = ready_vm(&mut r, "b", 1);
         assert_eq!(t[0].io_base, 3);
+    }
+
+    #[test]
+    fn num_io_streams_is_bounded() {
+        let mut r = Registry::new();
+        let e = r.register_vm(&reg("a", u32::MAX), tokgen()).unwrap_err();
+        assert!(e.to_string().contains("numIOStreams"), "{e}");
+        assert_eq!(r.vm_count(), 0);
+        let (_, t) = ready_vm(&mut r, "a", MAX_IO_STREAMS);
+        assert_eq!(t.len(), MAX_IO_STREAMS as usize);
+        let attach = AttachVm {
+            container_id: "a".into(),
+            num_io_streams: MAX_IO_STREAMS + 1,
+        };
+        assert!(matches!(
+            r.attach_vm(&attach, tokgen()),
+            Err(ProxyError::TooManyStreams(_))
+        ));
     }
 
     #[test]

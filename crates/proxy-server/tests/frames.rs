@@ -420,7 +420,6 @@ async fn log_entries_are_accepted_and_invalid_ones_close_the_connection() {
 }
 
 #[tokio::test]
-#[ignore = "server bug: numIOStreams is not capped; 4294967295 makes the daemon allocate tokens until it dies (do not run without a memory limit)"]
 async fn regression_a_huge_num_io_streams_is_refused() {
     let mut p = proxy().await;
     let agent = MockAgent::start().await;
