@@ -275,3 +275,20 @@ async fn sigterm_exits_cleanly_with_live_vms_and_shims() {
     // Quiet unused warnings for SHORT in this file.
     let _ = SHORT;
 }
+
+#[tokio::test]
+async fn pod_mode_serves_its_vm_and_exits_after_unregister() {
+    let mut p = proxy_test_support::ProxyProcess::builder(common::BIN)
+        .pod_mode()
+        .start()
+        .await;
+    let mut vm = Vm::register(&p, 1).await;
+    let t = vm.tokens[0].clone();
+    let mut c = vm.start_container(&p, &t).await;
+    vm.agent.send_io(c.io_base, b"pod").await;
+    assert_eq!(&c.shim.expect_stdout(3).await[..], b"pod");
+    vm.runtime.unregister_vm(&vm.id).await.unwrap();
+    let status = p.wait_exit(Duration::from_secs(10)).await;
+    assert!(status.success(), "{status}");
+    assert!(!p.socket_path().exists(), "the socket is removed on exit");
+}

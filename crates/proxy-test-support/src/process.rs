@@ -23,9 +23,17 @@ pub struct ProxyProcessBuilder {
     bin: PathBuf,
     args: Vec<OsString>,
     start_timeout: Duration,
+    pod_mode: bool,
 }
 
 impl ProxyProcessBuilder {
+    /// Pod mode: `-uri unix://<socket>` instead of `-socket-path <socket>`
+    /// (the daemon serves one VM and exits after its UnregisterVM).
+    pub fn pod_mode(mut self) -> Self {
+        self.pod_mode = true;
+        self
+    }
+
     /// One more command-line argument (after `-socket-path … --log debug`).
     pub fn arg(mut self, a: impl AsRef<OsStr>) -> Self {
         self.args.push(a.as_ref().to_owned());
@@ -62,9 +70,14 @@ impl ProxyProcessBuilder {
         let dir = TempDir::new();
         let socket = dir.socket("proxy.sock");
         let mut cmd = Command::new(&self.bin);
-        cmd.arg("-socket-path")
-            .arg(&socket)
-            .args(["--log", "debug"]);
+        if self.pod_mode {
+            let mut uri = OsString::from("unix://");
+            uri.push(&socket);
+            cmd.arg("-uri").arg(uri);
+        } else {
+            cmd.arg("-socket-path").arg(&socket);
+        }
+        cmd.args(["--log", "debug"]);
         let chooses_ksm = self.args.iter().any(|a| {
             let a = a.to_string_lossy();
             a == "-ksm" || a == "--ksm" || a.starts_with("-ksm=") || a.starts_with("--ksm=")
@@ -155,6 +168,7 @@ impl ProxyProcess {
             bin: bin.as_ref().to_owned(),
             args: Vec::new(),
             start_timeout: crate::DEFAULT_TIMEOUT,
+            pod_mode: false,
         }
     }
 
