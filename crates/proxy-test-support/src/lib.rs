@@ -8,6 +8,26 @@
 //! that names what was expected and what came instead; a failing test
 //! prints the daemon's log.
 //!
+//! - [`MockAgent`] listens on `ctl.sock` and `io.sock` as QEMU's
+//!   virtio-serial chardevs do and accepts the proxy in the background
+//!   ([`ReadyMode`]: READY on connect, by hand or never, or close at once).
+//!   `expect_ctl`, `reply_ack`, `reply_error`, `send_io`, `expect_io`,
+//!   `read_io_until`, `send_exit`, garbage and raw streams for faults,
+//!   `close`/`vanish`. [`MockAgent::auto_respond`] hands ctl to an
+//!   [`AutoResponder`] (concurrency tests); [`MockAgent::io_writer_task`]
+//!   hands io's write side to an [`IoWriter`] whose sends never block the
+//!   test (back-pressure tests).
+//! - [`MockClient`] is a runtime or a shim: `register_vm`, `attach_vm`,
+//!   `hyper`, `connect_shim`, `stdin`, `signal`, `expect_stdout`,
+//!   `expect_exit`, `expect_closed`, and `send_raw` for split or malformed
+//!   frames. Frames that come while a helper waits for another are kept.
+//! - [`ProxyProcess`] runs `cc-proxy -socket-path <tmp>/proxy.sock --log
+//!   debug --ksm initial …` (or pod mode), waits until it accepts, keeps its
+//!   log, kills it on drop; `terminate` sends SIGTERM.
+//! - [`scenario`] has the common steps ([`scenario::Vm`],
+//!   `start_container`) and [`assert_serves_fresh_vm`], the end-to-end
+//!   check to run after every fault.
+//!
 //! ```no_run
 //! use proxy_test_support::{MockAgent, ProxyProcess};
 //! use proxy_test_support::hyper::Code;
