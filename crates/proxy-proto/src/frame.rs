@@ -183,6 +183,9 @@ pub enum Notification {
 }
 
 impl Notification {
+    /// All notifications, in opcode order.
+    pub const ALL: [Notification; 1] = [Self::ProcessExited];
+
     /// The notification for a raw opcode, if it is one.
     pub const fn from_u8(v: u8) -> Option<Self> {
         match v {
