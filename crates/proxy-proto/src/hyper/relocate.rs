@@ -67,6 +67,12 @@ pub enum RelocateError {
     /// `newcontainer` without a string `id`.
     #[error("newcontainer data has no string `id`")]
     MissingContainerId,
+    /// `io_base + 1` (the session's stderr seq) does not fit in a u64.
+    #[error("io_base {io_base} leaves no room for the session's stderr seq")]
+    IoBaseOverflow {
+        /// The base asked for.
+        io_base: u64,
+    },
 }
 
 /// Relocate the process in `data` (the JSON of a `newcontainer` or
@@ -84,6 +90,10 @@ pub fn relocate(code: Code, data: &[u8], io_base: u64) -> Result<Relocated, Relo
     if !code.starts_process() {
         return Err(RelocateError::NotAProcessCommand { code });
     }
+    // A session owns io_base and io_base + 1, terminal or not.
+    let stderr_seq = io_base
+        .checked_add(1)
+        .ok_or(RelocateError::IoBaseOverflow { io_base })?;
     let mut root: Value = serde_json::from_slice(data)
         .map_err(|source| RelocateError::InvalidJson { code, source })?;
     let obj = root
@@ -110,7 +120,7 @@ pub fn relocate(code: Code, data: &[u8], io_base: u64) -> Result<Relocated, Relo
     };
     process.insert("stdio".into(), Value::from(io_base));
     if !terminal {
-        process.insert("stderr".into(), Value::from(io_base + 1));
+        process.insert("stderr".into(), Value::from(stderr_seq));
     }
     // Serializing a Value we just parsed cannot fail (keys are strings).
     let data = serde_json::to_vec(&root).unwrap_or_default();
@@ -215,6 +225,19 @@ mod tests {
             relocate(Code::ExecCmd, br#"{"process":{"terminal":"yes"}}"#, 3).unwrap_err(),
             RelocateError::InvalidTerminal { .. }
         ));
+    }
+
+    #[test]
+    fn regression_io_base_max_does_not_overflow() {
+        // io_base + 1 (the stderr seq) overflowed and panicked in debug builds.
+        let data = br#"{"container":"c","process":{"args":["sh"]}}"#;
+        assert!(matches!(
+            relocate(Code::ExecCmd, data, u64::MAX).unwrap_err(),
+            RelocateError::IoBaseOverflow { io_base: u64::MAX }
+        ));
+        let r = relocate(Code::ExecCmd, data, u64::MAX - 1).unwrap();
+        let v: Value = serde_json::from_slice(&r.data).unwrap();
+        assert_eq!(v["process"]["stderr"], u64::MAX);
     }
 
     #[test]
