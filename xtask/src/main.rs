@@ -3,12 +3,16 @@
 //! - `ci`    — what `.ci/run` and the GitHub workflow run: fmt check, clippy
 //!   with `-D warnings`, every test and doc test, the `no_std` build of
 //!   `proxy-proto`.
+//! - `fuzz`  — each cargo-fuzz target in `fuzz/` for a bounded time
+//!   (`--seconds N`, default 30); installs cargo-fuzz if it is missing.
 //!
 //! Every command that is run is echoed first, so a CI log reads as a script.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
+mod e2e;
+mod fuzz;
 mod util;
 
 fn main() -> ExitCode {
@@ -22,6 +26,8 @@ fn main() -> ExitCode {
     };
     let result = match verb {
         "ci" => ci(rest),
+        "e2e" => e2e::run(rest),
+        "fuzz" => fuzz::run(rest),
         "-h" | "--help" | "help" => {
             println!("{}", USAGE);
             Ok(())
@@ -40,7 +46,12 @@ fn main() -> ExitCode {
 const USAGE: &str = "usage: cargo xtask <verb>
 
 verbs:
-  ci                 fmt check, clippy -D warnings, all tests, no_std build";
+  ci                 fmt check, clippy -D warnings, all tests, no_std build
+  fuzz [--seconds N] [TARGET...]
+                     run each fuzz target (or those named) for N s, default 30
+  e2e [--only virtio-serial|hybrid-vsock]
+                     boot real guests (QEMU, TCG) with proxy-agent as /init and
+                     drive them; provisions what it needs under target/e2e/";
 
 /// The repository root, found from this crate's manifest directory.
 pub fn root() -> PathBuf {
