@@ -2,8 +2,10 @@
 //! as `/init` and drive them, once over virtio-serial and once over hybrid
 //! vsock. Provisions what it needs under `target/e2e/` and says so.
 //!
-//! The raw scenario speaks hyperstart ctl/io to the agent directly; it
-//! checks the guest side (agent, kernel, transports) on its own.
+//! The default scenario runs the real release `cc-proxy` and drives it as a
+//! runtime and as shims would, through the proxy protocol; `--raw` instead
+//! speaks hyperstart ctl/io to the agent directly, which checks the guest
+//! side (agent, kernel, transports) on its own.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -11,6 +13,7 @@ use std::time::{Duration, Instant};
 mod cpio;
 mod hyper;
 mod provision;
+mod proxy;
 mod vm;
 
 use hyper::{code, process, Hyper};
@@ -19,9 +22,11 @@ use vm::{Flavour, Vm};
 /// Entry point of the verb.
 pub fn run(args: &[String]) -> Result<(), String> {
     let mut flavours = vec![Flavour::VirtioSerial, Flavour::HybridVsock];
+    let mut raw = false;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
+            "--raw" => raw = true,
             "--only" => match it.next().map(String::as_str) {
                 Some("virtio-serial") => flavours = vec![Flavour::VirtioSerial],
                 Some("hybrid-vsock") => flavours = vec![Flavour::HybridVsock],
@@ -33,10 +38,19 @@ pub fn run(args: &[String]) -> Result<(), String> {
     let dir = crate::root().join("target/e2e");
     let t0 = Instant::now();
     let assets = provision::assets(&dir)?;
+    let cc_proxy = if raw {
+        None
+    } else {
+        Some(provision::build_proxy()?)
+    };
     eprintln!("e2e: provisioned in {:.1?}", t0.elapsed());
     for f in flavours {
         let mut steps = Steps::new(f.name());
-        let result = raw_scenario(&assets, f, &dir.join("logs"), &mut steps);
+        let logs = dir.join("logs");
+        let result = match &cc_proxy {
+            Some(bin) => proxy_scenario(&assets, bin, f, &logs, &mut steps),
+            None => raw_scenario(&assets, f, &logs, &mut steps),
+        };
         steps.summary();
         result?;
     }
@@ -225,5 +239,278 @@ fn drive_raw(vm: &mut Vm, steps: &mut Steps) -> Result<(), String> {
     steps.step("QEMU exits", || {
         let s = vm.wait_exit(Duration::from_secs(60))?;
         expect("QEMU exit status", s.success(), || s.to_string())
+    })
+}
+
+/// Boot one guest, register it with a real `cc-proxy` and drive it as a
+/// runtime and its shims would.
+fn proxy_scenario(
+    assets: &provision::Assets,
+    cc_proxy: &Path,
+    flavour: Flavour,
+    log_dir: &Path,
+    steps: &mut Steps,
+) -> Result<(), String> {
+    let run_dir = std::env::temp_dir().join(format!(
+        "cc-e2e-{}-{}-proxy",
+        std::process::id(),
+        flavour.name()
+    ));
+    let _ = std::fs::remove_dir_all(&run_dir);
+    std::fs::create_dir_all(&run_dir).map_err(|e| e.to_string())?;
+    std::fs::create_dir_all(log_dir).map_err(|e| e.to_string())?;
+    let proxy_log = log_dir.join(format!("{}-cc-proxy.log", flavour.name()));
+    let r = (|| {
+        let mut proxy = steps.step("start cc-proxy", || {
+            proxy::Proxy::start(cc_proxy, &run_dir, &proxy_log)
+        })?;
+        let mut vm = steps.step("boot QEMU", || Vm::boot(assets, flavour, log_dir))?;
+        let r = drive_proxy(&mut proxy, &mut vm, flavour, steps);
+        if r.is_err() {
+            eprintln!(
+                "---- guest console ({}), last lines ----\n{}\n----",
+                vm.console.display(),
+                vm.console_tail(40)
+            );
+        }
+        r
+    })();
+    if r.is_err() {
+        eprintln!(
+            "---- cc-proxy log ({}), last lines ----\n{}\n----",
+            proxy_log.display(),
+            vm::tail(&proxy_log, 40)
+        );
+    }
+    let _ = std::fs::remove_dir_all(&run_dir);
+    r
+}
+
+/// Connect a shim for `token`, then start the process with the token.
+fn start_with_shim(
+    rt: &mut proxy::Conn,
+    socket: &Path,
+    token: &str,
+    hyper_name: &str,
+    data: &str,
+) -> Result<proxy::Conn, String> {
+    let mut shim = proxy::Conn::connect(socket)?;
+    shim.connect_shim(token)?;
+    rt.hyper(hyper_name, Some(token), data)?;
+    Ok(shim)
+}
+
+/// Bytes that are not all alike, from a seed.
+fn pattern(len: usize, seed: u32) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(2_654_435_761) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as u8
+        })
+        .collect()
+}
+
+fn sha256_hex(data: &[u8]) -> Result<String, String> {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let mut c = Command::new("sha256sum")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("sha256sum: {e}"))?;
+    let mut stdin = c.stdin.take().ok_or("sha256sum stdin")?;
+    let data = data.to_vec();
+    let w = std::thread::spawn(move || stdin.write_all(&data));
+    let out = c.wait_with_output().map_err(|e| e.to_string())?;
+    w.join()
+        .map_err(|_| "sha256sum writer panicked".to_string())?
+        .map_err(|e| e.to_string())?;
+    let s = String::from_utf8_lossy(&out.stdout);
+    Ok(s.split_whitespace().next().unwrap_or_default().to_string())
+}
+
+/// Send `data` then EOF on `shim` from a thread while collecting its output.
+fn pipe_through(
+    shim: &mut proxy::Conn,
+    data: Vec<u8>,
+    timeout: Duration,
+) -> Result<hyper::Output, String> {
+    let mut w = shim.stdin_writer()?;
+    let writer = std::thread::spawn(move || {
+        w.send(&data)?;
+        w.send(&[])
+    });
+    let out = shim.collect(timeout);
+    writer
+        .join()
+        .map_err(|_| "stdin writer panicked".to_string())??;
+    out
+}
+
+fn drive_proxy(
+    proxy: &mut proxy::Proxy,
+    vm: &mut Vm,
+    flavour: Flavour,
+    steps: &mut Steps,
+) -> Result<(), String> {
+    let t = Duration::from_secs(60);
+    let socket = proxy.socket.clone();
+    let id = format!("e2e-{}", flavour.name());
+    let (ctl, io) = vm.agent_addrs();
+    let mut rt = proxy::Conn::connect(&socket)?;
+    let tokens = steps.step("RegisterVM (waits for the agent's READY)", || {
+        rt.register_vm(&id, &ctl, &io, 8)
+    })?;
+    let token = |i: usize| -> Result<String, String> {
+        tokens
+            .get(i)
+            .cloned()
+            .ok_or_else(|| format!("RegisterVM gave {} tokens, not 8", tokens.len()))
+    };
+    steps.step("Hyper startpod", || {
+        rt.hyper(
+            "startpod",
+            None,
+            r#"{"hostname":"e2e","shareDir":"rootfs"}"#,
+        )
+        .map(drop)
+    })?;
+
+    steps.step("container: stdin→stdout, stderr, exit 3", || {
+        let data = format!(
+            r#"{{"id":"c1","rootfs":"rootfs","image":"busybox","process":{}}}"#,
+            process(&["sh", "-c", "cat; echo err >&2; exit 3"], 0, 0, false)
+        );
+        let mut shim = start_with_shim(&mut rt, &socket, &token(0)?, "newcontainer", &data)?;
+        let out = pipe_through(&mut shim, b"hello through cc-proxy\n".to_vec(), t)?;
+        expect("stdout", out.stdout == b"hello through cc-proxy\n", || {
+            format!("{:?}", String::from_utf8_lossy(&out.stdout))
+        })?;
+        expect("stderr", out.stderr == b"err\n", || {
+            format!("{:?}", String::from_utf8_lossy(&out.stderr))
+        })?;
+        expect("exit code", out.code == 3, || out.code.to_string())
+    })?;
+
+    steps.step("execcmd in the same VM", || {
+        let data = format!(
+            r#"{{"container":"c1","process":{}}}"#,
+            process(&["sh", "-c", "echo exec-ok; uname -s"], 0, 0, false)
+        );
+        let mut shim = start_with_shim(&mut rt, &socket, &token(1)?, "execcmd", &data)?;
+        let out = shim.collect(t)?;
+        expect("stdout", out.stdout == b"exec-ok\nLinux\n", || {
+            format!("{:?}", String::from_utf8_lossy(&out.stdout))
+        })?;
+        expect("exit code", out.code == 0, || out.code.to_string())
+    })?;
+
+    steps.step("SIGTERM to a sleeping process → 143", || {
+        let data = format!(
+            r#"{{"id":"c2","process":{}}}"#,
+            process(&["sleep", "100"], 0, 0, false)
+        );
+        let mut shim = start_with_shim(&mut rt, &socket, &token(2)?, "newcontainer", &data)?;
+        shim.signal(15, None)?;
+        let out = shim.collect(t)?;
+        expect("exit code", out.code == 143, || out.code.to_string())
+    })?;
+
+    steps.step("terminal + SIGWINCH → stty size", || {
+        let data = format!(
+            r#"{{"id":"c3","process":{}}}"#,
+            process(&["sh", "-c", "read x; stty size"], 0, 0, true)
+        );
+        let mut shim = start_with_shim(&mut rt, &socket, &token(3)?, "newcontainer", &data)?;
+        shim.signal(28, Some((101, 33)))?;
+        shim.stdin_writer()?.send(b"go\n")?;
+        let out = shim.collect(t)?;
+        let s = String::from_utf8_lossy(&out.stdout);
+        expect("stty size", s.contains("33 101"), || format!("{s:?}"))?;
+        expect("exit code", out.code == 0, || out.code.to_string())
+    })?;
+
+    steps.step("10 MiB through stdin and back, sha256 checked", || {
+        let data = format!(
+            r#"{{"id":"c4","process":{}}}"#,
+            process(
+                &[
+                    "sh",
+                    "-c",
+                    "tee /tmp/blob; sha256sum /tmp/blob >&2; rm /tmp/blob"
+                ],
+                0,
+                0,
+                false
+            )
+        );
+        let mut shim = start_with_shim(&mut rt, &socket, &token(4)?, "newcontainer", &data)?;
+        let blob = pattern(10 * 1024 * 1024, 7);
+        let want = sha256_hex(&blob)?;
+        let out = pipe_through(&mut shim, blob, Duration::from_secs(300))?;
+        let back = sha256_hex(&out.stdout)?;
+        expect("stdout sha256", back == want, || {
+            format!("{back} ({} bytes) != {want}", out.stdout.len())
+        })?;
+        let guest = String::from_utf8_lossy(&out.stderr);
+        expect("guest sha256", guest.starts_with(&want), || {
+            guest.to_string()
+        })?;
+        expect("exit code", out.code == 0, || out.code.to_string())
+    })?;
+
+    steps.step("two containers at once", || {
+        let mut shims = Vec::new();
+        for (i, name) in [(5, "c5"), (6, "c6")] {
+            let data = format!(
+                r#"{{"id":"{name}","process":{}}}"#,
+                process(
+                    &["sh", "-c", &format!("cat; echo {name}-done >&2")],
+                    0,
+                    0,
+                    false
+                )
+            );
+            let shim = start_with_shim(&mut rt, &socket, &token(i)?, "newcontainer", &data)?;
+            shims.push((name, shim, pattern(1024 * 1024, i as u32)));
+        }
+        let handles: Vec<_> = shims
+            .into_iter()
+            .map(|(name, mut shim, data)| {
+                std::thread::spawn(move || -> Result<(), String> {
+                    let out = pipe_through(&mut shim, data.clone(), t)?;
+                    expect(name, out.stdout == data, || {
+                        format!("{} bytes back of {}", out.stdout.len(), data.len())
+                    })?;
+                    expect(
+                        name,
+                        out.stderr == format!("{name}-done\n").as_bytes(),
+                        || String::from_utf8_lossy(&out.stderr).into_owned(),
+                    )?;
+                    expect(name, out.code == 0, || out.code.to_string())
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().map_err(|_| "a container thread panicked")??;
+        }
+        Ok(())
+    })?;
+
+    steps.step("Hyper destroypod", || {
+        rt.hyper("destroypod", None, "{}").map(drop)
+    })?;
+    steps.step("UnregisterVM", || rt.unregister_vm(&id))?;
+    steps.step("QEMU exits", || {
+        let s = vm.wait_exit(Duration::from_secs(60))?;
+        expect("QEMU exit status", s.success(), || s.to_string())
+    })?;
+    steps.step("cc-proxy exits cleanly on SIGTERM", || {
+        drop(rt);
+        let s = proxy.shutdown(Duration::from_secs(20))?;
+        expect("cc-proxy exit status", s.success(), || s.to_string())
     })
 }

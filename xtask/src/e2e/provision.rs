@@ -290,6 +290,22 @@ fn build_agent(dir: &Path) -> Result<PathBuf, String> {
     Ok(target_dir.join("x86_64-unknown-linux-gnu/release/proxy-agent"))
 }
 
+/// The real daemon, built like a release (shared target dir).
+pub fn build_proxy() -> Result<PathBuf, String> {
+    util::run(Command::new(util::cargo()).args([
+        "build",
+        "--release",
+        "-p",
+        "proxy-server",
+        "--bin",
+        "cc-proxy",
+    ]))?;
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| crate::root().join("target"));
+    Ok(target.join("release/cc-proxy"))
+}
+
 fn write_initrd(
     path: &Path,
     agent: &Path,

@@ -161,6 +161,23 @@ impl Vm {
         })
     }
 
+    /// The ctl and io addresses as the proxy's RegisterVM takes them.
+    pub fn agent_addrs(&self) -> (String, String) {
+        match self.flavour {
+            Flavour::VirtioSerial => (
+                self.sock_dir.join("ctl.sock").display().to_string(),
+                self.sock_dir.join("io.sock").display().to_string(),
+            ),
+            Flavour::HybridVsock => {
+                let uds = self.sock_dir.join("vsock.sock");
+                (
+                    format!("hvsock://{}:{CTL_PORT}", uds.display()),
+                    format!("hvsock://{}:{IO_PORT}", uds.display()),
+                )
+            }
+        }
+    }
+
     /// Connect to the agent's ctl and io channels, retrying until `deadline`.
     pub fn connect(&mut self, deadline: Instant) -> Result<(UnixStream, UnixStream), String> {
         let qemu = &mut self.qemu;
