@@ -11,6 +11,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
+mod bench;
 mod e2e;
 mod fuzz;
 mod util;
@@ -25,6 +26,7 @@ fn main() -> ExitCode {
         }
     };
     let result = match verb {
+        "bench" => bench::run(rest),
         "ci" => ci(rest),
         "e2e" => e2e::run(rest),
         "fuzz" => fuzz::run(rest),
@@ -46,6 +48,8 @@ fn main() -> ExitCode {
 const USAGE: &str = "usage: cargo xtask <verb>
 
 verbs:
+  bench [--quick] [--repeat N] [--report]
+                     the release cc-proxy vs direct sockets; target/bench/report.json
   ci                 fmt check, clippy -D warnings, all tests, no_std build
   fuzz [--seconds N] [TARGET...]
                      run each fuzz target (or those named) for N s, default 30

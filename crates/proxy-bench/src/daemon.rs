@@ -1,0 +1,229 @@
+//! The real `cc-proxy` as a child process, its RSS and CPU time from
+//! `/proc`, and a short temporary directory for the sockets.
+
+use std::fs::{self, File};
+use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+/// A directory under `/tmp` (short, for 107-byte socket paths), removed on
+/// drop.
+#[derive(Debug)]
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    /// `/tmp/proxy-bench-<pid>-<n>`.
+    pub fn new() -> Result<Self, String> {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let p = std::env::temp_dir().join(format!(
+            "proxy-bench-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = fs::remove_dir_all(&p);
+        fs::create_dir_all(&p).map_err(|e| format!("{}: {e}", p.display()))?;
+        Ok(Self(p))
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A running daemon; killed on drop unless shut down.
+#[derive(Debug)]
+pub struct Daemon {
+    child: Option<Child>,
+    pid: u32,
+    /// Its listening socket.
+    pub socket: PathBuf,
+    log: PathBuf,
+}
+
+impl Daemon {
+    /// `bin -socket-path <dir>/proxy.sock -log warn -ksm off <extra…>`,
+    /// logging to `<dir>/cc-proxy.log`; waits until the socket accepts.
+    pub fn start(bin: &Path, dir: &Path, extra: &[String]) -> Result<Self, String> {
+        let socket = dir.join("proxy.sock");
+        let log = dir.join("cc-proxy.log");
+        let out = File::create(&log).map_err(|e| format!("{}: {e}", log.display()))?;
+        let err = out.try_clone().map_err(|e| format!("log: {e}"))?;
+        let mut args: Vec<String> = vec![
+            "-socket-path".into(),
+            socket.to_string_lossy().into_owned(),
+            "-log".into(),
+            "warn".into(),
+            "-ksm".into(),
+            "off".into(),
+        ];
+        args.extend(extra.iter().cloned());
+        let child = Command::new(bin)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", bin.display()))?;
+        let mut d = Self {
+            pid: child.id(),
+            child: Some(child),
+            socket,
+            log,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while UnixStream::connect(&d.socket).is_err() {
+            d.check_alive()?;
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "cc-proxy did not listen within 20 s{}",
+                    d.log_tail()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(d)
+    }
+
+    /// An error if the daemon has exited.
+    pub fn check_alive(&mut self) -> Result<(), String> {
+        if let Some(c) = &mut self.child {
+            if let Ok(Some(s)) = c.try_wait() {
+                self.child = None;
+                return Err(format!("cc-proxy exited: {s}{}", self.log_tail()));
+            }
+        }
+        Ok(())
+    }
+
+    /// The end of its log, for error messages (empty if there is none).
+    pub fn log_tail(&self) -> String {
+        let Ok(mut f) = File::open(&self.log) else {
+            return String::new();
+        };
+        let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+        let _ = f.seek(SeekFrom::Start(len.saturating_sub(4096)));
+        let mut s = String::new();
+        let _ = f.read_to_string(&mut s);
+        if s.trim().is_empty() {
+            String::new()
+        } else {
+            format!("\n--- cc-proxy log (tail) ---\n{}", s.trim_end())
+        }
+    }
+
+    /// Resident set size, in KiB (VmRSS of /proc/<pid>/status).
+    pub fn rss_kib(&self) -> Result<u64, String> {
+        rss_kib(self.pid)
+    }
+
+    /// CPU time used so far, user + system, in seconds.
+    pub fn cpu_seconds(&self) -> Result<f64, String> {
+        cpu_seconds(self.pid)
+    }
+
+    /// SIGTERM and wait for the exit.
+    pub fn shutdown(&mut self) -> Result<ExitStatus, String> {
+        let Some(mut c) = self.child.take() else {
+            return Err("cc-proxy is not running".into());
+        };
+        let pid = libc::pid_t::try_from(self.pid).map_err(|_| "pid out of range".to_string())?;
+        // SAFETY: kill(2) with a pid we spawned and have not yet reaped (so
+        // it cannot have been reused) and a valid signal number.
+        let r = unsafe { libc::kill(pid, libc::SIGTERM) };
+        if r != 0 {
+            let _ = c.kill();
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(s) = c.try_wait().map_err(|e| format!("wait: {e}"))? {
+                return Ok(s);
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                let _ = c.wait();
+                return Err("cc-proxy still running 10 s after SIGTERM".into());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(c) = &mut self.child {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// VmRSS of a process, in KiB.
+pub fn rss_kib(pid: u32) -> Result<u64, String> {
+    let path = format!("/proc/{pid}/status");
+    let s = fs::read_to_string(&path).map_err(|e| format!("{path}: {e}"))?;
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .ok_or_else(|| format!("no VmRSS in {path}"))
+}
+
+/// utime + stime of a process (all its threads), in seconds.
+pub fn cpu_seconds(pid: u32) -> Result<f64, String> {
+    let path = format!("/proc/{pid}/stat");
+    let s = fs::read_to_string(&path).map_err(|e| format!("{path}: {e}"))?;
+    // The command name is in parentheses and may hold spaces: fields are
+    // counted after the last ')'. There, field 3 (state) is index 0, so
+    // utime (14) and stime (15) are indices 11 and 12.
+    let rest = s
+        .rfind(')')
+        .map(|i| &s[i + 1..])
+        .ok_or_else(|| format!("{path}: unexpected format"))?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let field = |i: usize| -> Result<u64, String> {
+        f.get(i)
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| format!("{path}: no field {}", i + 3))
+    };
+    let ticks = field(11)? + field(12)?;
+    Ok(ticks as f64 / clock_ticks())
+}
+
+fn clock_ticks() -> f64 {
+    // SAFETY: sysconf only reads a configuration value.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 {
+        t as f64
+    } else {
+        100.0
+    }
+}
+
+/// Raise the open-file limit (1000 shims need more than a default 1024
+/// on both sides); the daemon inherits it.
+pub fn raise_nofile() {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we pass.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } != 0 {
+        return;
+    }
+    let want = r.rlim_max.min(16384);
+    if r.rlim_cur < want {
+        r.rlim_cur = want;
+        // SAFETY: setrlimit reads the struct we pass; a soft limit at most
+        // the hard one is always allowed.
+        unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &r) };
+    }
+}

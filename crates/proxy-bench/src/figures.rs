@@ -1,0 +1,725 @@
+//! One run of every figure: a fresh daemon, each measurement through it and
+//! its baseline over a direct unix socket pair, back to back.
+
+use std::collections::BTreeMap;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use proxy_proto::payload::Hyper;
+use proxy_proto::{Command, Frame, FrameKind, Header, Stream};
+use tokio::io::AsyncReadExt;
+
+use crate::agent::Agent;
+use crate::conn::{connect_shim_payload, json, Conn, IO_TIMEOUT};
+use crate::daemon::{Daemon, TempDir};
+use crate::hash::Digest;
+use crate::wire::{
+    drain, io_exit, proxy_frame, stream_header, write_all, Cycle, Framing, IoEnd, IoSink, Pattern,
+    ProxyEnd, ProxySink, RecvBuf, Sink, BIG_BUF,
+};
+
+/// The io message sizes of the stdout figures (data bytes; 10228 is the
+/// most one message carries).
+pub const STDOUT_SIZES: [usize; 4] = [512, 1024, 4096, 10228];
+
+/// stdin chunk size.
+pub const STDIN_SIZE: usize = 4096;
+
+/// Sessions of the fan-out figure.
+pub const FANOUT_SESSIONS: usize = 64;
+
+/// Size of a pre-built cycle of messages.
+const CYCLE_BYTES: usize = 2 << 20;
+
+/// Named values of one run (`<figure>.proxy`, `<figure>.direct`, …).
+pub type Metrics = BTreeMap<String, f64>;
+
+/// How much each figure moves.
+#[derive(Debug, Clone)]
+pub struct Volumes {
+    /// Bytes per throughput figure.
+    pub stream: u64,
+    /// Timed Hyper round trips.
+    pub hyper_calls: usize,
+    /// Untimed round trips first.
+    pub hyper_warmup: usize,
+    /// Bytes per fan-out session.
+    pub fanout_per_session: u64,
+    /// Shims of the connect storm.
+    pub storm: usize,
+}
+
+impl Volumes {
+    /// `--quick`: a few seconds, still checked byte for byte.
+    pub fn quick() -> Self {
+        Self {
+            stream: 16 << 20,
+            hyper_calls: 500,
+            hyper_warmup: 50,
+            fanout_per_session: 256 << 10,
+            storm: 1000,
+        }
+    }
+
+    /// The default.
+    pub fn full() -> Self {
+        Self {
+            stream: 256 << 20,
+            hyper_calls: 20_000,
+            hyper_warmup: 1000,
+            fanout_per_session: 4 << 20,
+            storm: 1000,
+        }
+    }
+}
+
+/// Everything one run needs.
+#[derive(Debug)]
+pub struct Bench<'a> {
+    /// The daemon binary.
+    pub bin: &'a Path,
+    /// Extra daemon arguments.
+    pub extra: &'a [String],
+    /// Data source.
+    pub pattern: &'a Pattern,
+    /// Volumes.
+    pub vol: &'a Volumes,
+}
+
+struct Run<'a> {
+    b: &'a Bench<'a>,
+    tmp: TempDir,
+    d: Daemon,
+    m: Metrics,
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / f64::from(1u32 << 20)
+}
+
+fn settle() {
+    std::thread::sleep(Duration::from_millis(300));
+}
+
+fn check(what: &str, got: Digest, want: Digest) -> Result<(), String> {
+    if got == want {
+        Ok(())
+    } else {
+        Err(format!(
+            "WRONG BYTES in {what}: sent {want}, received {got}"
+        ))
+    }
+}
+
+fn check_exit(what: &str, got: Option<u8>, want: u8) -> Result<(), String> {
+    if got == Some(want) {
+        Ok(())
+    } else {
+        Err(format!("{what}: exit code {got:?}, expected {want}"))
+    }
+}
+
+fn pair() -> Result<(UnixStream, UnixStream), String> {
+    let (a, b) = UnixStream::pair().map_err(|e| format!("socketpair: {e}"))?;
+    for s in [&a, &b] {
+        s.set_read_timeout(Some(IO_TIMEOUT))
+            .and_then(|()| s.set_write_timeout(Some(IO_TIMEOUT)))
+            .map_err(|e| format!("socket timeouts: {e}"))?;
+    }
+    Ok((a, b))
+}
+
+/// Run `write` on a thread and `read` here; if the reader fails, shut
+/// `wsock` down so that a blocked writer returns.
+fn pump<W, R, T>(wsock: &UnixStream, write: W, read: R) -> Result<T, String>
+where
+    W: FnOnce() -> Result<(), String> + Send,
+    R: FnOnce() -> Result<T, String>,
+{
+    std::thread::scope(|sc| {
+        let w = sc.spawn(write);
+        let r = read();
+        if r.is_err() {
+            let _ = wsock.shutdown(std::net::Shutdown::Both);
+        }
+        let w = w
+            .join()
+            .unwrap_or_else(|_| Err("the writer thread panicked".into()));
+        let r = r?;
+        w.map(|()| r)
+    })
+}
+
+fn elapsed(t0: Instant, done: Option<Instant>) -> Result<f64, String> {
+    let done = done.ok_or("the reader finished without its data")?;
+    Ok(done.duration_since(t0).as_secs_f64().max(1e-9))
+}
+
+/// `newcontainer` data with stdio left for the daemon to relocate.
+fn newcontainer_data(id: &str) -> String {
+    serde_json::json!({
+        "id": id,
+        "rootfs": "rootfs",
+        "image": "busybox",
+        "process": {
+            "terminal": false,
+            "stdio": 0,
+            "stderr": 0,
+            "args": ["cat"],
+            "envs": [{"env": "PATH", "value": "/bin"}],
+            "workdir": "/"
+        }
+    })
+    .to_string()
+}
+
+/// Run one of everything against a fresh daemon.
+pub fn run_once(b: &Bench<'_>) -> Result<Metrics, String> {
+    let tmp = TempDir::new()?;
+    let d = Daemon::start(b.bin, tmp.path(), b.extra)?;
+    let mut r = Run {
+        b,
+        tmp,
+        d,
+        m: Metrics::new(),
+    };
+    let res = r.all();
+    match res {
+        Ok(()) => {
+            let s = r.d.shutdown()?;
+            if !s.success() {
+                return Err(format!(
+                    "cc-proxy exited with {s} after SIGTERM{}",
+                    r.d.log_tail()
+                ));
+            }
+            Ok(r.m)
+        }
+        Err(e) => {
+            let alive = r.d.check_alive().err().unwrap_or_default();
+            Err(format!("{e}{}{}", alive, r.d.log_tail()))
+        }
+    }
+}
+
+impl Run<'_> {
+    fn set(&mut self, k: &str, v: f64) {
+        self.m.insert(k.to_string(), v);
+    }
+
+    fn rss_mib(&self) -> Result<f64, String> {
+        Ok(self.d.rss_kib()? as f64 / 1024.0)
+    }
+
+    fn all(&mut self) -> Result<(), String> {
+        settle();
+        let idle = self.rss_mib()?;
+        self.set("rss_idle_mib", idle);
+
+        let mut agent = Agent::start(&self.tmp.path().join("vm-io"))?;
+        let mut rt = Conn::connect(&self.d.socket, 64 << 10)?;
+        let tokens = rt.register_vm(
+            "bench-io",
+            &agent.ctl_path,
+            &agent.io_path,
+            STDOUT_SIZES.len() as u32 + 1,
+        )?;
+        agent.io()?;
+        settle();
+        let one = self.rss_mib()?;
+        self.set("rss_one_vm_mib", one);
+        eprintln!("  RSS: idle {idle:.2} MiB, one VM {one:.2} MiB");
+
+        self.storm()?;
+
+        for (i, &size) in STDOUT_SIZES.iter().enumerate() {
+            let p = self.stdout_proxy(&mut rt, &mut agent, &tokens[i], size)?;
+            let d = self.stdout_direct(size)?;
+            self.set(&format!("stdout_{size}.proxy"), p);
+            self.set(&format!("stdout_{size}.direct"), d);
+            eprintln!(
+                "  stdout {size:>5}-byte messages: proxy {p:8.1} MiB/s, direct {d:8.1} MiB/s ({:.2}x)",
+                p / d
+            );
+        }
+
+        let p = self.stdin_proxy(&mut rt, &mut agent, &tokens[STDOUT_SIZES.len()])?;
+        let d = self.stdin_direct()?;
+        self.set("stdin_4096.proxy", p);
+        self.set("stdin_4096.direct", d);
+        eprintln!(
+            "  stdin 4 KiB frames:            proxy {p:8.1} MiB/s, direct {d:8.1} MiB/s ({:.2}x)",
+            p / d
+        );
+
+        self.hyper(&mut rt, &agent)?;
+        self.fanout()?;
+
+        rt.unregister_vm("bench-io")?;
+        drop(agent);
+        let cpu = self.d.cpu_seconds()?;
+        self.set("cpu_run_s", cpu);
+        eprintln!("  daemon CPU for the run: {cpu:.2} s");
+        Ok(())
+    }
+
+    fn shim(&self, token: &str, buf: usize) -> Result<Conn, String> {
+        let mut c = Conn::connect(&self.d.socket, buf)?;
+        c.connect_shim(token)?;
+        Ok(c)
+    }
+
+    /// `newcontainer` with `token`; the seq the daemon gave its stdio.
+    fn start_process(rt: &mut Conn, agent: &Agent, token: &str, id: &str) -> Result<u64, String> {
+        rt.hyper("newcontainer", Some(token), &newcontainer_data(id))?;
+        let s = agent.next_started()?;
+        if s.id != id || s.stdio < 3 || s.stderr != s.stdio + 1 {
+            return Err(format!(
+                "newcontainer {id} reached the agent relocated as {s:?}"
+            ));
+        }
+        Ok(s.stdio)
+    }
+
+    fn cpu_since(&mut self, key: &str, cpu0: f64) -> Result<f64, String> {
+        let c = self.d.cpu_seconds()? - cpu0;
+        self.set(&format!("cpu.{key}"), c);
+        Ok(c)
+    }
+
+    // ----- stdout -----
+
+    fn stdout_proxy(
+        &mut self,
+        rt: &mut Conn,
+        agent: &mut Agent,
+        token: &str,
+        size: usize,
+    ) -> Result<f64, String> {
+        let what = format!("stdout through the proxy, {size}-byte messages");
+        let mut shim = self.shim(token, BIG_BUF)?;
+        let seq = Self::start_process(rt, agent, token, &format!("stdout-{size}"))?;
+        let cycle = Cycle::new(self.b.pattern, Framing::Io, &[seq], size, CYCLE_BYTES);
+        let n = self.b.vol.stream / size as u64;
+        let want = cycle.expected(self.b.pattern, 1, n)[0];
+        let code = (size % 200) as u8 + 1;
+        let tail = io_exit(seq, code);
+        let io = agent.io()?;
+        let mut sink = ProxySink::new(Stream::Stdout, want.len, ProxyEnd::Exit);
+        let cpu0 = self.d.cpu_seconds()?;
+        let t0 = Instant::now();
+        let Conn { s, rb } = &mut shim;
+        pump(
+            io,
+            || cycle.write(&mut &*io, n, &tail),
+            || drain(&mut &*s, rb, &mut sink),
+        )
+        .map_err(|e| format!("{what}: {e}"))?;
+        let secs = elapsed(t0, sink.done_at)?;
+        let cpu = self.cpu_since(&format!("stdout_{size}"), cpu0)?;
+        self.set(
+            &format!("cpu_per_gib.stdout_{size}"),
+            cpu / (want.len as f64 / f64::from(1u32 << 30)),
+        );
+        check(&what, sink.digest(), want)?;
+        check_exit(&what, sink.exit, code)?;
+        shim.disconnect_shim()?;
+        Ok(mib(want.len) / secs)
+    }
+
+    fn stdout_direct(&mut self, size: usize) -> Result<f64, String> {
+        let what = format!("stdout over a direct socket, {size}-byte messages");
+        let (a, b) = pair()?;
+        let seq = 3;
+        let cycle = Cycle::new(self.b.pattern, Framing::Io, &[seq], size, CYCLE_BYTES);
+        let n = self.b.vol.stream / size as u64;
+        let want = cycle.expected(self.b.pattern, 1, n)[0];
+        let tail = io_exit(seq, 7);
+        let mut rb = RecvBuf::new(BIG_BUF);
+        let mut sink = IoSink::new(seq, want.len, IoEnd::EofExit);
+        let t0 = Instant::now();
+        pump(
+            &a,
+            || cycle.write(&mut &a, n, &tail),
+            || drain(&mut &b, &mut rb, &mut sink),
+        )
+        .map_err(|e| format!("{what}: {e}"))?;
+        let secs = elapsed(t0, sink.done_at)?;
+        check(&what, sink.digest(), want)?;
+        check_exit(&what, sink.exit, 7)?;
+        Ok(mib(want.len) / secs)
+    }
+
+    // ----- stdin -----
+
+    fn stdin_proxy(
+        &mut self,
+        rt: &mut Conn,
+        agent: &mut Agent,
+        token: &str,
+    ) -> Result<f64, String> {
+        let what = "stdin through the proxy, 4 KiB frames";
+        let mut shim = self.shim(token, BIG_BUF)?;
+        let seq = Self::start_process(rt, agent, token, "stdin")?;
+        let cycle = Cycle::new(
+            self.b.pattern,
+            Framing::Stdin,
+            &[0],
+            STDIN_SIZE,
+            CYCLE_BYTES,
+        );
+        let n = self.b.vol.stream / STDIN_SIZE as u64;
+        let want = cycle.expected(self.b.pattern, 1, n)[0];
+        let tail = stream_header(Stream::Stdin, 0);
+        let mut sink = IoSink::new(seq, want.len, IoEnd::Eof);
+        let cpu0 = self.d.cpu_seconds()?;
+        let t0 = Instant::now();
+        {
+            let (io, rb) = agent.io_reader()?;
+            let s = &shim.s;
+            pump(
+                s,
+                || cycle.write(&mut &*s, n, &tail),
+                || drain(&mut &*io, rb, &mut sink),
+            )
+            .map_err(|e| format!("{what}: {e}"))?;
+        }
+        let secs = elapsed(t0, sink.done_at)?;
+        self.cpu_since("stdin_4096", cpu0)?;
+        check(what, sink.digest(), want)?;
+        // The process exits; its shim hears of it.
+        write_all(&mut agent.io()?, &io_exit(seq, 42))?;
+        let mut exit = ProxySink::new(Stream::Stdout, 0, ProxyEnd::Exit);
+        let Conn { s, rb } = &mut shim;
+        drain(&mut &*s, rb, &mut exit).map_err(|e| format!("{what}, exit: {e}"))?;
+        check_exit(what, exit.exit, 42)?;
+        shim.disconnect_shim()?;
+        Ok(mib(want.len) / secs)
+    }
+
+    fn stdin_direct(&mut self) -> Result<f64, String> {
+        let what = "stdin over a direct socket, 4 KiB frames";
+        let (a, b) = pair()?;
+        let cycle = Cycle::new(
+            self.b.pattern,
+            Framing::Stdin,
+            &[0],
+            STDIN_SIZE,
+            CYCLE_BYTES,
+        );
+        let n = self.b.vol.stream / STDIN_SIZE as u64;
+        let want = cycle.expected(self.b.pattern, 1, n)[0];
+        let tail = stream_header(Stream::Stdin, 0);
+        let mut rb = RecvBuf::new(BIG_BUF);
+        let mut sink = ProxySink::new(Stream::Stdin, want.len, ProxyEnd::EmptyFrame);
+        let t0 = Instant::now();
+        pump(
+            &a,
+            || cycle.write(&mut &a, n, &tail),
+            || drain(&mut &b, &mut rb, &mut sink),
+        )
+        .map_err(|e| format!("{what}: {e}"))?;
+        let secs = elapsed(t0, sink.done_at)?;
+        check(what, sink.digest(), want)?;
+        Ok(mib(want.len) / secs)
+    }
+
+    // ----- Hyper round trips -----
+
+    fn hyper(&mut self, rt: &mut Conn, agent: &Agent) -> Result<(), String> {
+        let payload =
+            json(&Hyper::new("ping", vec![], Some("{}")).map_err(|e| format!("Hyper: {e}"))?)?;
+        let req = Frame::command(Command::Hyper, payload.clone()).to_bytes();
+        let (warm, n) = (self.b.vol.hyper_warmup, self.b.vol.hyper_calls);
+        let pings0 = agent.pings();
+        let cpu0 = self.d.cpu_seconds()?;
+        let Conn { s, rb } = rt;
+        let proxy = round_trips(s, rb, &req, warm, n).map_err(|e| format!("Hyper ping: {e}"))?;
+        self.cpu_since("hyper", cpu0)?;
+        let answered = agent.pings() - pings0;
+        if answered != (warm + n) as u64 {
+            return Err(format!(
+                "Hyper ping: {} calls answered, but the agent saw {answered} pings with data {{}}",
+                warm + n
+            ));
+        }
+
+        // Direct: the same request frame to a peer that answers each with
+        // a response frame of the same size as the proxy's.
+        let (a, b) = pair()?;
+        let answer = Header::new(
+            FrameKind::Response {
+                command: Command::Hyper,
+                error: false,
+            },
+            0,
+        )
+        .to_bytes();
+        let mut rb = RecvBuf::new(64 << 10);
+        let peer_rb = &mut RecvBuf::new(64 << 10);
+        let direct = pump(
+            &b,
+            || {
+                for _ in 0..warm + n {
+                    let (kind, at, total) = loop {
+                        if let Some(f) = proxy_frame(peer_rb.data())? {
+                            break f;
+                        }
+                        if peer_rb.read_from(&mut &b)? == 0 {
+                            return Err("the client closed".into());
+                        }
+                    };
+                    if kind != FrameKind::Command(Command::Hyper)
+                        || peer_rb.data()[at..total] != payload[..]
+                    {
+                        return Err("WRONG BYTES in the direct Hyper request".into());
+                    }
+                    peer_rb.consume(total);
+                    write_all(&mut &b, &answer)?;
+                }
+                Ok(())
+            },
+            || round_trips(&a, &mut rb, &req, warm, n),
+        )
+        .map_err(|e| format!("direct round trips: {e}"))?;
+
+        for (k, (p, d)) in [
+            ("hyper_p50_us", (proxy.p50_us, direct.p50_us)),
+            ("hyper_p99_us", (proxy.p99_us, direct.p99_us)),
+            ("hyper_calls_s", (proxy.calls_s, direct.calls_s)),
+        ] {
+            self.set(&format!("{k}.proxy"), p);
+            self.set(&format!("{k}.direct"), d);
+        }
+        eprintln!(
+            "  Hyper ping:  proxy p50 {:.1} µs p99 {:.1} µs {:.0}/s; direct p50 {:.1} µs p99 {:.1} µs {:.0}/s",
+            proxy.p50_us, proxy.p99_us, proxy.calls_s, direct.p50_us, direct.p99_us, direct.calls_s
+        );
+        Ok(())
+    }
+
+    // ----- fan-out -----
+
+    fn fanout(&mut self) -> Result<(), String> {
+        let what = "fan-out through the proxy";
+        let mut agent = Agent::start(&self.tmp.path().join("vm-fanout"))?;
+        let mut rt = Conn::connect(&self.d.socket, 64 << 10)?;
+        let tokens = rt.register_vm(
+            "bench-fanout",
+            &agent.ctl_path,
+            &agent.io_path,
+            FANOUT_SESSIONS as u32,
+        )?;
+        let mut shims = Vec::with_capacity(FANOUT_SESSIONS);
+        let mut seqs = Vec::with_capacity(FANOUT_SESSIONS);
+        for (i, t) in tokens.iter().enumerate() {
+            shims.push(self.shim(t, 256 << 10)?);
+            seqs.push(Self::start_process(
+                &mut rt,
+                &agent,
+                t,
+                &format!("fan-{i}"),
+            )?);
+        }
+        let size = 4096;
+        let cycle = Cycle::new(self.b.pattern, Framing::Io, &seqs, size, 4 << 20);
+        let n = FANOUT_SESSIONS as u64 * (self.b.vol.fanout_per_session / size as u64);
+        let want = cycle.expected(self.b.pattern, FANOUT_SESSIONS, n);
+        let mut tail = Vec::new();
+        for (i, &seq) in seqs.iter().enumerate() {
+            tail.extend_from_slice(&io_exit(seq, i as u8 + 1));
+        }
+        let io = agent.io()?;
+        let rtm = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| format!("tokio runtime: {e}"))?;
+        let mut tasks = Vec::with_capacity(FANOUT_SESSIONS);
+        {
+            let _g = rtm.enter();
+            for (i, shim) in shims.into_iter().enumerate() {
+                let Conn { s, mut rb } = shim;
+                s.set_nonblocking(true)
+                    .map_err(|e| format!("set_nonblocking: {e}"))?;
+                let mut s = tokio::net::UnixStream::from_std(s)
+                    .map_err(|e| format!("tokio socket: {e}"))?;
+                let mut sink = ProxySink::new(Stream::Stdout, want[i].len, ProxyEnd::Exit);
+                tasks.push(rtm.spawn(async move {
+                    loop {
+                        if sink.consume(&mut rb)? {
+                            return Ok::<_, String>(sink);
+                        }
+                        let n = s
+                            .read(rb.spare()?)
+                            .await
+                            .map_err(|e| format!("read: {e} ({})", sink.progress()))?;
+                        if n == 0 {
+                            return Err(format!("closed ({})", sink.progress()));
+                        }
+                        rb.filled(n);
+                    }
+                }));
+            }
+        }
+        let cpu0 = self.d.cpu_seconds()?;
+        let t0 = Instant::now();
+        let sinks = pump(
+            io,
+            || cycle.write(&mut &*io, n, &tail),
+            || {
+                rtm.block_on(async {
+                    let all = async {
+                        let mut out = Vec::with_capacity(tasks.len());
+                        for (i, t) in tasks.into_iter().enumerate() {
+                            let s = t
+                                .await
+                                .map_err(|e| format!("session {i}: {e}"))?
+                                .map_err(|e| format!("session {i}: {e}"))?;
+                            out.push(s);
+                        }
+                        Ok::<_, String>(out)
+                    };
+                    tokio::time::timeout(IO_TIMEOUT, all)
+                        .await
+                        .map_err(|_| "timed out".to_string())?
+                })
+            },
+        )
+        .map_err(|e| format!("{what}: {e}"))?;
+        let mut done = t0;
+        let mut total = 0;
+        for (i, s) in sinks.iter().enumerate() {
+            check(&format!("{what}, session {i}"), s.digest(), want[i])?;
+            check_exit(&format!("{what}, session {i}"), s.exit, i as u8 + 1)?;
+            done = done.max(s.done_at.ok_or("a session finished without its data")?);
+            total += want[i].len;
+        }
+        self.cpu_since("fanout", cpu0)?;
+        let secs = done.duration_since(t0).as_secs_f64().max(1e-9);
+        let v = mib(total) / secs;
+        self.set("fanout.proxy", v);
+        eprintln!(
+            "  fan-out {FANOUT_SESSIONS} sessions x {:.2} MiB: {v:8.1} MiB/s aggregate",
+            mib(self.b.vol.fanout_per_session)
+        );
+        drop(rtm);
+        rt.unregister_vm("bench-fanout")?;
+        Ok(())
+    }
+
+    // ----- connect storm -----
+
+    fn storm(&mut self) -> Result<(), String> {
+        let n = self.b.vol.storm;
+        let mut agent = Agent::start(&self.tmp.path().join("vm-storm"))?;
+        let mut rt = Conn::connect(&self.d.socket, 64 << 10)?;
+        let tokens = rt.register_vm("bench-storm", &agent.ctl_path, &agent.io_path, n as u32)?;
+        agent.io()?;
+        let frames = tokens
+            .iter()
+            .map(|t| Ok(Frame::command(Command::ConnectShim, connect_shim_payload(t)?).to_bytes()))
+            .collect::<Result<Vec<_>, String>>()?;
+        let cpu0 = self.d.cpu_seconds()?;
+        let t0 = Instant::now();
+        let mut conns = Vec::with_capacity(n);
+        for f in &frames {
+            let s = UnixStream::connect(&self.d.socket)
+                .map_err(|e| format!("connect storm: connect #{}: {e}", conns.len()))?;
+            write_all(&mut &s, f)?;
+            conns.push(s);
+        }
+        let mut rb = RecvBuf::new(4096);
+        for (i, s) in conns.iter().enumerate() {
+            s.set_read_timeout(Some(IO_TIMEOUT))
+                .map_err(|e| format!("timeout: {e}"))?;
+            let (kind, total) = loop {
+                if let Some((kind, _, total)) = proxy_frame(rb.data())? {
+                    break (kind, total);
+                }
+                if rb.read_from(&mut &*s)? == 0 {
+                    return Err(format!("connect storm: shim #{i} closed without an answer"));
+                }
+            };
+            rb.consume(total);
+            let ok = FrameKind::Response {
+                command: Command::ConnectShim,
+                error: false,
+            };
+            if kind != ok || !rb.data().is_empty() {
+                return Err(format!("connect storm: shim #{i} got {kind:?}"));
+            }
+        }
+        let ms = t0.elapsed().as_secs_f64() * 1000.0;
+        self.cpu_since("storm", cpu0)?;
+        settle();
+        let rss = self.rss_mib()?;
+        self.set("storm_ms.proxy", ms);
+        self.set("rss_1000_shims_mib", rss);
+        eprintln!("  connect storm: {n} shims answered in {ms:.1} ms; RSS with them {rss:.2} MiB");
+        drop(conns);
+        rt.unregister_vm("bench-storm")?;
+        Ok(())
+    }
+}
+
+/// Latency figures of a series of round trips.
+#[derive(Debug, Clone, Copy)]
+struct Rtt {
+    p50_us: f64,
+    p99_us: f64,
+    calls_s: f64,
+}
+
+/// `warm + n` sequential round trips: write `req`, read one response to
+/// Hyper (empty payload, no error). Only the last `n` are timed.
+fn round_trips(
+    s: &UnixStream,
+    rb: &mut RecvBuf,
+    req: &[u8],
+    warm: usize,
+    n: usize,
+) -> Result<Rtt, String> {
+    let ok = FrameKind::Response {
+        command: Command::Hyper,
+        error: false,
+    };
+    let mut lat = Vec::with_capacity(n);
+    let mut t_start = Instant::now();
+    for i in 0..warm + n {
+        if i == warm {
+            t_start = Instant::now();
+        }
+        let t = Instant::now();
+        write_all(&mut &*s, req)?;
+        let (kind, at, total) = loop {
+            if let Some(f) = proxy_frame(rb.data())? {
+                break f;
+            }
+            if rb.read_from(&mut &*s)? == 0 {
+                return Err("closed".into());
+            }
+        };
+        if kind != ok || at != total {
+            return Err(format!(
+                "call {i}: expected an empty Hyper response, got {kind:?} with {} bytes",
+                total - at
+            ));
+        }
+        rb.consume(total);
+        if i >= warm {
+            lat.push(t.elapsed().as_nanos() as u64);
+        }
+    }
+    let total = t_start.elapsed().as_secs_f64().max(1e-9);
+    lat.sort_unstable();
+    let pct = |p: usize| -> f64 {
+        let i = (lat.len() * p / 100).min(lat.len().saturating_sub(1));
+        lat.get(i).copied().unwrap_or(0) as f64 / 1000.0
+    };
+    Ok(Rtt {
+        p50_us: pct(50),
+        p99_us: pct(99),
+        calls_s: n as f64 / total,
+    })
+}

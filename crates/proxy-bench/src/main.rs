@@ -1,0 +1,236 @@
+//! `proxy-bench`: how fast and how small the real `cc-proxy` is, next to
+//! direct unix sockets carrying the same frames, in the same run.
+//!
+//! Run by `cargo xtask bench`, which builds the release daemon and this
+//! binary. Each run starts a fresh daemon as a child process
+//! (`cc-proxy -socket-path <tmp>/proxy.sock -log warn -ksm off`), plays
+//! the agent (two listening unix sockets the daemon dials on RegisterVM)
+//! and the runtime and shims itself, and measures:
+//!
+//! 1. stdout throughput (agent → shim) for 512, 1024, 4096 and 10228-byte
+//!    io messages;
+//! 2. stdin throughput (shim → agent), 4 KiB frames;
+//! 3. Hyper `ping` round trips: p50, p99, calls/s;
+//! 4. fan-out: 64 sessions of one VM read by 64 shims at once;
+//! 5. a connect storm of 1000 ConnectShim;
+//! 6. the daemon's RSS (idle, one VM, 1000 shims) and CPU time.
+//!
+//! Each throughput and latency figure has its baseline over a socket pair.
+//! Every byte stream is hashed on both ends; a mismatch fails the bench.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+mod agent;
+mod conn;
+mod daemon;
+mod figures;
+mod hash;
+mod report;
+mod wire;
+
+use figures::{Bench, Volumes};
+use report::{DaemonOut, Machine, Report, VolumesOut};
+
+const USAGE: &str = "usage: proxy-bench --cc-proxy PATH [--quick] [--repeat N] [--report]
+                   [--out DIR] [--docs DIR] [--proxy-arg ARG]...
+
+  --cc-proxy PATH   the daemon binary to measure (release build)
+  --quick           small volumes, a few seconds; fails only on wrong bytes
+  --repeat N        run everything N times and report medians (default 1)
+  --report          also write DOCS/PERFORMANCE.md and DOCS/perf-throughput.svg
+  --out DIR         where report.json goes (default target/bench)
+  --docs DIR        where --report writes (default docs)
+  --proxy-arg ARG   one more argument for the daemon (repeatable)";
+
+#[derive(Debug)]
+struct Args {
+    bin: PathBuf,
+    quick: bool,
+    repeat: usize,
+    report: bool,
+    out: PathBuf,
+    docs: PathBuf,
+    proxy_args: Vec<String>,
+}
+
+fn parse_args(args: &[String]) -> Result<Args, String> {
+    let mut a = Args {
+        bin: PathBuf::new(),
+        quick: false,
+        repeat: 1,
+        report: false,
+        out: PathBuf::from("target/bench"),
+        docs: PathBuf::from("docs"),
+        proxy_args: Vec::new(),
+    };
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        let (flag, inline) = match arg.split_once('=') {
+            Some((f, v)) if f.starts_with("--") => (f, Some(v.to_string())),
+            _ => (arg.as_str(), None),
+        };
+        let mut value = |name: &str| -> Result<String, String> {
+            inline
+                .clone()
+                .or_else(|| it.next().cloned())
+                .ok_or_else(|| format!("{name} needs a value"))
+        };
+        match flag {
+            "--cc-proxy" => a.bin = PathBuf::from(value(flag)?),
+            "--quick" => a.quick = true,
+            "--report" => a.report = true,
+            "--repeat" => {
+                let v = value(flag)?;
+                a.repeat = v
+                    .parse()
+                    .ok()
+                    .filter(|&n| n >= 1)
+                    .ok_or_else(|| format!("--repeat {v}: expected a number >= 1"))?;
+            }
+            "--out" => a.out = PathBuf::from(value(flag)?),
+            "--docs" => a.docs = PathBuf::from(value(flag)?),
+            "--proxy-arg" => a.proxy_args.push(value(flag)?),
+            "-h" | "--help" => return Err(String::new()),
+            other => return Err(format!("unknown argument `{other}`")),
+        }
+    }
+    if a.bin.as_os_str().is_empty() {
+        return Err("--cc-proxy PATH is required".into());
+    }
+    if !a.bin.is_file() {
+        return Err(format!("{}: no such daemon binary", a.bin.display()));
+    }
+    Ok(a)
+}
+
+fn main() -> ExitCode {
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    let args = match parse_args(&argv) {
+        Ok(a) => a,
+        Err(e) if e.is_empty() => {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("proxy-bench: {e}\n\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    match run(&args) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(3),
+        Err(e) => {
+            eprintln!("proxy-bench: FAILED: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Everything; `Ok(false)` when a target was missed (not with `--quick`).
+fn run(a: &Args) -> Result<bool, String> {
+    daemon::raise_nofile();
+    let vol = if a.quick {
+        Volumes::quick()
+    } else {
+        Volumes::full()
+    };
+    let pattern = wire::Pattern::new();
+    let bench = Bench {
+        bin: &a.bin,
+        extra: &a.proxy_args,
+        pattern: &pattern,
+        vol: &vol,
+    };
+    let machine = Machine::probe();
+    eprintln!(
+        "proxy-bench: {} on {} x {} ({}), {} run(s){}",
+        a.bin.display(),
+        machine.nproc,
+        machine.cpu_model,
+        machine.kernel,
+        a.repeat,
+        if a.quick { ", quick" } else { "" }
+    );
+    let mut runs = Vec::with_capacity(a.repeat);
+    for i in 0..a.repeat {
+        eprintln!("run {}/{}", i + 1, a.repeat);
+        runs.push(figures::run_once(&bench)?);
+    }
+    let rows = report::rows(&runs, &vol);
+    let misses: Vec<String> = rows
+        .iter()
+        .filter(|r| r.pass == Some(false))
+        .map(|r| r.id.clone())
+        .collect();
+    println!();
+    println!(
+        "cc-proxy vs direct unix sockets, median of {} run(s){}:",
+        a.repeat,
+        if a.quick {
+            " (--quick volumes; targets not enforced)"
+        } else {
+            ""
+        }
+    );
+    print!("{}", report::terminal_table(&rows));
+    println!("every byte stream matched end to end (XXH64).");
+
+    let rep = Report {
+        format: 1,
+        quick: a.quick,
+        repeat: a.repeat,
+        volumes: VolumesOut::from(&vol),
+        machine,
+        daemon: DaemonOut {
+            binary: a.bin.display().to_string(),
+            args: {
+                let mut v = vec![
+                    "-socket-path".to_string(),
+                    "<tmp>/proxy.sock".into(),
+                    "-log".into(),
+                    "warn".into(),
+                    "-ksm".into(),
+                    "off".into(),
+                ];
+                v.extend(a.proxy_args.iter().cloned());
+                v
+            },
+        },
+        figures: rows,
+        runs,
+        all_targets_met: misses.is_empty(),
+        misses,
+        bytes_ok: true,
+    };
+    std::fs::create_dir_all(&a.out).map_err(|e| format!("{}: {e}", a.out.display()))?;
+    let json_path = a.out.join("report.json");
+    let json = serde_json::to_string_pretty(&rep).map_err(|e| format!("report JSON: {e}"))?;
+    std::fs::write(&json_path, json + "\n").map_err(|e| format!("{}: {e}", json_path.display()))?;
+    println!("wrote {}", json_path.display());
+    if a.report {
+        std::fs::create_dir_all(&a.docs).map_err(|e| format!("{}: {e}", a.docs.display()))?;
+        let md = a.docs.join("PERFORMANCE.md");
+        let svg = a.docs.join("perf-throughput.svg");
+        std::fs::write(&md, report::performance_md(&rep, &git_commit()))
+            .map_err(|e| format!("{}: {e}", md.display()))?;
+        std::fs::write(&svg, report::throughput_svg(&rep.figures, rep.repeat))
+            .map_err(|e| format!("{}: {e}", svg.display()))?;
+        println!("wrote {} and {}", md.display(), svg.display());
+    }
+    if !rep.misses.is_empty() {
+        println!("targets missed: {}", rep.misses.join(", "));
+    }
+    Ok(a.quick || rep.misses.is_empty())
+}
+
+/// The short commit hash of the working tree, if git knows it.
+fn git_commit() -> String {
+    std::process::Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
