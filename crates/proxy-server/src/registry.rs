@@ -69,6 +69,9 @@ pub enum ProxyError {
     /// The VM behind this client is gone.
     #[error("the VM of this client is gone")]
     VmGone,
+    /// The VM's agent closed its channels; the VM awaits UnregisterVM.
+    #[error("the agent of VM {0} is gone (its channels closed); only UnregisterVM is accepted")]
+    AgentGone(String),
     /// Hyper with an unknown or not accepted command name.
     #[error("unknown hyperstart command {0:?}")]
     UnknownHyperCommand(String),
@@ -208,6 +211,11 @@ struct VmEntry {
     registered: bool,
     /// READY was seen; until then the VM is only reserved.
     ready: bool,
+    /// Its agent's channels closed ([`Registry::vm_gone`]): it stays known,
+    /// under its container id, until UnregisterVM, as in the reference —
+    /// runtimes send `destroypod` (the agent powers the VM off) and then
+    /// UnregisterVM.
+    gone: bool,
     next_io_base: u64,
 }
 
@@ -289,6 +297,7 @@ impl Registry {
                 container_id: req.container_id.clone(),
                 registered: true,
                 ready: false,
+                gone: false,
                 next_io_base: FIRST_IO_BASE,
             },
         );
@@ -323,9 +332,14 @@ impl Registry {
     /// registered again); its channels live until the agent closes them.
     pub fn unregister_vm(&mut self, req: &UnregisterVm) -> Result<VmId, ProxyError> {
         req.validate()?;
-        let vm = self.attachable(&req.container_id)?;
+        let vm = match self.by_container.get(&req.container_id) {
+            Some(vm) if self.vms.get(vm).is_some_and(|v| v.ready && v.registered) => *vm,
+            _ => return Err(ProxyError::UnknownContainer(req.container_id.clone())),
+        };
         self.by_container.remove(&req.container_id);
-        if let Some(v) = self.vms.get_mut(&vm) {
+        if self.vms.get(&vm).is_some_and(|v| v.gone) {
+            self.vms.remove(&vm);
+        } else if let Some(v) = self.vms.get_mut(&vm) {
             v.registered = false;
         }
         Ok(vm)
@@ -333,8 +347,12 @@ impl Registry {
 
     fn attachable(&self, container_id: &str) -> Result<VmId, ProxyError> {
         match self.by_container.get(container_id) {
-            Some(vm) if self.vms.get(vm).is_some_and(|v| v.ready && v.registered) => Ok(*vm),
-            _ => Err(ProxyError::UnknownContainer(container_id.to_owned())),
+            Some(vm) => match self.vms.get(vm) {
+                Some(v) if v.gone => Err(ProxyError::AgentGone(container_id.to_owned())),
+                Some(v) if v.ready && v.registered => Ok(*vm),
+                _ => Err(ProxyError::UnknownContainer(container_id.to_owned())),
+            },
+            None => Err(ProxyError::UnknownContainer(container_id.to_owned())),
         }
     }
 
@@ -378,6 +396,24 @@ impl Registry {
                 self.by_container.remove(&v.container_id);
             }
         }
+        self.remove_tokens(vm)
+    }
+
+    /// The VM's agent is gone (its channels closed): its tokens are
+    /// forgotten; a registered VM stays known by its container id (Hyper
+    /// and AttachVM are refused) until UnregisterVM, an unregistered one is
+    /// forgotten at once. Returns the tokens.
+    pub fn vm_gone(&mut self, vm: VmId) -> Vec<String> {
+        match self.vms.get_mut(&vm) {
+            Some(v) if v.registered && v.ready => {
+                v.gone = true;
+                self.remove_tokens(vm)
+            }
+            _ => self.remove_vm(vm),
+        }
+    }
+
+    fn remove_tokens(&mut self, vm: VmId) -> Vec<String> {
         let gone: Vec<String> = self
             .tokens
             .iter()
@@ -390,9 +426,9 @@ impl Registry {
         gone
     }
 
-    /// Whether the VM still exists.
+    /// Whether the VM still exists with a live agent.
     pub fn vm_exists(&self, vm: VmId) -> bool {
-        self.vms.contains_key(&vm)
+        self.vms.get(&vm).is_some_and(|v| !v.gone)
     }
 
     /// The container id a VM was registered with.
@@ -426,8 +462,10 @@ impl Registry {
         req: &Hyper,
     ) -> Result<HyperPlan, ProxyError> {
         let vm = client_vm.ok_or(ProxyError::NotAttached("Hyper"))?;
-        if !self.vms.contains_key(&vm) {
-            return Err(ProxyError::VmGone);
+        match self.vms.get(&vm) {
+            None => return Err(ProxyError::VmGone),
+            Some(v) if v.gone => return Err(ProxyError::AgentGone(v.container_id.clone())),
+            Some(_) => {}
         }
         req.validate()?;
         let code = Code::from_hyper_name(&req.hyper_name)
@@ -930,6 +968,47 @@ mod tests {
             r.plan_hyper(Some(a), &hyper("ping", &[], None)),
             Err(ProxyError::VmGone)
         ));
+    }
+
+    #[test]
+    fn a_vm_whose_agent_is_gone_stays_until_unregister() {
+        let mut r = Registry::new();
+        let (a, ta) = ready_vm(&mut r, "a", 1);
+        assert_eq!(r.vm_gone(a), vec![ta[0].token.clone()]);
+        assert!(!r.vm_exists(a));
+        let e = r
+            .plan_hyper(Some(a), &hyper("ping", &[], None))
+            .unwrap_err();
+        assert!(e.to_string().contains("agent of VM a is gone"), "{e}");
+        let attach = AttachVm {
+            container_id: "a".into(),
+            num_io_streams: 1,
+        };
+        let e = r.attach_vm(&attach, tokgen()).unwrap_err();
+        assert!(matches!(e, ProxyError::AgentGone(_)), "{e}");
+        assert!(matches!(
+            r.register_vm(&reg("a", 0), tokgen()),
+            Err(ProxyError::DuplicateContainer(_))
+        ));
+        r.unregister_vm(&UnregisterVm {
+            container_id: "a".into(),
+        })
+        .unwrap();
+        assert_eq!(r.vm_count(), 0);
+        ready_vm(&mut r, "a", 0);
+    }
+
+    #[test]
+    fn an_unregistered_vm_is_forgotten_when_its_agent_goes() {
+        let mut r = Registry::new();
+        let (a, _) = ready_vm(&mut r, "a", 0);
+        r.unregister_vm(&UnregisterVm {
+            container_id: "a".into(),
+        })
+        .unwrap();
+        assert_eq!(r.vm_count(), 1);
+        r.vm_gone(a);
+        assert_eq!(r.vm_count(), 0);
     }
 
     fn sig(n: i64, columns: i64, rows: i64) -> Signal {

@@ -181,7 +181,7 @@ impl Shared {
     pub fn teardown(&self, vm_id: VmId, reason: &str) {
         let vm = {
             let mut st = self.state();
-            st.registry.remove_vm(vm_id);
+            st.registry.vm_gone(vm_id);
             st.vms.remove(&vm_id)
         };
         if let Some(vm) = vm {

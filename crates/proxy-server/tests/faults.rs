@@ -292,3 +292,46 @@ async fn pod_mode_serves_its_vm_and_exits_after_unregister() {
     assert!(status.success(), "{status}");
     assert!(!p.socket_path().exists(), "the socket is removed on exit");
 }
+
+/// What runtimes do at the end of a pod: `destroypod` (the agent powers
+/// the VM off, its channels close), then UnregisterVM. The VM stays known
+/// until then, as in the reference; meanwhile Hyper says the agent is gone.
+#[tokio::test]
+async fn unregister_vm_after_the_agent_closed_its_channels_succeeds() {
+    let p = proxy().await;
+    let mut vm = Vm::register(&p, 1).await;
+    let (reply, _) = tokio::join!(vm.runtime.hyper("destroypod", &[], Some("{}")), async {
+        vm.agent.expect_ctl(Code::DestroyPod).await;
+        vm.agent.reply_ack(b"").await;
+    });
+    reply.unwrap();
+    let Vm {
+        id,
+        agent,
+        mut runtime,
+        ..
+    } = vm;
+    agent.close().await;
+    // The proxy notices the closed channels.
+    let deadline = Instant::now() + SHORT * 10;
+    loop {
+        match runtime.hyper("ping", &[], None).await {
+            Err(msg) if msg.contains("agent of VM") && msg.contains("gone") => break,
+            other => assert!(
+                Instant::now() < deadline,
+                "Hyper after the agent closed: {other:?}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    runtime.unregister_vm(&id).await.unwrap();
+    // Now it is unknown, and its id can be registered again.
+    assert!(runtime
+        .unregister_vm(&id)
+        .await
+        .unwrap_err()
+        .contains("unknown container"));
+    let fresh = MockAgent::start().await;
+    runtime.register_agent(&id, &fresh, 0).await.unwrap();
+    assert_serves_fresh_vm(&p).await;
+}
