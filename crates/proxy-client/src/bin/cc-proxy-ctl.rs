@@ -1,0 +1,199 @@
+//! `cc-proxy-ctl`: talk to a running `cc-proxy` by hand.
+//!
+//! ```text
+//! cc-proxy-ctl register pod-1 --ctl /run/vm/ctl.sock --io /run/vm/io.sock --tokens 2
+//! cc-proxy-ctl hyper --vm pod-1 ping
+//! cc-proxy-ctl hyper --vm pod-1 startpod '{"hostname":"pod-1"}'
+//! cc-proxy-ctl --json attach pod-1 --tokens 1
+//! cc-proxy-ctl unregister pod-1
+//! ```
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use proxy_client::blocking::Client;
+use proxy_client::{Error, Token, VmIo, VmSpec};
+
+/// The daemon's default socket.
+const DEFAULT_SOCKET: &str = "/run/cc-proxy/proxy.sock";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "cc-proxy-ctl",
+    version,
+    about = "Register, attach and unregister VMs and send agent commands through a running cc-proxy"
+)]
+struct Args {
+    /// The proxy's socket: a path or unix:///path.
+    #[arg(
+        short,
+        long,
+        global = true,
+        env = "CC_PROXY_SOCKET",
+        default_value = DEFAULT_SOCKET,
+        value_name = "ADDR"
+    )]
+    socket: String,
+    /// Print the proxy's answers as JSON instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Register a VM: the proxy connects to its agent and waits for READY.
+    Register {
+        /// The VM's (pod's) container id.
+        container_id: String,
+        /// The agent's control channel: a path, unix://path, vsock://cid:port or hvsock://path:port.
+        #[arg(long, value_name = "ADDR")]
+        ctl: String,
+        /// The agent's I/O channel, in the same forms.
+        #[arg(long, value_name = "ADDR")]
+        io: String,
+        /// The VM console to read and log (optional).
+        #[arg(long, value_name = "ADDR")]
+        console: Option<String>,
+        /// How many I/O tokens to allocate.
+        #[arg(long, default_value_t = 0, value_name = "N")]
+        tokens: u32,
+    },
+    /// Allocate more I/O tokens for a registered VM.
+    Attach {
+        /// The VM's container id.
+        container_id: String,
+        /// How many I/O tokens to allocate.
+        #[arg(long, default_value_t = 0, value_name = "N")]
+        tokens: u32,
+    },
+    /// Unregister a VM.
+    Unregister {
+        /// The VM's container id.
+        container_id: String,
+    },
+    /// Send a hyperstart command (ping, startpod, newcontainer, …) to a VM's agent.
+    Hyper {
+        /// The VM to send it to.
+        #[arg(long, value_name = "ID")]
+        vm: String,
+        /// An I/O token for newcontainer or execcmd: the process's stdio goes to its shim.
+        #[arg(long, value_name = "TOKEN")]
+        token: Option<String>,
+        /// The command's name.
+        name: String,
+        /// The command's data, as JSON.
+        data: Option<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    match run(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("cc-proxy-ctl: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: &Args) -> Result<(), Error> {
+    let client = Client::connect(args.socket.as_str())?;
+    match &args.cmd {
+        Cmd::Register {
+            container_id,
+            ctl,
+            io,
+            console,
+            tokens,
+        } => {
+            let mut vm = VmSpec::new(container_id, ctl, io).tokens(*tokens);
+            vm.console = console.clone();
+            let r = client.register_vm(vm)?;
+            print_io(args.json, &format!("registered {container_id}"), &r);
+        }
+        Cmd::Attach {
+            container_id,
+            tokens,
+        } => {
+            let r = client.attach_vm(container_id, *tokens)?;
+            print_io(args.json, &format!("attached to {container_id}"), &r);
+        }
+        Cmd::Unregister { container_id } => {
+            client.unregister_vm(container_id)?;
+            if args.json {
+                println!("{{}}");
+            } else {
+                println!("unregistered {container_id}");
+            }
+        }
+        Cmd::Hyper {
+            vm,
+            token,
+            name,
+            data,
+        } => {
+            client.attach_vm(vm, 0)?;
+            let tokens: Vec<Token> = token.iter().map(|t| Token::from(t.as_str())).collect();
+            let reply = client.hyper(name, &tokens, data.as_deref())?;
+            print_reply(args.json, name, &reply);
+        }
+    }
+    Ok(())
+}
+
+fn print_io(json: bool, what: &str, io: &VmIo) {
+    if json {
+        let tokens: Vec<&str> = io.tokens.iter().map(Token::as_str).collect();
+        let v = serde_json::json!({ "io": { "URL": io.url, "tokens": tokens } });
+        println!("{v}");
+        return;
+    }
+    println!("{what}");
+    println!("shims connect to: {}", io.url);
+    if io.tokens.is_empty() {
+        println!("no tokens");
+    } else {
+        println!("tokens:");
+        for t in &io.tokens {
+            println!("  {t}");
+        }
+    }
+}
+
+fn print_reply(json: bool, name: &str, reply: &[u8]) {
+    let parsed: Option<serde_json::Value> = serde_json::from_slice(reply).ok();
+    match (json, parsed) {
+        (true, Some(v)) => println!("{v}"),
+        (true, None) if reply.is_empty() => println!("null"),
+        (true, None) => println!("{}", serde_json::Value::String(lossy(reply))),
+        (false, _) if reply.is_empty() => println!("{name}: ok"),
+        (false, Some(v)) => println!(
+            "{name}: ok\n{}",
+            serde_json::to_string_pretty(&v).unwrap_or_else(|_| v.to_string())
+        ),
+        (false, None) => println!("{name}: ok\n{}", describe_raw(reply)),
+    }
+}
+
+fn lossy(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// A reply that is not JSON: as text when it is text, else in hex (the
+/// agent's version reply is a 4-byte integer).
+fn describe_raw(b: &[u8]) -> String {
+    match std::str::from_utf8(b) {
+        Ok(s) if !s.chars().any(|c| c.is_control() && c != '\n') => s.to_owned(),
+        _ => {
+            let hex: Vec<String> = b.iter().map(|x| format!("{x:02x}")).collect();
+            let mut s = format!("{} bytes: {}", b.len(), hex.join(" "));
+            if let Ok(arr) = <[u8; 4]>::try_from(b) {
+                s.push_str(&format!(" (u32 {})", u32::from_be_bytes(arr)));
+            }
+            s
+        }
+    }
+}

@@ -1,0 +1,225 @@
+//! `cc-proxy-shim` and `cc-proxy-ctl` run as child processes against the
+//! real `cc-proxy` and a mock agent.
+
+mod common;
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::{proxy, Relay, Vm};
+use proxy_test_support::hyper::Code;
+use proxy_test_support::MockAgent;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::process::{Child, Command};
+
+const SHIM: &str = env!("CARGO_BIN_EXE_cc-proxy-shim");
+const CTL: &str = env!("CARGO_BIN_EXE_cc-proxy-ctl");
+
+fn shim(url: &str, token: &str) -> Child {
+    Command::new(SHIM)
+        .args(["-c", "c1", "-t", token, "-u", url])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn cc-proxy-shim")
+}
+
+/// Wait for the child and collect its output (bounded).
+async fn finish(mut child: Child) -> (i32, Vec<u8>, Vec<u8>) {
+    let mut out = child.stdout.take().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let (mut o, mut e) = (Vec::new(), Vec::new());
+    let status = tokio::time::timeout(Duration::from_secs(20), async {
+        let (a, b, s) = tokio::join!(
+            out.read_to_end(&mut o),
+            err.read_to_end(&mut e),
+            child.wait()
+        );
+        a.unwrap();
+        b.unwrap();
+        s.unwrap()
+    })
+    .await
+    .expect("cc-proxy-shim exits");
+    (status.code().unwrap_or(-1), o, e)
+}
+
+#[tokio::test]
+async fn cc_proxy_shim_pipes_its_stdio_and_exits_with_the_process_code() {
+    let p = proxy().await;
+    let mut vm = Vm::register(&p, 1).await;
+    let token = vm.tokens[0].clone();
+    let mut child = shim(&vm.url, token.as_str());
+    // The proxy holds newcontainer until the token's shim is connected.
+    let io_base = vm.newcontainer("c1", &token).await;
+
+    let mut stdin = child.stdin.take().unwrap();
+    let input: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8).collect();
+    stdin.write_all(&input).await.unwrap();
+    drop(stdin); // EOF
+    let got = vm.agent.read_io_until(io_base, input.len()).await;
+    assert!(got[..] == input[..], "stdin arrives intact");
+    vm.agent.expect_io_eof(io_base).await;
+
+    vm.agent.send_io(io_base, b"to stdout\n").await;
+    vm.agent.send_io(io_base + 1, b"to stderr\n").await;
+    vm.agent.send_exit(io_base, 7).await;
+    let (code, out, err) = finish(child).await;
+    assert_eq!(out, b"to stdout\n");
+    assert_eq!(err, b"to stderr\n");
+    assert_eq!(code, 7);
+}
+
+#[tokio::test]
+async fn cc_proxy_shim_forwards_the_signals_it_gets() {
+    let p = proxy().await;
+    let mut vm = Vm::register(&p, 1).await;
+    let token = vm.tokens[0].clone();
+    let child = shim(&vm.url, token.as_str());
+    let io_base = vm.newcontainer("c-sig", &token).await;
+    let pid = nix::unistd::Pid::from_raw(child.id().unwrap() as i32);
+    for (sig, n) in [
+        (nix::sys::signal::Signal::SIGUSR1, 10),
+        (nix::sys::signal::Signal::SIGTERM, 15),
+    ] {
+        nix::sys::signal::kill(pid, sig).unwrap();
+        let v = vm.agent.expect_ctl_json(Code::KillContainer).await;
+        assert_eq!(v["container"], "c-sig");
+        assert_eq!(v["signal"], n);
+        vm.agent.reply_ack(b"").await;
+    }
+    vm.agent.send_exit(io_base, 143).await;
+    let (code, _, _) = finish(child).await;
+    assert_eq!(code, 143);
+}
+
+#[tokio::test]
+async fn cc_proxy_shim_reconnects_when_its_connection_drops() {
+    let p = proxy().await;
+    let relay = Relay::start(p.socket_path()).await;
+    let mut vm = Vm::register(&p, 1).await;
+    let token = vm.tokens[0].clone();
+    let mut child = shim(&relay.url(), token.as_str());
+    let io_base = vm.newcontainer("c-re", &token).await;
+    let mut stdout = child.stdout.take().unwrap();
+
+    vm.agent.send_io(io_base, b"one ").await;
+    let mut buf = [0u8; 4];
+    stdout.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"one ");
+    relay.cut().await;
+    vm.agent.send_io(io_base, b"two").await;
+    vm.agent.send_exit(io_base, 0).await;
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(15), stdout.read_to_end(&mut rest))
+        .await
+        .expect("output after the reconnect")
+        .unwrap();
+    assert_eq!(rest, b"two");
+    let status = child.wait().await.unwrap();
+    assert_eq!(status.code(), Some(0));
+}
+
+#[tokio::test]
+async fn cc_proxy_shim_says_what_is_wrong() {
+    let out = Command::new(SHIM).arg("--help").output().await.unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    for flag in ["--container-id", "--token", "--uri", "-c", "-t", "-u"] {
+        assert!(help.contains(flag), "{flag} in {help}");
+    }
+    let out = Command::new(SHIM)
+        .args(["-c", "c", "-t", "tok", "-u", "vsock://3:1"])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unix://"));
+    // A token the proxy does not know.
+    let p = proxy().await;
+    let out = Command::new(SHIM)
+        .args(["-c", "c", "-t", "bogus", "-u", &p.url()])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("ConnectShim failed") && err.contains("bogus"),
+        "{err}"
+    );
+}
+
+async fn ctl(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(CTL).args(args).output().await.unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn cc_proxy_ctl_registers_sends_hyper_and_unregisters() {
+    let p = proxy().await;
+    let sock = p.socket_path().display().to_string();
+    let agent = MockAgent::start().await;
+    let (ctl_path, io_path) = (
+        agent.ctl_path().display().to_string(),
+        agent.io_path().display().to_string(),
+    );
+    let (code, out, err) = ctl(&[
+        "-s", &sock, "register", "pod-ctl", "--ctl", &ctl_path, "--io", &io_path, "--tokens", "2",
+    ])
+    .await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("registered pod-ctl\n"), "{out}");
+    assert!(out.contains(&p.url()), "{out}");
+    assert_eq!(
+        out.lines().filter(|l| l.starts_with("  ")).count(),
+        2,
+        "{out}"
+    );
+
+    let (code, out, err) =
+        ctl(&["-s", &sock, "--json", "attach", "pod-ctl", "--tokens", "1"]).await;
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["io"]["URL"], p.url());
+    assert_eq!(v["io"]["tokens"].as_array().unwrap().len(), 1);
+
+    // The agent answers one ping with a JSON payload.
+    let mut agent = agent;
+    let answer = tokio::spawn(async move {
+        agent.expect_ctl(Code::Ping).await;
+        agent.reply_ack(br#"{"pong":true}"#).await;
+        agent
+    });
+    let (code, out, err) = ctl(&["-s", &sock, "hyper", "--vm", "pod-ctl", "ping"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.starts_with("ping: ok\n") && out.contains("\"pong\": true"),
+        "{out}"
+    );
+    let _agent = answer.await.unwrap();
+
+    let (code, _, err) = ctl(&["-s", &sock, "unregister", "pod-ctl"]).await;
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = ctl(&["-s", &sock, "unregister", "pod-ctl"]).await;
+    assert_eq!(code, 1);
+    assert!(
+        err.starts_with("cc-proxy-ctl: UnregisterVM failed: unknown container pod-ctl"),
+        "{err}"
+    );
+    let (code, _, err) = ctl(&["-s", "/nonexistent/proxy.sock", "unregister", "x"]).await;
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("cannot connect to the proxy at /nonexistent/proxy.sock"),
+        "{err}"
+    );
+    let (code, _, err) = ctl(&["-s", &sock, "hyper", "--vm", "nope", "ping", "{bad"]).await;
+    assert_eq!(code, 1);
+    assert!(err.contains("unknown container nope"), "{err}");
+}

@@ -1,0 +1,173 @@
+//! Shared pieces of the client's tests: the real `cc-proxy` binary, a mock
+//! agent registered through the library, and a relay whose connections the
+//! test can cut (a proxy connection that drops).
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use proxy_client::{Client, Token, VmSpec};
+use proxy_test_support::hyper::Code;
+use proxy_test_support::scenario::unique_id;
+use proxy_test_support::{MockAgent, ProxyProcess, TempDir};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::task::JoinHandle;
+
+/// The workspace's `cc-proxy`, built if need be: `target/<profile>/cc-proxy`
+/// next to this test's own directory (`cargo test --workspace` builds it;
+/// `cargo test -p proxy-client` alone gets it built here). `CC_PROXY_BIN`
+/// overrides.
+pub fn cc_proxy() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Some(p) = std::env::var_os("CC_PROXY_BIN") {
+            return p.into();
+        }
+        let exe = std::env::current_exe().expect("the test's own path");
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("tests run from target/<profile>/deps");
+        let bin = profile_dir.join("cc-proxy");
+        if !bin.exists() {
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let mut cmd = Command::new(cargo);
+            cmd.args(["build", "-p", "proxy-server", "--bin", "cc-proxy"]);
+            if profile_dir.ends_with("release") {
+                cmd.arg("--release");
+            }
+            let status = cmd.status().expect("running cargo build for cc-proxy");
+            assert!(status.success(), "cargo build of cc-proxy failed");
+        }
+        assert!(bin.exists(), "no cc-proxy at {}", bin.display());
+        bin
+    })
+    .clone()
+}
+
+/// A started `cc-proxy`.
+pub async fn proxy() -> ProxyProcess {
+    ProxyProcess::start(cc_proxy()).await
+}
+
+/// A VM with a mock agent, registered through the library.
+pub struct Vm {
+    pub id: String,
+    pub agent: MockAgent,
+    pub client: Client,
+    pub tokens: Vec<Token>,
+    pub url: String,
+}
+
+impl Vm {
+    pub async fn register(proxy: &ProxyProcess, tokens: u32) -> Vm {
+        let agent = MockAgent::start().await;
+        let client = Client::connect(proxy.socket_path()).await.unwrap();
+        let id = unique_id("vm");
+        let spec = VmSpec::new(
+            &id,
+            agent.ctl_path().display().to_string(),
+            agent.io_path().display().to_string(),
+        )
+        .tokens(tokens);
+        let io = client.register_vm(spec).await.unwrap();
+        assert_eq!(io.url, proxy.url());
+        assert_eq!(io.tokens.len(), tokens as usize);
+        Vm {
+            id,
+            agent,
+            client,
+            tokens: io.tokens,
+            url: io.url,
+        }
+    }
+
+    /// `newcontainer` with `token` through the library while the agent
+    /// checks and ACKs it; returns the relocated ioBase.
+    pub async fn newcontainer(&mut self, container: &str, token: &Token) -> u64 {
+        let data = proxy_test_support::scenario::newcontainer_data(container);
+        let tokens = [token.clone()];
+        let (reply, io_base) = tokio::join!(
+            self.client.hyper("newcontainer", &tokens, Some(&data)),
+            async {
+                let v = self.agent.expect_ctl_json(Code::NewContainer).await;
+                let io_base = v["process"]["stdio"].as_u64().unwrap();
+                assert_eq!(v["process"]["stderr"].as_u64(), Some(io_base + 1));
+                assert_eq!(v["id"], container);
+                self.agent.reply_ack(b"").await;
+                io_base
+            }
+        );
+        reply.unwrap();
+        io_base
+    }
+}
+
+/// A unix-socket relay in front of the proxy: clients connect to
+/// [`Relay::path`]; [`Relay::cut`] closes every connection made so far, as
+/// a proxy connection that drops.
+pub struct Relay {
+    _dir: TempDir,
+    path: PathBuf,
+    conns: Arc<Mutex<Vec<JoinHandle<()>>>>,
+    accept: JoinHandle<()>,
+}
+
+impl Relay {
+    pub async fn start(target: &Path) -> Relay {
+        let dir = TempDir::new();
+        let path = dir.socket("relay.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let conns: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
+        let target = target.to_owned();
+        let accept = tokio::spawn({
+            let conns = conns.clone();
+            async move {
+                while let Ok((mut a, _)) = listener.accept().await {
+                    let target = target.clone();
+                    let h = tokio::spawn(async move {
+                        if let Ok(mut b) = UnixStream::connect(&target).await {
+                            let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
+                        }
+                    });
+                    conns.lock().unwrap().push(h);
+                }
+            }
+        });
+        Relay {
+            _dir: dir,
+            path,
+            conns,
+            accept,
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn url(&self) -> String {
+        format!("unix://{}", self.path.display())
+    }
+
+    /// Close every relayed connection (both sides), and wait until they
+    /// are closed: a byte sent afterwards cannot be in flight in the relay.
+    pub async fn cut(&self) {
+        let conns: Vec<_> = self.conns.lock().unwrap().drain(..).collect();
+        for h in conns {
+            h.abort();
+            let _ = h.await;
+        }
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.accept.abort();
+        for h in self.conns.lock().unwrap().drain(..) {
+            h.abort();
+        }
+    }
+}
