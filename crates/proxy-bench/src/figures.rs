@@ -12,7 +12,7 @@ use tokio::io::AsyncReadExt;
 
 use crate::agent::Agent;
 use crate::conn::{connect_shim_payload, json, Conn, IO_TIMEOUT};
-use crate::daemon::{Daemon, TempDir};
+use crate::daemon::{self_cpu, Daemon, TempDir};
 use crate::hash::Digest;
 use crate::wire::{
     drain, io_exit, proxy_frame, stream_header, write_all, Cycle, Framing, IoEnd, IoSink, Pattern,
@@ -25,6 +25,9 @@ pub const STDOUT_SIZES: [usize; 4] = [512, 1024, 4096, 10228];
 
 /// stdin chunk size.
 pub const STDIN_SIZE: usize = 4096;
+
+/// Alternating blocks of proxy and direct round trips.
+const HYPER_BLOCKS: usize = 20;
 
 /// Sessions of the fan-out figure.
 pub const FANOUT_SESSIONS: usize = 64;
@@ -208,14 +211,23 @@ impl Run<'_> {
         self.m.insert(k.to_string(), v);
     }
 
-    fn rss_mib(&self) -> Result<f64, String> {
-        Ok(self.d.rss_kib()? as f64 / 1024.0)
+    /// VmRSS in MiB; RssAnon, RssFile and Pss go into the metrics as
+    /// `<key>.anon`, `<key>.file` and `<key>.pss`.
+    fn rss_mib(&mut self, key: &str) -> Result<f64, String> {
+        let rss = self.d.rss_kib()? as f64 / 1024.0;
+        let (anon, file) = self.d.rss_parts_kib()?;
+        self.set(key, rss);
+        self.set(&format!("{key}.anon"), anon as f64 / 1024.0);
+        self.set(&format!("{key}.file"), file as f64 / 1024.0);
+        if let Ok(pss) = self.d.pss_kib() {
+            self.set(&format!("{key}.pss"), pss as f64 / 1024.0);
+        }
+        Ok(rss)
     }
 
     fn all(&mut self) -> Result<(), String> {
         settle();
-        let idle = self.rss_mib()?;
-        self.set("rss_idle_mib", idle);
+        let idle = self.rss_mib("rss_idle_mib")?;
 
         let mut agent = Agent::start(&self.tmp.path().join("vm-io"))?;
         let mut rt = Conn::connect(&self.d.socket, 64 << 10)?;
@@ -227,8 +239,7 @@ impl Run<'_> {
         )?;
         agent.io()?;
         settle();
-        let one = self.rss_mib()?;
-        self.set("rss_one_vm_mib", one);
+        let one = self.rss_mib("rss_one_vm_mib")?;
         eprintln!("  RSS: idle {idle:.2} MiB, one VM {one:.2} MiB");
 
         self.storm()?;
@@ -282,10 +293,19 @@ impl Run<'_> {
         Ok(s.stdio)
     }
 
-    fn cpu_since(&mut self, key: &str, cpu0: f64) -> Result<f64, String> {
-        let c = self.d.cpu_seconds()? - cpu0;
-        self.set(&format!("cpu.{key}"), c);
-        Ok(c)
+    /// Both CPU clocks now: the daemon's and this process's (the harness).
+    fn cpu_now(&self) -> Result<(f64, f64), String> {
+        Ok((self.d.cpu_precise()?, self_cpu()))
+    }
+
+    /// Record the daemon's and the harness's CPU seconds since `cpu0`;
+    /// returns the daemon's.
+    fn cpu_since(&mut self, key: &str, cpu0: (f64, f64)) -> Result<f64, String> {
+        let (d, h) = self.cpu_now()?;
+        let (d, h) = (d - cpu0.0, h - cpu0.1);
+        self.set(&format!("cpu.{key}"), d);
+        self.set(&format!("harness_cpu.{key}"), h);
+        Ok(d)
     }
 
     // ----- stdout -----
@@ -307,7 +327,7 @@ impl Run<'_> {
         let tail = io_exit(seq, code);
         let io = agent.io()?;
         let mut sink = ProxySink::new(Stream::Stdout, want.len, ProxyEnd::Exit);
-        let cpu0 = self.d.cpu_seconds()?;
+        let cpu0 = self.cpu_now()?;
         let t0 = Instant::now();
         let Conn { s, rb } = &mut shim;
         pump(
@@ -373,7 +393,7 @@ impl Run<'_> {
         let want = cycle.expected(self.b.pattern, 1, n)[0];
         let tail = stream_header(Stream::Stdin, 0);
         let mut sink = IoSink::new(seq, want.len, IoEnd::Eof);
-        let cpu0 = self.d.cpu_seconds()?;
+        let cpu0 = self.cpu_now()?;
         let t0 = Instant::now();
         {
             let (io, rb) = agent.io_reader()?;
@@ -432,21 +452,11 @@ impl Run<'_> {
             json(&Hyper::new("ping", vec![], Some("{}")).map_err(|e| format!("Hyper: {e}"))?)?;
         let req = Frame::command(Command::Hyper, payload.clone()).to_bytes();
         let (warm, n) = (self.b.vol.hyper_warmup, self.b.vol.hyper_calls);
+        let blocks = HYPER_BLOCKS.min(n.max(1));
         let pings0 = agent.pings();
-        let cpu0 = self.d.cpu_seconds()?;
-        let Conn { s, rb } = rt;
-        let proxy = round_trips(s, rb, &req, warm, n).map_err(|e| format!("Hyper ping: {e}"))?;
-        self.cpu_since("hyper", cpu0)?;
-        let answered = agent.pings() - pings0;
-        if answered != (warm + n) as u64 {
-            return Err(format!(
-                "Hyper ping: {} calls answered, but the agent saw {answered} pings with data {{}}",
-                warm + n
-            ));
-        }
 
-        // Direct: the same request frame to a peer that answers each with
-        // a response frame of the same size as the proxy's.
+        // Direct: the same request frame to a peer thread that answers each
+        // with a response frame of the same size as the proxy's.
         let (a, b) = pair()?;
         let answer = Header::new(
             FrameKind::Response {
@@ -456,34 +466,75 @@ impl Run<'_> {
             0,
         )
         .to_bytes();
-        let mut rb = RecvBuf::new(64 << 10);
         let peer_rb = &mut RecvBuf::new(64 << 10);
-        let direct = pump(
-            &b,
-            || {
-                for _ in 0..warm + n {
-                    let (kind, at, total) = loop {
-                        if let Some(f) = proxy_frame(peer_rb.data())? {
-                            break f;
-                        }
-                        if peer_rb.read_from(&mut &b)? == 0 {
-                            return Err("the client closed".into());
-                        }
-                    };
-                    if kind != FrameKind::Command(Command::Hyper)
-                        || peer_rb.data()[at..total] != payload[..]
-                    {
-                        return Err("WRONG BYTES in the direct Hyper request".into());
+        let peer = || -> Result<(), String> {
+            let mut answered = 0;
+            loop {
+                let (kind, at, total) = loop {
+                    if let Some(f) = proxy_frame(peer_rb.data())? {
+                        break f;
                     }
-                    peer_rb.consume(total);
-                    write_all(&mut &b, &answer)?;
+                    if peer_rb.read_from(&mut &b)? == 0 {
+                        return if answered == warm + n {
+                            Ok(())
+                        } else {
+                            Err(format!(
+                                "the peer answered {answered} of {} calls",
+                                warm + n
+                            ))
+                        };
+                    }
+                };
+                if kind != FrameKind::Command(Command::Hyper)
+                    || peer_rb.data()[at..total] != payload[..]
+                {
+                    return Err("WRONG BYTES in the direct Hyper request".into());
                 }
-                Ok(())
-            },
-            || round_trips(&a, &mut rb, &req, warm, n),
-        )
-        .map_err(|e| format!("direct round trips: {e}"))?;
+                peer_rb.consume(total);
+                write_all(&mut &b, &answer)?;
+                answered += 1;
+            }
+        };
 
+        // Blocks of proxy calls and direct calls alternate, so that both
+        // see the same scheduling (where the kernel puts the threads decides
+        // much of a round trip on a small host).
+        let mut p_lat = Vec::with_capacity(n);
+        let mut d_lat = Vec::with_capacity(n);
+        let (mut p_secs, mut d_secs) = (0.0, 0.0);
+        let mut d_rb = RecvBuf::new(64 << 10);
+        let mut cpu = (0.0, 0.0);
+        let Conn { s, rb } = rt;
+        pump(&b, peer, || {
+            round_trips(s, rb, &req, warm, &mut Vec::new())
+                .map_err(|e| format!("Hyper ping: {e}"))?;
+            round_trips(&a, &mut d_rb, &req, warm, &mut Vec::new())
+                .map_err(|e| format!("direct: {e}"))?;
+            for k in 0..blocks {
+                let calls = n * (k + 1) / blocks - n * k / blocks;
+                let c0 = self.cpu_now()?;
+                p_secs += round_trips(s, rb, &req, calls, &mut p_lat)
+                    .map_err(|e| format!("Hyper ping: {e}"))?;
+                let c1 = self.cpu_now()?;
+                cpu.0 += c1.0 - c0.0;
+                cpu.1 += c1.1 - c0.1;
+                d_secs += round_trips(&a, &mut d_rb, &req, calls, &mut d_lat)
+                    .map_err(|e| format!("direct: {e}"))?;
+            }
+            let _ = a.shutdown(std::net::Shutdown::Write);
+            Ok(())
+        })?;
+        self.set("cpu.hyper", cpu.0);
+        self.set("harness_cpu.hyper", cpu.1);
+        let answered = agent.pings() - pings0;
+        if answered != (warm + n) as u64 {
+            return Err(format!(
+                "Hyper ping: {} calls answered, but the agent saw {answered} pings with data {{}}",
+                warm + n
+            ));
+        }
+        let proxy = Rtt::of(&mut p_lat, p_secs);
+        let direct = Rtt::of(&mut d_lat, d_secs);
         for (k, (p, d)) in [
             ("hyper_p50_us", (proxy.p50_us, direct.p50_us)),
             ("hyper_p99_us", (proxy.p99_us, direct.p99_us)),
@@ -562,7 +613,7 @@ impl Run<'_> {
                 }));
             }
         }
-        let cpu0 = self.d.cpu_seconds()?;
+        let cpu0 = self.cpu_now()?;
         let t0 = Instant::now();
         let sinks = pump(
             io,
@@ -620,7 +671,7 @@ impl Run<'_> {
             .iter()
             .map(|t| Ok(Frame::command(Command::ConnectShim, connect_shim_payload(t)?).to_bytes()))
             .collect::<Result<Vec<_>, String>>()?;
-        let cpu0 = self.d.cpu_seconds()?;
+        let cpu0 = self.cpu_now()?;
         let t0 = Instant::now();
         let mut conns = Vec::with_capacity(n);
         for f in &frames {
@@ -653,9 +704,8 @@ impl Run<'_> {
         let ms = t0.elapsed().as_secs_f64() * 1000.0;
         self.cpu_since("storm", cpu0)?;
         settle();
-        let rss = self.rss_mib()?;
+        let rss = self.rss_mib("rss_1000_shims_mib")?;
         self.set("storm_ms.proxy", ms);
-        self.set("rss_1000_shims_mib", rss);
         eprintln!("  connect storm: {n} shims answered in {ms:.1} ms; RSS with them {rss:.2} MiB");
         drop(conns);
         rt.unregister_vm("bench-storm")?;
@@ -671,25 +721,38 @@ struct Rtt {
     calls_s: f64,
 }
 
-/// `warm + n` sequential round trips: write `req`, read one response to
-/// Hyper (empty payload, no error). Only the last `n` are timed.
+impl Rtt {
+    /// From round-trip times (ns) and the seconds they took in all.
+    fn of(lat: &mut [u64], secs: f64) -> Self {
+        lat.sort_unstable();
+        let pct = |p: usize| -> f64 {
+            let i = (lat.len() * p / 100).min(lat.len().saturating_sub(1));
+            lat.get(i).copied().unwrap_or(0) as f64 / 1000.0
+        };
+        Self {
+            p50_us: pct(50),
+            p99_us: pct(99),
+            calls_s: lat.len() as f64 / secs.max(1e-9),
+        }
+    }
+}
+
+/// `n` sequential round trips: write `req`, read one response to Hyper
+/// (empty payload, no error). Pushes each time (ns) to `lat`; returns the
+/// seconds they took.
 fn round_trips(
     s: &UnixStream,
     rb: &mut RecvBuf,
     req: &[u8],
-    warm: usize,
     n: usize,
-) -> Result<Rtt, String> {
+    lat: &mut Vec<u64>,
+) -> Result<f64, String> {
     let ok = FrameKind::Response {
         command: Command::Hyper,
         error: false,
     };
-    let mut lat = Vec::with_capacity(n);
-    let mut t_start = Instant::now();
-    for i in 0..warm + n {
-        if i == warm {
-            t_start = Instant::now();
-        }
+    let t_start = Instant::now();
+    for i in 0..n {
         let t = Instant::now();
         write_all(&mut &*s, req)?;
         let (kind, at, total) = loop {
@@ -707,19 +770,7 @@ fn round_trips(
             ));
         }
         rb.consume(total);
-        if i >= warm {
-            lat.push(t.elapsed().as_nanos() as u64);
-        }
+        lat.push(t.elapsed().as_nanos() as u64);
     }
-    let total = t_start.elapsed().as_secs_f64().max(1e-9);
-    lat.sort_unstable();
-    let pct = |p: usize| -> f64 {
-        let i = (lat.len() * p / 100).min(lat.len().saturating_sub(1));
-        lat.get(i).copied().unwrap_or(0) as f64 / 1000.0
-    };
-    Ok(Rtt {
-        p50_us: pct(50),
-        p99_us: pct(99),
-        calls_s: n as f64 / total,
-    })
+    Ok(t_start.elapsed().as_secs_f64())
 }

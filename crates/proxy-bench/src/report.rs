@@ -179,7 +179,15 @@ pub fn rows(runs: &[Metrics], vol: &Volumes) -> Vec<Row> {
             Some(Target::Max(12.0)),
         ),
     ] {
-        spec.push((k.into(), label, "MiB", k.into(), None, t));
+        spec.push((k.into(), label.clone(), "MiB", k.into(), None, t));
+        spec.push((
+            format!("{k}.anon"),
+            "  of which anonymous (RssAnon)".to_string(),
+            "MiB",
+            format!("{k}.anon"),
+            None,
+            None,
+        ));
     }
     spec.push((
         "cpu_run_s".into(),

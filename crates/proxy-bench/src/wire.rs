@@ -587,4 +587,19 @@ mod tests {
         drop(b);
         let _ = t.join();
     }
+
+    #[test]
+    fn one_corrupted_byte_is_caught() {
+        let p = Pattern::new();
+        let c = Cycle::new(&p, Framing::Io, &[3], 4096, 100_000);
+        let want = c.expected(&p, 1, 50)[0];
+        let mut wire = Vec::new();
+        c.write(&mut wire, 50, &io_exit(3, 0)).unwrap();
+        wire[12 + 4108 * 20 + 100] ^= 1;
+        let mut rb = RecvBuf::new(1 << 20);
+        let mut s = IoSink::new(3, want.len, IoEnd::EofExit);
+        drain(&mut &wire[..], &mut rb, &mut s).unwrap();
+        assert_eq!(s.digest().len, want.len);
+        assert_ne!(s.digest(), want);
+    }
 }
