@@ -224,13 +224,33 @@ fn run(a: &Args) -> Result<bool, String> {
     Ok(a.quick || rep.misses.is_empty())
 }
 
-/// The short commit hash of the working tree, if git knows it.
+/// The short commit hash, if git knows it, marked `(modified)` when the
+/// daemon's sources differ from it.
 fn git_commit() -> String {
-    std::process::Command::new("git")
-        .args(["rev-parse", "--short", "HEAD"])
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_default()
+    let git = |args: &[&str]| {
+        std::process::Command::new("git")
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    };
+    let Some(head) = git(&["rev-parse", "--short", "HEAD"]) else {
+        return String::new();
+    };
+    let daemon_sources = [
+        "status",
+        "--porcelain",
+        "--untracked-files=no",
+        "--",
+        "crates/proxy-server",
+        "crates/proxy-proto",
+        "crates/proxy-vsock",
+        "Cargo.toml",
+        "Cargo.lock",
+    ];
+    match git(&daemon_sources) {
+        Some(s) if !s.is_empty() => format!("{head} (daemon sources modified)"),
+        _ => head,
+    }
 }

@@ -514,7 +514,7 @@ pub fn performance_md(r: &Report, commit: &str) -> String {
     let _ = writeln!(s, "| kernel | {} |", m.kernel);
     let _ = writeln!(s, "| date | {} |", m.date);
     if !commit.is_empty() {
-        let _ = writeln!(s, "| commit | `{commit}` |");
+        let _ = writeln!(s, "| commit | {commit} |");
     }
     let _ = writeln!(s, "| daemon | `cc-proxy {}` |", r.daemon.args.join(" "));
     s.push('\n');
@@ -577,8 +577,12 @@ pub fn performance_md(r: &Report, commit: &str) -> String {
     let _ = writeln!(
         s,
         "- **RSS**: VmRSS of `/proc/<pid>/status`, idle right after start, idle with one \
-         VM registered (5 tokens), and with the storm's {} shims connected. **CPU**: \
-         utime + stime of `/proc/<pid>/stat` for the whole run (clock-tick resolution).",
+         VM registered (5 tokens), and with the storm's {} shims connected. VmRSS counts \
+         every resident page of the binary and of libc, which other processes share; \
+         `report.json` also has RssAnon, RssFile and Pss for each. **CPU**: utime + stime \
+         of `/proc/<pid>/stat` for the whole run (clock-tick resolution); per figure, \
+         `report.json` has the daemon's on-CPU time from `schedstat` (`cpu.*`) and the \
+         bench's own (`harness_cpu.*`).",
         v.storm_shims
     );
     let _ = writeln!(
@@ -601,7 +605,7 @@ pub fn throughput_svg(rows: &[Row], repeat: usize) -> String {
         })
         .collect();
     let (w, h) = (720.0_f64, 400.0_f64);
-    let (left, right, top, bottom) = (70.0, 20.0, 50.0, 60.0);
+    let (left, right, top, bottom) = (70.0, 20.0, 64.0, 60.0);
     let plot_w = w - left - right;
     let plot_h = h - top - bottom;
     let max = data
@@ -693,12 +697,12 @@ pub fn throughput_svg(rows: &[Row], repeat: usize) -> String {
     let lx = left + 10.0;
     let _ = writeln!(
         s,
-        r##"<rect x="{lx}" y="34" width="12" height="12" fill="#2b6cb0"/><text x="{}" y="44">through cc-proxy</text>"##,
+        r##"<rect x="{lx}" y="36" width="12" height="12" fill="#2b6cb0"/><text x="{}" y="46">through cc-proxy</text>"##,
         lx + 16.0
     );
     let _ = writeln!(
         s,
-        r##"<rect x="{}" y="34" width="12" height="12" fill="#a0aec0"/><text x="{}" y="44">direct socket pair</text>"##,
+        r##"<rect x="{}" y="36" width="12" height="12" fill="#a0aec0"/><text x="{}" y="46">direct socket pair</text>"##,
         lx + 140.0,
         lx + 156.0
     );
