@@ -247,6 +247,25 @@ pub fn cpu_seconds(pid: u32) -> Result<f64, String> {
     Ok(ticks as f64 / clock_ticks())
 }
 
+/// Busy CPU time of the whole machine so far (user, nice, system, irq,
+/// softirq of the `cpu` line of /proc/stat), in seconds.
+pub fn machine_busy_seconds() -> Result<f64, String> {
+    let s = fs::read_to_string("/proc/stat").map_err(|e| format!("/proc/stat: {e}"))?;
+    let line = s
+        .lines()
+        .find(|l| l.starts_with("cpu "))
+        .ok_or("/proc/stat: no cpu line")?;
+    let f: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|v| v.parse().unwrap_or(0))
+        .collect();
+    let get = |i: usize| f.get(i).copied().unwrap_or(0);
+    // user nice system idle iowait irq softirq …
+    let ticks = get(0) + get(1) + get(2) + get(5) + get(6);
+    Ok(ticks as f64 / clock_ticks())
+}
+
 fn clock_ticks() -> f64 {
     // SAFETY: sysconf only reads a configuration value.
     let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };

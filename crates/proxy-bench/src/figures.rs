@@ -12,7 +12,7 @@ use tokio::io::AsyncReadExt;
 
 use crate::agent::Agent;
 use crate::conn::{connect_shim_payload, json, Conn, IO_TIMEOUT};
-use crate::daemon::{self_cpu, Daemon, TempDir};
+use crate::daemon::{machine_busy_seconds, self_cpu, Daemon, TempDir};
 use crate::hash::Digest;
 use crate::wire::{
     drain, io_exit, proxy_frame, stream_header, write_all, Cycle, Framing, IoEnd, IoSink, Pattern,
@@ -179,6 +179,9 @@ fn newcontainer_data(id: &str) -> String {
 
 /// Run one of everything against a fresh daemon.
 pub fn run_once(b: &Bench<'_>) -> Result<Metrics, String> {
+    let busy0 = machine_busy_seconds()?;
+    let self0 = self_cpu();
+    let t0 = Instant::now();
     let tmp = TempDir::new()?;
     let d = Daemon::start(b.bin, tmp.path(), b.extra)?;
     let mut r = Run {
@@ -187,7 +190,24 @@ pub fn run_once(b: &Bench<'_>) -> Result<Metrics, String> {
         d,
         m: Metrics::new(),
     };
-    let res = r.all();
+    let res = r.all().and_then(|()| {
+        // What the rest of the machine used meanwhile: the bench and the
+        // daemon are not alone on a shared host, and their figures say so.
+        let other = machine_busy_seconds()?
+            - busy0
+            - (self_cpu() - self0)
+            - r.m.get("cpu_run_s").copied().unwrap_or(0.0);
+        let load = (other / t0.elapsed().as_secs_f64()).max(0.0);
+        r.set("other_load_cpus", load);
+        if load > 0.2 {
+            eprintln!(
+                "  warning: other processes kept {load:.2} CPUs busy during this run; its figures are disturbed"
+            );
+        } else {
+            eprintln!("  other processes: {load:.2} CPUs busy on average");
+        }
+        Ok(())
+    });
     match res {
         Ok(()) => {
             let s = r.d.shutdown()?;

@@ -175,6 +175,8 @@ fn run(a: &Args) -> Result<bool, String> {
     );
     print!("{}", report::terminal_table(&rows));
     println!("every byte stream matched end to end (XXH64).");
+    let other = report::other_load(&runs);
+    println!("other processes kept {other:.2} CPUs busy during the runs (median).");
 
     let rep = Report {
         format: 1,

@@ -474,6 +474,11 @@ pub struct DaemonOut {
     pub args: Vec<String>,
 }
 
+/// Median CPUs other processes kept busy during the runs.
+pub fn other_load(runs: &[Metrics]) -> f64 {
+    median(&series(runs, "other_load_cpus"))
+}
+
 /// `docs/PERFORMANCE.md`.
 pub fn performance_md(r: &Report, commit: &str) -> String {
     let m = &r.machine;
@@ -513,6 +518,11 @@ pub fn performance_md(r: &Report, commit: &str) -> String {
     let _ = writeln!(s, "| memory | {} MiB |", m.mem_mib);
     let _ = writeln!(s, "| kernel | {} |", m.kernel);
     let _ = writeln!(s, "| date | {} |", m.date);
+    let _ = writeln!(
+        s,
+        "| other load during the runs | {:.2} CPUs busy (median) |",
+        other_load(&r.runs)
+    );
     if !commit.is_empty() {
         let _ = writeln!(s, "| commit | {commit} |");
     }
