@@ -209,11 +209,6 @@ impl Conn {
         Ok(())
     }
 
-    /// Wait until the reader has seen the end of the connection.
-    pub(crate) async fn closed(&mut self) {
-        let _ = (&mut self.reader).await;
-    }
-
     /// Why the connection is unusable, if it is.
     pub(crate) fn closed_error(&self) -> Error {
         self.shared
@@ -362,9 +357,9 @@ async fn read_loop(
                 return;
             }
         }
-        if end != Error::Closed {
-            let _ = tx.send(Err(end)).await;
-        }
+        // The end of this connection: lost (the shim may reconnect), or
+        // closed on purpose.
+        let _ = tx.send(Err(end)).await;
     }
 }
 

@@ -79,9 +79,23 @@ impl Default for ReconnectPolicy {
 
 /// The output of a shim's process, in order: stdout and stderr bytes, then
 /// the exit code. Keeps working across [`Shim::reconnect`].
-#[derive(Debug)]
+///
+/// It keeps the connection open by itself: a [`Shim`] handle may be moved
+/// into a task that writes stdin and be dropped when it is done, while the
+/// output is still read here.
 pub struct ShimEvents {
     rx: mpsc::Receiver<EventItem>,
+    /// Disconnected on purpose: nothing more will come.
+    closed: bool,
+    _conn: Arc<Inner>,
+}
+
+impl std::fmt::Debug for ShimEvents {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShimEvents")
+            .field("token", &self._conn.token)
+            .finish_non_exhaustive()
+    }
 }
 
 impl ShimEvents {
@@ -91,11 +105,17 @@ impl ShimEvents {
     /// proxy was lost (call [`Shim::reconnect`], then go on receiving:
     /// the proxy kept the output that came meanwhile), [`Error::Protocol`]
     /// when the proxy broke the protocol, and [`Error::Closed`] once the shim
-    /// is disconnected or dropped and everything was received.
+    /// is disconnected ([`Shim::disconnect`]) and everything was received.
     pub async fn recv(&mut self) -> Result<ShimEvent> {
+        if self.closed {
+            return Err(Error::Closed);
+        }
         match self.rx.recv().await {
+            Some(Err(Error::Closed)) | None => {
+                self.closed = true;
+                Err(Error::Closed)
+            }
             Some(item) => item,
-            None => Err(Error::Closed),
         }
     }
 
@@ -160,15 +180,18 @@ impl Shim {
         }
         let (tx, rx) = mpsc::channel(EVENT_QUEUE);
         let conn = claim(&addr, &token, tx.clone()).await?;
-        let shim = Shim {
-            inner: Arc::new(Inner {
-                addr,
-                token,
-                events: tx,
-                conn: Mutex::new(Arc::new(conn)),
-            }),
+        let inner = Arc::new(Inner {
+            addr,
+            token,
+            events: tx,
+            conn: Mutex::new(Arc::new(conn)),
+        });
+        let events = ShimEvents {
+            rx,
+            closed: false,
+            _conn: inner.clone(),
         };
-        Ok((shim, ShimEvents { rx }))
+        Ok((Shim { inner }, events))
     }
 
     /// The token this shim holds.
@@ -277,13 +300,8 @@ impl Shim {
     pub async fn disconnect(self) -> Result<()> {
         let conn = self.conn();
         conn.disconnect().await?;
-        drop(self);
-        // Wait for the proxy to close (the reader ends), unless another
-        // clone still holds the connection: then its drop ends it.
-        if let Ok(mut conn) = Arc::try_unwrap(conn) {
-            conn.closed().await;
-        }
-        Ok(())
+        // Written before returning: the caller may drop everything next.
+        conn.flush().await
     }
 
     /// True when the connection to the proxy is gone.

@@ -47,6 +47,29 @@ async fn a_shim_round_trip_stdin_in_stdout_stderr_and_exit_code_out() {
     assert_eq!(events.recv().await.unwrap_err(), Error::Closed);
 }
 
+/// The usual shape of a shim: stdin from one task that drops its handle
+/// when done, output read in another.
+#[tokio::test]
+async fn output_keeps_coming_after_the_stdin_task_dropped_its_handle() {
+    let p = proxy().await;
+    let mut vm = Vm::register(&p, 1).await;
+    let token = vm.tokens[0].clone();
+    let (shim, mut events) = Shim::connect(p.url(), &token).await.unwrap();
+    let io_base = vm.newcontainer("c-drop", &token).await;
+    tokio::spawn(async move {
+        shim.send_stdin(&b"in"[..]).await.unwrap();
+        shim.close_stdin().await.unwrap();
+    })
+    .await
+    .unwrap();
+    assert_eq!(&vm.agent.expect_io(io_base).await[..], b"in");
+    vm.agent.expect_io_eof(io_base).await;
+    vm.agent.send_io(io_base, b"out").await;
+    vm.agent.send_exit(io_base, 0).await;
+    let out = events.collect().await.unwrap();
+    assert_eq!((&out.stdout[..], out.code), (&b"out"[..], 0));
+}
+
 #[tokio::test]
 async fn hyper_returns_the_agents_raw_reply() {
     let p = proxy().await;

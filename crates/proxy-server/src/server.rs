@@ -373,6 +373,7 @@ pub async fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     // Handlers first: a SIGTERM that arrives while we start still means
     // "stop cleanly".
     let signals = Signals::install();
+    raise_fd_limit();
     let (listener, activated) = bind(&path)?;
     let ksm = Ksm::start(config.ksm, &config.ksm_sysfs);
     let shared = Shared::new(config, &path, pod_mode, ksm.clone());
@@ -386,6 +387,22 @@ pub async fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     }
     info!("cc-proxy stopped");
     Ok(())
+}
+
+/// Every shim is a connection and every VM two or three: lift the soft
+/// limit on open files to the hard one (as Go's runtime does for the
+/// reference daemon), so a host with many containers is not held to the
+/// usual 1024.
+fn raise_fd_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => debug!(from = soft, to = hard, "raised the open files limit"),
+            Err(e) => warn!(soft, hard, error = %e, "cannot raise the open files limit"),
+        },
+        Ok(_) => {}
+        Err(e) => warn!(error = %e, "cannot read the open files limit"),
+    }
 }
 
 /// The signals the daemon handles.

@@ -290,8 +290,9 @@ fn build_agent(dir: &Path) -> Result<PathBuf, String> {
     Ok(target_dir.join("x86_64-unknown-linux-gnu/release/proxy-agent"))
 }
 
-/// The real daemon, built like a release (shared target dir).
-pub fn build_proxy() -> Result<PathBuf, String> {
+/// The real daemon and shim, built like a release (shared target dir):
+/// the paths of `cc-proxy` and `cc-proxy-shim`.
+pub fn build_proxy() -> Result<(PathBuf, PathBuf), String> {
     util::run(Command::new(util::cargo()).args([
         "build",
         "--release",
@@ -299,11 +300,18 @@ pub fn build_proxy() -> Result<PathBuf, String> {
         "proxy-server",
         "--bin",
         "cc-proxy",
+        "-p",
+        "proxy-client",
+        "--bin",
+        "cc-proxy-shim",
     ]))?;
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| crate::root().join("target"));
-    Ok(target.join("release/cc-proxy"))
+    Ok((
+        target.join("release/cc-proxy"),
+        target.join("release/cc-proxy-shim"),
+    ))
 }
 
 fn write_initrd(

@@ -220,6 +220,15 @@ impl Vm {
     pub fn console_tail(&self, n: usize) -> String {
         tail(&self.console, n)
     }
+
+    /// Whether QEMU still runs, for failure reports.
+    pub fn qemu_state(&mut self) -> String {
+        match self.qemu.try_wait() {
+            Ok(None) => "QEMU is still running".into(),
+            Ok(Some(s)) => format!("QEMU has exited: {s}"),
+            Err(e) => format!("QEMU: {e}"),
+        }
+    }
 }
 
 impl Drop for Vm {
