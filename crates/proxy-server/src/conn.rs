@@ -230,7 +230,11 @@ impl Conn {
 
     async fn handle(&mut self, f: Frame) -> Flow {
         match f.kind {
-            FrameKind::Command(cmd) => self.command(cmd, f.payload).await,
+            // Boxed: the command futures (RegisterVM waiting for READY,
+            // Hyper waiting for the agent…) are large, and inline they
+            // would size every connection's task — 1000 idle shims — by
+            // the largest of them. Stream frames, the hot path, stay inline.
+            FrameKind::Command(cmd) => Box::pin(self.command(cmd, f.payload)).await,
             FrameKind::Stream(Stream::Stdin) => self.stdin(f.payload).await,
             FrameKind::Stream(Stream::Log) => self.log(&f.payload),
             FrameKind::Stream(s) => {

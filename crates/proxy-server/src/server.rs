@@ -505,6 +505,26 @@ mod tokio_util_tracker {
 
     struct Guard(Arc<Inner>);
 
+    pin_project_lite::pin_project! {
+        /// A task's future and the guard counting it.
+        struct Tracked<F> {
+            #[pin]
+            f: F,
+            _g: Guard,
+        }
+    }
+
+    impl<F: Future> Future for Tracked<F> {
+        type Output = F::Output;
+
+        fn poll(
+            self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<F::Output> {
+            self.project().f.poll(cx)
+        }
+    }
+
     impl Drop for Guard {
         fn drop(&mut self) {
             if self
@@ -524,10 +544,10 @@ mod tokio_util_tracker {
                 .live
                 .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
             let g = Guard(self.0.clone());
-            tokio::spawn(async move {
-                let _g = g;
-                f.await
-            });
+            // Not `async move { let _g = g; f.await }`: that keeps `f`
+            // twice in the task (as captured and as awaited), doubling the
+            // memory of every connection.
+            tokio::spawn(Tracked { f, _g: g });
         }
 
         pub async fn wait(&self) {
