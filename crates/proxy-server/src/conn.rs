@@ -591,26 +591,38 @@ async fn writer(
                 None => {}
             }
         }
-        // Gather more without waiting.
-        while !closing && batch.len() < 256 * 1024 && batch.chunks() < 512 {
-            match rx.try_recv() {
-                Ok(m) => {
-                    handle_msg(m, &mut batch, &mut session, &mut drain);
-                    continue;
+        // Gather more without waiting. A small batch waits one turn of
+        // the scheduler first: the io reader may be about to queue more for
+        // this session (many busy sessions on one VM), and one write of
+        // several messages costs far less than one write each.
+        let mut yielded = false;
+        'gather: loop {
+            while !closing && batch.len() < 256 * 1024 && batch.chunks() < 512 {
+                match rx.try_recv() {
+                    Ok(m) => {
+                        handle_msg(m, &mut batch, &mut session, &mut drain);
+                        continue;
+                    }
+                    Err(mpsc::error::TryRecvError::Disconnected) => {
+                        closing = true;
+                        break;
+                    }
+                    Err(mpsc::error::TryRecvError::Empty) => {}
                 }
-                Err(mpsc::error::TryRecvError::Disconnected) => {
-                    closing = true;
-                    break;
+                match session.as_mut().and_then(|(_, q)| q.try_next()) {
+                    Some(o) => {
+                        push_output(&mut batch, &o);
+                        inflight.push(o);
+                    }
+                    None => break,
                 }
-                Err(mpsc::error::TryRecvError::Empty) => {}
             }
-            match session.as_mut().and_then(|(_, q)| q.try_next()) {
-                Some(o) => {
-                    push_output(&mut batch, &o);
-                    inflight.push(o);
-                }
-                None => break,
+            if !yielded && !closing && !drain && !inflight.is_empty() && batch.len() < 64 * 1024 {
+                yielded = true;
+                tokio::task::yield_now().await;
+                continue 'gather;
             }
+            break;
         }
         if drain {
             if let Some((_, q)) = session.as_mut() {
