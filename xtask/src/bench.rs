@@ -6,25 +6,9 @@
 //! (also write `docs/PERFORMANCE.md` and `docs/perf-throughput.svg`).
 //! The JSON report goes to `target/bench/report.json`.
 
-use std::path::PathBuf;
 use std::process::Command;
 
 use crate::util;
-
-/// Where cargo puts build outputs: `$CARGO_TARGET_DIR` or `<root>/target`.
-fn target_dir() -> PathBuf {
-    match std::env::var_os("CARGO_TARGET_DIR") {
-        Some(d) => {
-            let d = PathBuf::from(d);
-            if d.is_absolute() {
-                d
-            } else {
-                crate::root().join(d)
-            }
-        }
-        None => crate::root().join("target"),
-    }
-}
 
 /// The target of the static build (the only one installed here).
 const STATIC_TARGET: &str = "x86_64-unknown-linux-gnu";
@@ -57,14 +41,18 @@ pub fn run(args: &[String]) -> Result<(), String> {
         "--bin",
         "proxy-bench",
     ]))?;
-    let release = target_dir().join("release");
+    let release = util::target_dir().join("release");
     let root = crate::root();
     util::run(
         Command::new(release.join("proxy-bench"))
             .arg("--cc-proxy")
-            .arg(target_dir().join(STATIC_TARGET).join("release/cc-proxy"))
+            .arg(
+                util::target_dir()
+                    .join(STATIC_TARGET)
+                    .join("release/cc-proxy"),
+            )
             .arg("--out")
-            .arg(target_dir().join("bench"))
+            .arg(util::target_dir().join("bench"))
             .arg("--docs")
             .arg(root.join("docs"))
             .args(args),

@@ -1,6 +1,23 @@
 //! Small helpers for running commands with an echo, as a CI log wants.
 
+use std::path::PathBuf;
 use std::process::Command;
+
+/// Where cargo puts build outputs: `$CARGO_TARGET_DIR` (relative to the
+/// repository root if relative) or `<root>/target`.
+pub fn target_dir() -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(d) => {
+            let d = PathBuf::from(d);
+            if d.is_absolute() {
+                d
+            } else {
+                crate::root().join(d)
+            }
+        }
+        None => crate::root().join("target"),
+    }
+}
 
 /// The cargo that invoked us, or `cargo`.
 pub fn cargo() -> String {

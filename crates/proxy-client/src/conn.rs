@@ -477,6 +477,12 @@ mod tests {
         (conn, b, shim.then_some(rx))
     }
 
+    /// A call on its own task, so the test can play the proxy meanwhile.
+    fn spawn_call(conn: &Arc<Conn>, command: Command) -> tokio::task::JoinHandle<Result<Bytes>> {
+        let c = conn.clone();
+        tokio::spawn(async move { c.call(command, Bytes::from_static(b"{}")).await })
+    }
+
     async fn read_frame(peer: &mut UnixStream, buf: &mut BytesMut) -> Frame {
         let mut dec = FrameDecoder::new(Limits::default());
         loop {
@@ -491,17 +497,11 @@ mod tests {
     async fn responses_go_to_their_callers_in_order() {
         let (conn, mut peer, _) = pair(false).await;
         let conn = Arc::new(conn);
-        let a = tokio::spawn({
-            let c = conn.clone();
-            async move { c.call(Command::Hyper, Bytes::from_static(b"{}")).await }
-        });
+        let a = spawn_call(&conn, Command::Hyper);
         let mut buf = BytesMut::new();
         let f = read_frame(&mut peer, &mut buf).await;
         assert_eq!(f.kind, FrameKind::Command(Command::Hyper));
-        let b = tokio::spawn({
-            let c = conn.clone();
-            async move { c.call(Command::AttachVm, Bytes::from_static(b"{}")).await }
-        });
+        let b = spawn_call(&conn, Command::AttachVm);
         let f = read_frame(&mut peer, &mut buf).await;
         assert_eq!(f.kind, FrameKind::Command(Command::AttachVm));
         peer.write_all(&Frame::response(Command::Hyper, &b"one"[..]).to_bytes())
@@ -533,10 +533,7 @@ mod tests {
     async fn a_mismatched_response_fails_the_caller() {
         let (conn, mut peer, _) = pair(false).await;
         let conn = Arc::new(conn);
-        let call = tokio::spawn({
-            let c = conn.clone();
-            async move { c.call(Command::Hyper, Bytes::new()).await }
-        });
+        let call = spawn_call(&conn, Command::Hyper);
         let mut buf = BytesMut::new();
         read_frame(&mut peer, &mut buf).await;
         peer.write_all(&Frame::response(Command::Signal, Bytes::new()).to_bytes())
@@ -553,10 +550,7 @@ mod tests {
     async fn a_lost_connection_fails_waiters_and_later_calls() {
         let (conn, mut peer, _) = pair(false).await;
         let conn = Arc::new(conn);
-        let call = tokio::spawn({
-            let c = conn.clone();
-            async move { c.call(Command::Hyper, Bytes::new()).await }
-        });
+        let call = spawn_call(&conn, Command::Hyper);
         let mut buf = BytesMut::new();
         read_frame(&mut peer, &mut buf).await;
         drop(peer);
@@ -604,10 +598,7 @@ mod tests {
                 .unwrap();
         }
         let conn = Arc::new(conn);
-        let call = tokio::spawn({
-            let c = conn.clone();
-            async move { c.call(Command::Signal, Bytes::new()).await }
-        });
+        let call = spawn_call(&conn, Command::Signal);
         let mut buf = BytesMut::new();
         read_frame(&mut peer, &mut buf).await;
         peer.write_all(&Frame::response(Command::Signal, Bytes::new()).to_bytes())

@@ -305,9 +305,7 @@ pub fn build_proxy() -> Result<(PathBuf, PathBuf), String> {
         "--bin",
         "cc-proxy-shim",
     ]))?;
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| crate::root().join("target"));
+    let target = util::target_dir();
     Ok((
         target.join("release/cc-proxy"),
         target.join("release/cc-proxy-shim"),
