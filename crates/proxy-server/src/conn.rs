@@ -591,11 +591,14 @@ async fn writer(
                 None => {}
             }
         }
-        // Gather more without waiting. A small batch waits one turn of
-        // the scheduler first: the io reader may be about to queue more for
-        // this session (many busy sessions on one VM), and one write of
-        // several messages costs far less than one write each.
-        let mut yielded = false;
+        // Gather more without waiting. A small batch of output waits a turn
+        // of the scheduler (up to three, while each brings more): the io
+        // reader may be about to queue more for this session (many busy
+        // sessions on one VM), and one write of several messages costs far
+        // less than one write each. A lone interactive session stops after
+        // one turn that brought nothing.
+        let mut yields = 0;
+        let mut before = 0;
         'gather: loop {
             while !closing && batch.len() < 256 * 1024 && batch.chunks() < 512 {
                 match rx.try_recv() {
@@ -617,8 +620,15 @@ async fn writer(
                     None => break,
                 }
             }
-            if !yielded && !closing && !drain && !inflight.is_empty() && batch.len() < 64 * 1024 {
-                yielded = true;
+            if yields < 3
+                && batch.len() > before
+                && !closing
+                && !drain
+                && !inflight.is_empty()
+                && batch.len() < 64 * 1024
+            {
+                yields += 1;
+                before = batch.len();
                 tokio::task::yield_now().await;
                 continue 'gather;
             }
