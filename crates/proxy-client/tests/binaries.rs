@@ -223,3 +223,77 @@ async fn cc_proxy_ctl_registers_sends_hyper_and_unregisters() {
     assert_eq!(code, 1);
     assert!(err.contains("unknown container nope"), "{err}");
 }
+
+/// On a terminal: the shim sends the terminal's size when it starts and on
+/// SIGWINCH, and keeps the terminal in raw mode while it runs.
+#[tokio::test]
+async fn cc_proxy_shim_on_a_terminal_sends_its_size_and_uses_raw_mode() {
+    use nix::pty::{openpty, Winsize};
+    use nix::sys::termios::{tcgetattr, LocalFlags};
+
+    let p = proxy().await;
+    let mut vm = Vm::register(&p, 1).await;
+    let token = vm.tokens[0].clone();
+    let size = |rows, cols| Winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    let pty = openpty(Some(&size(24, 80)), None).unwrap();
+    assert!(tcgetattr(&pty.slave)
+        .unwrap()
+        .local_flags
+        .contains(LocalFlags::ICANON));
+    let child = Command::new(SHIM)
+        .args(["-c", "c-tty", "-t", token.as_str(), "-u", &vm.url])
+        .stdin(Stdio::from(pty.slave.try_clone().unwrap()))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let io_base = vm.newcontainer("c-tty", &token).await;
+
+    // The size at start…
+    let v = vm.agent.expect_ctl_json(Code::WinSize).await;
+    assert_eq!(
+        (v["seq"].as_u64(), v["row"].as_u64(), v["column"].as_u64()),
+        (Some(io_base), Some(24), Some(80))
+    );
+    vm.agent.reply_ack(b"").await;
+    // …raw mode meanwhile…
+    assert!(!tcgetattr(&pty.slave)
+        .unwrap()
+        .local_flags
+        .contains(LocalFlags::ICANON));
+    // …and the new size on SIGWINCH.
+    let ws = size(50, 132);
+    // SAFETY: TIOCSWINSZ reads one `struct winsize` through the pointer,
+    // which points to a live `Winsize`; the fd is the pty's master, open.
+    let r = unsafe {
+        libc::ioctl(
+            std::os::fd::AsRawFd::as_raw_fd(&pty.master),
+            libc::TIOCSWINSZ,
+            &ws,
+        )
+    };
+    assert_eq!(r, 0);
+    let pid = nix::unistd::Pid::from_raw(child.id().unwrap() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGWINCH).unwrap();
+    let v = vm.agent.expect_ctl_json(Code::WinSize).await;
+    assert_eq!(
+        (v["row"].as_u64(), v["column"].as_u64()),
+        (Some(50), Some(132))
+    );
+    vm.agent.reply_ack(b"").await;
+
+    vm.agent.send_exit(io_base, 0).await;
+    let (code, _, _) = finish(child).await;
+    assert_eq!(code, 0);
+    // The terminal is given back as it was.
+    assert!(tcgetattr(&pty.slave)
+        .unwrap()
+        .local_flags
+        .contains(LocalFlags::ICANON));
+}
