@@ -609,11 +609,17 @@ pub fn performance_md(r: &Report, commit: &str) -> String {
         "\n## Where the misses come from\n\n\
          - **Hyper p99.** A call through the proxy crosses four sockets and wakes three \
          processes (client, daemon, agent) where the direct round trip crosses two and wakes \
-         two; on this machine a wake-up of a thread on the other, idle vCPU costs tens of \
-         microseconds, while the direct baseline's two threads answer each other in under \
-         4 µs. With every process pinned to one CPU (`taskset -c 0`) the proxy's p50/p99 were \
-         12.1/16.7 µs against 2.9/6.1 µs direct (2.8×). The absolute p99 (about 100 µs) is \
-         a third of the reference daemon's 303 µs.\n\
+         two. On the machines this was developed on (nested virtualization, guest halt \
+         polling off: `haltpoll.guest_halt_poll_ns=0`), waking a thread on an idle vCPU costs \
+         tens of microseconds, while the direct baseline's two threads answer each other in \
+         under 4 µs: the same Hyper loop measured 92 µs p50 on a quiet machine and 17 µs \
+         while a build kept both CPUs busy. With the bench pinned to one CPU (`taskset -c 0 \
+         proxy-bench …`) no wake-up crosses CPUs: proxy p50/p99 12.1/14.2 µs against \
+         2.8/3.7 µs direct (3.9×), 79 000 calls/s, and the daemon's CPU for the whole run \
+         halves (0.65 s against 1.4 s). The syscalls of one call through the daemon (two \
+         `epoll_wait`, three reads, three writes) are themselves about twice the direct \
+         round trip. The absolute p99 (about 100–140 µs unpinned) is still well under the \
+         reference daemon's 303 µs.\n\
          - **Fan-out.** The agent interleaves the 64 sessions one 4 KiB message at a time, \
          so each read of the io channel holds one or two messages per session and each \
          shim's write carries few of them: one `writev` per few KiB where the single stream \
