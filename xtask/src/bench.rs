@@ -10,29 +10,12 @@ use std::process::Command;
 
 use crate::util;
 
-/// The target of the static build (the only one installed here).
-const STATIC_TARGET: &str = "x86_64-unknown-linux-gnu";
-
 pub fn run(args: &[String]) -> Result<(), String> {
     let cargo = util::cargo();
     // The daemon as it is best shipped: a static (static-pie) release
     // binary, which needs no libc on the host and maps less memory (no
-    // shared libc, libm, ld.so pages in its RSS). Its own `--target` keeps
-    // the host build of the workspace untouched, as for the guest agent.
-    util::run(
-        Command::new(&cargo)
-            .env("RUSTFLAGS", "-C target-feature=+crt-static")
-            .args([
-                "build",
-                "--release",
-                "-p",
-                "proxy-server",
-                "--bin",
-                "cc-proxy",
-                "--target",
-                STATIC_TARGET,
-            ]),
-    )?;
+    // shared libc, libm, ld.so pages in its RSS).
+    let cc_proxy = util::build_static("proxy-server", "cc-proxy")?;
     util::run(Command::new(&cargo).args([
         "build",
         "--release",
@@ -46,11 +29,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
     util::run(
         Command::new(release.join("proxy-bench"))
             .arg("--cc-proxy")
-            .arg(
-                util::target_dir()
-                    .join(STATIC_TARGET)
-                    .join("release/cc-proxy"),
-            )
+            .arg(&cc_proxy)
             .arg("--out")
             .arg(util::target_dir().join("bench"))
             .arg("--docs")

@@ -47,3 +47,27 @@ pub fn describe(cmd: &Command) -> String {
     }
     s
 }
+
+/// The target of static builds (the only one installed here).
+pub const STATIC_TARGET: &str = "x86_64-unknown-linux-gnu";
+
+/// Build `bin` of `package` as the project ships its programs: a static
+/// (static-pie) release binary, with its own `--target` so that the host
+/// build of the workspace is untouched. Returns its path. The e2e run and
+/// the bench build the daemon with exactly this command, so the second
+/// build is a no-op.
+pub fn build_static(package: &str, bin: &str) -> Result<PathBuf, String> {
+    run(Command::new(cargo())
+        .env("RUSTFLAGS", "-C target-feature=+crt-static")
+        .args([
+            "build",
+            "--release",
+            "-p",
+            package,
+            "--bin",
+            bin,
+            "--target",
+            STATIC_TARGET,
+        ]))?;
+    Ok(target_dir().join(STATIC_TARGET).join("release").join(bin))
+}

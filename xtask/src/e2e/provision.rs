@@ -290,25 +290,12 @@ fn build_agent(dir: &Path) -> Result<PathBuf, String> {
     Ok(target_dir.join("x86_64-unknown-linux-gnu/release/proxy-agent"))
 }
 
-/// The real daemon and shim, built like a release (shared target dir):
-/// the paths of `cc-proxy` and `cc-proxy-shim`.
+/// The real daemon and shim as shipped (static release builds): the paths
+/// of `cc-proxy` and `cc-proxy-shim`.
 pub fn build_proxy() -> Result<(PathBuf, PathBuf), String> {
-    util::run(Command::new(util::cargo()).args([
-        "build",
-        "--release",
-        "-p",
-        "proxy-server",
-        "--bin",
-        "cc-proxy",
-        "-p",
-        "proxy-client",
-        "--bin",
-        "cc-proxy-shim",
-    ]))?;
-    let target = util::target_dir();
     Ok((
-        target.join("release/cc-proxy"),
-        target.join("release/cc-proxy-shim"),
+        util::build_static("proxy-server", "cc-proxy")?,
+        util::build_static("proxy-client", "cc-proxy-shim")?,
     ))
 }
 
