@@ -21,22 +21,62 @@
 //! replacement of Clear Containers' `cc-shim` (`-c <container> -t <token>
 //! -u unix://<socket>`), and `cc-proxy-ctl`, a command line for people.
 //!
-//! # A runtime starting a process
+//! # A runtime starting a process, and its shim
 //!
-//! ```no_run
+//! This example runs as it is (`cargo test --doc`): its hidden lines start
+//! a real `cc-proxy` in the background and a mock hyperstart agent that
+//! plays the VM.
+//!
+//! ```
 //! use proxy_client::{Client, VmSpec};
-//!
-//! # async fn run() -> Result<(), proxy_client::Error> {
-//! let client = Client::connect("unix:///run/cc-proxy/proxy.sock").await?;
-//! // The proxy connects to the agent's channels and answers once it is READY.
-//! let io = client
-//!     .register_vm(VmSpec::new("pod-1", "/run/vm/pod-1/ctl.sock", "/run/vm/pod-1/io.sock").tokens(1))
+//! # use proxy_test_support::{hyper::Code, MockAgent, TempDir};
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! # let dir = TempDir::new();
+//! # let proxy_socket = dir.socket("proxy.sock");
+//! # let config = proxy_server::config::Config::parse_args([
+//! #     "cc-proxy", "-socket-path", proxy_socket.to_str().unwrap(), "-ksm", "initial", "-log", "error",
+//! # ]).unwrap();
+//! # std::thread::spawn(move || {
+//! #     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+//! #     let _ = rt.block_on(proxy_server::server::run(config));
+//! # });
+//! # while std::os::unix::net::UnixStream::connect(&proxy_socket).is_err() {
+//! #     tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+//! # }
+//! # let mut agent = MockAgent::start().await;
+//! # let ctl_sock = agent.ctl_path().display().to_string();
+//! # let io_sock = agent.io_path().display().to_string();
+//! # let vm = tokio::spawn(async move {
+//! #     let newcontainer = agent.expect_ctl_json(Code::NewContainer).await;
+//! #     let seq = newcontainer["process"]["stdio"].as_u64().unwrap();
+//! #     agent.reply_ack(b"").await;
+//! #     assert_eq!(&agent.expect_io(seq).await[..], b"hello\n");
+//! #     agent.send_io(seq, b"hello\n").await;
+//! #     agent.send_exit(seq, 0).await;
+//! #     agent
+//! # });
+//! // The runtime registers the VM: the proxy connects to the agent's
+//! // channels (here virtio-serial sockets) and answers once it is READY.
+//! let runtime = Client::connect(proxy_socket.as_path()).await?;
+//! let io = runtime
+//!     .register_vm(VmSpec::new("pod-1", ctl_sock, io_sock).tokens(1))
 //!     .await?;
-//! client.hyper("startpod", &[], Some(r#"{"hostname":"pod-1"}"#)).await?;
-//! // Hand io.tokens[0] and io.url to the shim (cc-proxy-shim -t … -u …), then
-//! // start the process with the token: its stdio goes to that shim.
-//! let data = r#"{"id":"c1","process":{"args":["sh","-c","echo hi"],"terminal":false}}"#;
-//! client.hyper("newcontainer", &io.tokens[..1], Some(data)).await?;
+//!
+//! // The shim claims the token (cc-proxy-shim -t <token> -u <io.url> does
+//! // this in its own process)…
+//! let (shim, mut events) = runtime.connect_shim(&io.tokens[0]).await?;
+//!
+//! // …and the runtime starts the process with it: the proxy points the
+//! // process's stdio at the token's session.
+//! let data = r#"{"id":"c1","process":{"args":["cat"],"terminal":false}}"#;
+//! runtime.hyper("newcontainer", &io.tokens, Some(data)).await?;
+//!
+//! shim.send_stdin(&b"hello\n"[..]).await?;
+//! shim.close_stdin().await?;
+//! let out = events.collect().await?;
+//! assert_eq!((&out.stdout[..], out.code), (&b"hello\n"[..], 0));
+//! # vm.await?;
 //! # Ok(())
 //! # }
 //! ```
