@@ -150,6 +150,15 @@ async fn cc_proxy_shim_says_what_is_wrong() {
         err.contains("ConnectShim failed") && err.contains("bogus"),
         "{err}"
     );
+    // A token may start with '-' (base64url): it is a value, not a flag.
+    let out = Command::new(SHIM)
+        .args(["-c", "-c1", "-t", "-0tok", "-u", &p.url()])
+        .output()
+        .await
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("unknown token \"-0tok\""), "{err}");
+    assert_eq!(out.status.code(), Some(1), "{err}");
 }
 
 async fn ctl(args: &[&str]) -> (i32, String, String) {

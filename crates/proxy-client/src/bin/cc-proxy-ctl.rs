@@ -79,7 +79,8 @@ enum Cmd {
         #[arg(long, value_name = "ID")]
         vm: String,
         /// An I/O token for newcontainer or execcmd: the process's stdio goes to its shim.
-        #[arg(long, value_name = "TOKEN")]
+        /// (Tokens may start with '-'.)
+        #[arg(long, value_name = "TOKEN", allow_hyphen_values = true)]
         token: Option<String>,
         /// The command's name.
         name: String,

@@ -60,14 +60,21 @@ const RECONNECT: ReconnectPolicy = ReconnectPolicy {
                   Containers' cc-shim; the flags are the same."
 )]
 struct Args {
+    // Values may start with '-' (as getopt allows for cc-shim): a token is
+    // base64url, and one in 64 begins with '-'.
     /// The container the process belongs to (for log messages).
-    #[arg(short = 'c', long = "container-id", value_name = "ID")]
+    #[arg(
+        short = 'c',
+        long = "container-id",
+        value_name = "ID",
+        allow_hyphen_values = true
+    )]
     container_id: String,
     /// The process's I/O token, as the proxy handed it to the runtime.
-    #[arg(short = 't', long, value_name = "TOKEN")]
+    #[arg(short = 't', long, value_name = "TOKEN", allow_hyphen_values = true)]
     token: String,
     /// The proxy's socket: unix:///path (or a plain path).
-    #[arg(short = 'u', long, value_name = "URI")]
+    #[arg(short = 'u', long, value_name = "URI", allow_hyphen_values = true)]
     uri: String,
     /// Print what happens on stderr.
     #[arg(short = 'd', long)]
