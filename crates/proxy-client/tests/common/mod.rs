@@ -111,8 +111,15 @@ impl Vm {
 pub struct Relay {
     _dir: TempDir,
     path: PathBuf,
-    conns: Arc<Mutex<Vec<JoinHandle<()>>>>,
+    conns: Arc<Mutex<Vec<Relayed>>>,
     accept: JoinHandle<()>,
+}
+
+/// One relayed connection: its task, and both of its sockets (duplicated
+/// descriptors) so that a cut takes effect in the kernel at once.
+struct Relayed {
+    task: JoinHandle<()>,
+    fds: [std::os::fd::OwnedFd; 2],
 }
 
 impl Relay {
@@ -120,19 +127,24 @@ impl Relay {
         let dir = TempDir::new();
         let path = dir.socket("relay.sock");
         let listener = UnixListener::bind(&path).unwrap();
-        let conns: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
+        let conns: Arc<Mutex<Vec<Relayed>>> = Arc::default();
         let target = target.to_owned();
         let accept = tokio::spawn({
             let conns = conns.clone();
             async move {
+                use std::os::fd::AsFd;
                 while let Ok((mut a, _)) = listener.accept().await {
-                    let target = target.clone();
-                    let h = tokio::spawn(async move {
-                        if let Ok(mut b) = UnixStream::connect(&target).await {
-                            let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
-                        }
+                    let Ok(mut b) = UnixStream::connect(&target).await else {
+                        continue;
+                    };
+                    let fds = [
+                        a.as_fd().try_clone_to_owned().unwrap(),
+                        b.as_fd().try_clone_to_owned().unwrap(),
+                    ];
+                    let task = tokio::spawn(async move {
+                        let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
                     });
-                    conns.lock().unwrap().push(h);
+                    conns.lock().unwrap().push(Relayed { task, fds });
                 }
             }
         });
@@ -152,13 +164,20 @@ impl Relay {
         format!("unix://{}", self.path.display())
     }
 
-    /// Close every relayed connection (both sides), and wait until they
-    /// are closed: a byte sent afterwards cannot be in flight in the relay.
+    /// Close every relayed connection (both sides) at once: both sockets
+    /// are shut down in the kernel before this returns, so a byte sent
+    /// afterwards cannot reach the old connection.
     pub async fn cut(&self) {
-        let conns: Vec<_> = self.conns.lock().unwrap().drain(..).collect();
-        for h in conns {
-            h.abort();
-            let _ = h.await;
+        let conns: Vec<Relayed> = self.conns.lock().unwrap().drain(..).collect();
+        for c in conns {
+            for fd in &c.fds {
+                let _ = nix::sys::socket::shutdown(
+                    std::os::fd::AsRawFd::as_raw_fd(fd),
+                    nix::sys::socket::Shutdown::Both,
+                );
+            }
+            c.task.abort();
+            let _ = c.task.await;
         }
     }
 }
@@ -166,8 +185,8 @@ impl Relay {
 impl Drop for Relay {
     fn drop(&mut self) {
         self.accept.abort();
-        for h in self.conns.lock().unwrap().drain(..) {
-            h.abort();
+        for c in self.conns.lock().unwrap().drain(..) {
+            c.task.abort();
         }
     }
 }
