@@ -84,6 +84,8 @@ async fn serve_inner(shared: Arc<Shared>, stream: UnixStream, conn: ConnId) {
     // connection (1000 waiting shims) holds no buffer at all.
     let mut buf = BytesMut::new();
     let mut read_size = MIN_READ;
+    let single_threaded = tokio::runtime::Handle::current().runtime_flavor()
+        == tokio::runtime::RuntimeFlavor::CurrentThread;
     let mut shutdown = shared.shutdown.subscribe();
     let mut gone: Option<watch::Receiver<Gone>> = None;
     let mut drain = false;
@@ -127,6 +129,7 @@ async fn serve_inner(shared: Arc<Shared>, stream: UnixStream, conn: ConnId) {
             .unwrap_or(0)
             .max(read_size);
         buf.reserve(want);
+        let room = buf.capacity() - buf.len();
         match r.try_read_buf(&mut buf) {
             Ok(0) => {
                 if !buf.is_empty() {
@@ -137,6 +140,18 @@ async fn serve_inner(shared: Arc<Shared>, stream: UnixStream, conn: ConnId) {
             Ok(n) => {
                 if n >= read_size {
                     read_size = (read_size * 2).min(MAX_READ);
+                }
+                if n < room && single_threaded {
+                    // A short read drained the socket: forget the
+                    // readiness now rather than learn it from one more
+                    // read that fails with EAGAIN (a syscall per command).
+                    // Only on the single-threaded runtime: there the I/O
+                    // driver cannot record a newer event between the read
+                    // and this, so only readiness the read consumed is
+                    // cleared; data arriving later brings a new event.
+                    let _ = r.as_ref().try_io(tokio::io::Interest::READABLE, || {
+                        Err::<(), _>(std::io::ErrorKind::WouldBlock.into())
+                    });
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
