@@ -121,7 +121,7 @@ impl Daemon {
         }
     }
 
-    /// Resident set size, in KiB (VmRSS of /proc/<pid>/status).
+    /// Resident set size, in KiB (VmRSS of `/proc/<pid>/status`).
     pub fn rss_kib(&self) -> Result<u64, String> {
         rss_kib(self.pid)
     }
@@ -137,7 +137,7 @@ impl Daemon {
         cpu_precise(self.pid)
     }
 
-    /// Proportional set size (Pss of /proc/<pid>/smaps_rollup), in KiB:
+    /// Proportional set size (Pss of `/proc/<pid>/smaps_rollup`), in KiB:
     /// shared pages (libc, the binary) count for a share.
     pub fn pss_kib(&self) -> Result<u64, String> {
         let path = format!("/proc/{}/smaps_rollup", self.pid);
@@ -148,7 +148,7 @@ impl Daemon {
             .ok_or_else(|| format!("no Pss in {path}"))
     }
 
-    /// RssAnon and RssFile of /proc/<pid>/status, in KiB.
+    /// RssAnon and RssFile of `/proc/<pid>/status`, in KiB.
     pub fn rss_parts_kib(&self) -> Result<(u64, u64), String> {
         Ok((
             status_kib(self.pid, "RssAnon:")?,
@@ -197,7 +197,7 @@ pub fn rss_kib(pid: u32) -> Result<u64, String> {
     status_kib(pid, "VmRSS:")
 }
 
-/// A `kB` field of /proc/<pid>/status.
+/// A `kB` field of `/proc/<pid>/status`.
 fn status_kib(pid: u32, field: &str) -> Result<u64, String> {
     let path = format!("/proc/{pid}/status");
     let s = fs::read_to_string(&path).map_err(|e| format!("{path}: {e}"))?;
