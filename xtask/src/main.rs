@@ -1,9 +1,9 @@
 //! `cargo xtask <verb>`: the project's verbs, as in rust-analyzer.
 //!
 //! - `ci`    — what `.ci/run` and the GitHub workflow run: fmt check, clippy
-//!   with `-D warnings`, every test and doc test, the `no_std` build of
-//!   `proxy-proto`, then `e2e` (real QEMU guests) and `bench --quick`
-//!   (`--no-e2e`, `--no-bench` skip those).
+//!   with `-D warnings`, every test and doc test, rustdoc with `-D warnings`,
+//!   the `no_std` builds of `proxy-proto`, then `e2e` (real QEMU guests) and
+//!   `bench --quick` (`--no-e2e`, `--no-bench` skip those).
 //! - `e2e`   — boot QEMU guests with `proxy-agent` as `/init` and drive the
 //!   release `cc-proxy` through `proxy-client` and `cc-proxy-shim`.
 //! - `bench` — the release `cc-proxy` against direct sockets.
@@ -93,6 +93,11 @@ fn ci(args: &[String]) -> Result<(), String> {
     ]))?;
     util::run(Command::new(&cargo).args(["test", "--workspace", "--all-targets"]))?;
     util::run(Command::new(&cargo).args(["test", "--workspace", "--doc"]))?;
+    util::run(
+        Command::new(&cargo)
+            .env("RUSTDOCFLAGS", "-D warnings")
+            .args(["doc", "--workspace", "--no-deps"]),
+    )?;
     util::run(Command::new(&cargo).args(["build", "-p", "proxy-proto", "--no-default-features"]))?;
     util::run(Command::new(&cargo).args([
         "build",
