@@ -17,9 +17,11 @@
 //! - [`Error`] keeps apart a lost connection, a protocol violation by the
 //!   proxy, and the proxy's refusal of a command (with its message).
 //!
-//! The crate also builds two programs: `cc-proxy-shim`, a drop-in
-//! replacement of Clear Containers' `cc-shim` (`-c <container> -t <token>
-//! -u unix://<socket>`), and `cc-proxy-ctl`, a command line for people.
+//! The crate also builds two programs (feature `cli`, on by default; turn
+//! it off with `default-features = false` to link the library without
+//! clap and nix): `cc-proxy-shim`, a drop-in replacement of Clear
+//! Containers' `cc-shim` (`-c <container> -t <token> -u unix://<socket>`),
+//! and `cc-proxy-ctl`, a command line for people.
 //!
 //! # A runtime starting a process, and its shim
 //!
