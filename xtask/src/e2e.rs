@@ -304,14 +304,6 @@ fn start_with_shim(
     Ok(shim)
 }
 
-fn output(o: proxy_client::Output) -> hyper::Output {
-    hyper::Output {
-        stdout: o.stdout,
-        stderr: o.stderr,
-        code: o.code,
-    }
-}
-
 /// Send `data` then EOF on `shim` from a thread while collecting its output.
 fn pipe_through(shim: (Shim, ShimEvents), data: Vec<u8>) -> Result<hyper::Output, String> {
     let (shim, mut events) = shim;
@@ -324,7 +316,7 @@ fn pipe_through(shim: (Shim, ShimEvents), data: Vec<u8>) -> Result<hyper::Output
         .join()
         .map_err(|_| "stdin writer panicked".to_string())?
         .map_err(|e| e.to_string())?;
-    out.map(output)
+    out
 }
 
 fn drive_proxy(
@@ -400,7 +392,7 @@ fn drive_proxy(
             process(&["sh", "-c", "echo exec-ok; uname -s"], 0, 0, false)
         );
         let (_shim, mut events) = start_with_shim(&rt, &token(1)?, "execcmd", &data)?;
-        let out = output(events.collect().map_err(err)?);
+        let out = events.collect().map_err(err)?;
         expect("stdout", out.stdout == b"exec-ok\nLinux\n", || {
             format!("{:?}", String::from_utf8_lossy(&out.stdout))
         })?;
@@ -414,7 +406,7 @@ fn drive_proxy(
         );
         let (shim, mut events) = start_with_shim(&rt, &token(2)?, "newcontainer", &data)?;
         shim.signal(15).map_err(err)?;
-        let out = output(events.collect().map_err(err)?);
+        let out = events.collect().map_err(err)?;
         expect("exit code", out.code == 143, || out.code.to_string())
     })?;
 
@@ -426,7 +418,7 @@ fn drive_proxy(
         let (shim, mut events) = start_with_shim(&rt, &token(3)?, "newcontainer", &data)?;
         shim.resize(33, 101).map_err(err)?;
         shim.send_stdin(&b"go\n"[..]).map_err(err)?;
-        let out = output(events.collect().map_err(err)?);
+        let out = events.collect().map_err(err)?;
         let s = String::from_utf8_lossy(&out.stdout);
         expect("stty size", s.contains("33 101"), || format!("{s:?}"))?;
         expect("exit code", out.code == 0, || out.code.to_string())

@@ -33,13 +33,8 @@ pub struct Hyper {
     pending: HashMap<u64, VecDeque<Vec<u8>>>,
 }
 
-/// What a process said and how it ended.
-#[derive(Debug)]
-pub struct Output {
-    pub stdout: Vec<u8>,
-    pub stderr: Vec<u8>,
-    pub code: u8,
-}
+/// What a process said and how it ended: the client library's type.
+pub use proxy_client::Output;
 
 impl Hyper {
     /// Wrap connected channels.
