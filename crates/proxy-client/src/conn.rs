@@ -153,32 +153,35 @@ impl Conn {
 
     /// Send a command and wait for its response's payload.
     pub(crate) async fn call(&self, command: Command, payload: Bytes) -> Result<Bytes> {
-        let permit = self.tx.reserve().await.map_err(|_| self.closed_error())?;
         let (reply, answer) = oneshot::channel();
-        {
-            let mut st = self.shared.lock();
-            if let Some(e) = &st.closed {
-                return Err(e.clone());
-            }
-            if st.disconnecting {
-                return Err(Error::Closed);
-            }
-            st.waiters.push_back(Waiter { command, reply });
-            permit.send(outgoing(FrameKind::Command(command), payload));
-        }
+        let waiter = Waiter { command, reply };
+        self.enqueue(FrameKind::Command(command), payload, Some(waiter))
+            .await?;
         self.shared.command_queued.notify_one();
         answer.await.map_err(|_| self.closed_error())?
     }
 
-    /// Queue a frame that gets no response (a stream frame, DisconnectShim).
+    /// Queue a frame that gets no response (a stream frame).
     pub(crate) async fn send(&self, kind: FrameKind, payload: Bytes) -> Result<()> {
+        self.enqueue(kind, payload, None).await
+    }
+
+    /// Queue a frame for the writer, with the waiter of its response if it
+    /// has one: both under one lock, so waiters are in the frames' order.
+    /// DisconnectShim marks the connection as closing; nothing may follow.
+    async fn enqueue(&self, kind: FrameKind, payload: Bytes, waiter: Option<Waiter>) -> Result<()> {
         let permit = self.tx.reserve().await.map_err(|_| self.closed_error())?;
-        let st = self.shared.lock();
+        let mut st = self.shared.lock();
         if let Some(e) = &st.closed {
             return Err(e.clone());
         }
-        if st.disconnecting {
+        if kind == FrameKind::Command(Command::DisconnectShim) {
+            st.disconnecting = true;
+        } else if st.disconnecting {
             return Err(Error::Closed);
+        }
+        if let Some(w) = waiter {
+            st.waiters.push_back(w);
         }
         permit.send(outgoing(kind, payload));
         Ok(())
@@ -196,17 +199,12 @@ impl Conn {
 
     /// Send DisconnectShim, after which the proxy closes the connection.
     pub(crate) async fn disconnect(&self) -> Result<()> {
-        let permit = self.tx.reserve().await.map_err(|_| self.closed_error())?;
-        let mut st = self.shared.lock();
-        if let Some(e) = &st.closed {
-            return Err(e.clone());
-        }
-        st.disconnecting = true;
-        permit.send(outgoing(
+        self.enqueue(
             FrameKind::Command(Command::DisconnectShim),
             Bytes::from_static(b"{}"),
-        ));
-        Ok(())
+            None,
+        )
+        .await
     }
 
     /// Why the connection is unusable, if it is.
@@ -267,26 +265,19 @@ async fn write_batch(
     wr: &mut OwnedWriteHalf,
     batch: &[([u8; proxy_proto::HEADER_LEN], Bytes)],
 ) -> std::io::Result<()> {
-    let total: usize = batch.iter().map(|(h, p)| h.len() + p.len()).sum();
-    let mut written = 0usize;
-    while written < total {
-        let mut skip = written;
-        let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(batch.len() * 2);
-        for (header, payload) in batch {
-            for part in [&header[..], &payload[..]] {
-                if skip >= part.len() {
-                    skip -= part.len();
-                } else {
-                    slices.push(IoSlice::new(&part[skip..]));
-                    skip = 0;
-                }
-            }
-        }
-        let n = wr.write_vectored(&slices).await?;
+    let mut slices: Vec<IoSlice<'_>> = batch
+        .iter()
+        .flat_map(|(header, payload)| [&header[..], &payload[..]])
+        .filter(|part| !part.is_empty())
+        .map(IoSlice::new)
+        .collect();
+    let mut left = &mut slices[..];
+    while !left.is_empty() {
+        let n = wr.write_vectored(left).await?;
         if n == 0 {
             return Err(std::io::ErrorKind::WriteZero.into());
         }
-        written += n;
+        IoSlice::advance_slices(&mut left, n);
     }
     Ok(())
 }
