@@ -405,16 +405,7 @@ impl Run<'_> {
         let what = "stdin through the proxy, 4 KiB frames";
         let mut shim = self.shim(token, BIG_BUF)?;
         let seq = Self::start_process(rt, agent, token, "stdin")?;
-        let cycle = Cycle::new(
-            self.b.pattern,
-            Framing::Stdin,
-            &[0],
-            STDIN_SIZE,
-            CYCLE_BYTES,
-        );
-        let n = self.b.vol.stream / STDIN_SIZE as u64;
-        let want = cycle.expected(self.b.pattern, 1, n)[0];
-        let tail = stream_header(Stream::Stdin, 0);
+        let (cycle, n, want, tail) = self.stdin_stream();
         let mut sink = IoSink::new(seq, want.len, IoEnd::Eof);
         let cpu0 = self.cpu_now()?;
         let t0 = Instant::now();
@@ -441,9 +432,9 @@ impl Run<'_> {
         Ok(mib(want.len) / secs)
     }
 
-    fn stdin_direct(&mut self) -> Result<f64, String> {
-        let what = "stdin over a direct socket, 4 KiB frames";
-        let (a, b) = pair()?;
+    /// The stdin figure's stream, the same through the proxy and direct:
+    /// 4 KiB stdin frames, how many, their digest, and the EOF frame.
+    fn stdin_stream(&self) -> (Cycle, u64, Digest, [u8; proxy_proto::HEADER_LEN]) {
         let cycle = Cycle::new(
             self.b.pattern,
             Framing::Stdin,
@@ -453,7 +444,13 @@ impl Run<'_> {
         );
         let n = self.b.vol.stream / STDIN_SIZE as u64;
         let want = cycle.expected(self.b.pattern, 1, n)[0];
-        let tail = stream_header(Stream::Stdin, 0);
+        (cycle, n, want, stream_header(Stream::Stdin, 0))
+    }
+
+    fn stdin_direct(&mut self) -> Result<f64, String> {
+        let what = "stdin over a direct socket, 4 KiB frames";
+        let (a, b) = pair()?;
+        let (cycle, n, want, tail) = self.stdin_stream();
         let mut rb = RecvBuf::new(BIG_BUF);
         let mut sink = ProxySink::new(Stream::Stdin, want.len, ProxyEnd::EmptyFrame);
         let t0 = Instant::now();
