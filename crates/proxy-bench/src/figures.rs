@@ -91,6 +91,17 @@ pub struct Bench<'a> {
     pub pattern: &'a Pattern,
     /// Volumes.
     pub vol: &'a Volumes,
+    /// Only these figures (`None`: all of them).
+    pub only: Option<&'a [String]>,
+}
+
+/// The figures `--only` can name.
+pub const FIGURES: [&str; 5] = ["stdout", "stdin", "hyper", "fanout", "storm"];
+
+impl Bench<'_> {
+    fn wants(&self, figure: &str) -> bool {
+        self.only.is_none_or(|o| o.iter().any(|f| f == figure))
+    }
 }
 
 struct Run<'a> {
@@ -265,9 +276,19 @@ impl Run<'_> {
         let one = self.rss_mib("rss_one_vm_mib")?;
         eprintln!("  RSS: idle {idle:.2} MiB, one VM {one:.2} MiB");
 
-        self.storm()?;
+        if self.b.wants("storm") {
+            self.storm()?;
+        }
 
         for (i, &size) in STDOUT_SIZES.iter().enumerate() {
+            // fan-out is compared with the direct stdout at 4096 bytes.
+            if !self.b.wants("stdout") {
+                if size == 4096 && self.b.wants("fanout") {
+                    let d = self.stdout_direct(size)?;
+                    self.set(&format!("stdout_{size}.direct"), d);
+                }
+                continue;
+            }
             let p = self.stdout_proxy(&mut rt, &mut agent, &tokens[i], size)?;
             let d = self.stdout_direct(size)?;
             self.set(&format!("stdout_{size}.proxy"), p);
@@ -278,17 +299,23 @@ impl Run<'_> {
             );
         }
 
-        let p = self.stdin_proxy(&mut rt, &mut agent, &tokens[STDOUT_SIZES.len()])?;
-        let d = self.stdin_direct()?;
-        self.set("stdin_4096.proxy", p);
-        self.set("stdin_4096.direct", d);
-        eprintln!(
-            "  stdin 4 KiB frames:            proxy {p:8.1} MiB/s, direct {d:8.1} MiB/s ({:.2}x)",
-            p / d
-        );
+        if self.b.wants("stdin") {
+            let p = self.stdin_proxy(&mut rt, &mut agent, &tokens[STDOUT_SIZES.len()])?;
+            let d = self.stdin_direct()?;
+            self.set("stdin_4096.proxy", p);
+            self.set("stdin_4096.direct", d);
+            eprintln!(
+                "  stdin 4 KiB frames:            proxy {p:8.1} MiB/s, direct {d:8.1} MiB/s ({:.2}x)",
+                p / d
+            );
+        }
 
-        self.hyper(&mut rt, &agent)?;
-        self.fanout()?;
+        if self.b.wants("hyper") {
+            self.hyper(&mut rt, &agent)?;
+        }
+        if self.b.wants("fanout") {
+            self.fanout()?;
+        }
 
         rt.unregister_vm("bench-io")?;
         drop(agent);

@@ -34,6 +34,7 @@ use report::{DaemonOut, Machine, Report, VolumesOut};
 
 const USAGE: &str = "usage: proxy-bench --cc-proxy PATH [--quick] [--repeat N] [--report]
                    [--out DIR] [--docs DIR] [--proxy-arg ARG]...
+                   [--only FIGURE,...]
 
   --cc-proxy PATH   the daemon binary to measure (release build)
   --quick           small volumes, a few seconds; fails only on wrong bytes
@@ -41,7 +42,10 @@ const USAGE: &str = "usage: proxy-bench --cc-proxy PATH [--quick] [--repeat N] [
   --report          also write DOCS/PERFORMANCE.md and DOCS/perf-throughput.svg
   --out DIR         where report.json goes (default target/bench)
   --docs DIR        where --report writes (default docs)
-  --proxy-arg ARG   one more argument for the daemon (repeatable)";
+  --proxy-arg ARG   one more argument for the daemon (repeatable)
+  --only LIST       only these figures (stdout, stdin, hyper, fanout, storm;
+                    comma-separated); RSS and CPU are always measured.
+                    Targets are not judged and --report is refused";
 
 #[derive(Debug)]
 struct Args {
@@ -52,6 +56,7 @@ struct Args {
     out: PathBuf,
     docs: PathBuf,
     proxy_args: Vec<String>,
+    only: Option<Vec<String>>,
 }
 
 fn parse_args(args: &[String]) -> Result<Args, String> {
@@ -63,6 +68,7 @@ fn parse_args(args: &[String]) -> Result<Args, String> {
         out: PathBuf::from("target/bench"),
         docs: PathBuf::from("docs"),
         proxy_args: Vec::new(),
+        only: None,
     };
     let mut it = args.iter();
     while let Some(arg) = it.next() {
@@ -91,12 +97,29 @@ fn parse_args(args: &[String]) -> Result<Args, String> {
             "--out" => a.out = PathBuf::from(value(flag)?),
             "--docs" => a.docs = PathBuf::from(value(flag)?),
             "--proxy-arg" => a.proxy_args.push(value(flag)?),
+            "--only" => {
+                let v = value(flag)?;
+                let list: Vec<String> = v.split(',').map(|f| f.trim().to_string()).collect();
+                if let Some(bad) = list
+                    .iter()
+                    .find(|f| !figures::FIGURES.contains(&f.as_str()))
+                {
+                    return Err(format!(
+                        "--only: unknown figure `{bad}` (known: {})",
+                        figures::FIGURES.join(", ")
+                    ));
+                }
+                a.only = Some(list);
+            }
             "-h" | "--help" => return Err(String::new()),
             other => return Err(format!("unknown argument `{other}`")),
         }
     }
     if a.bin.as_os_str().is_empty() {
         return Err("--cc-proxy PATH is required".into());
+    }
+    if a.only.is_some() && a.report {
+        return Err("--only measures part of the figures; it cannot --report".into());
     }
     if !a.bin.is_file() {
         return Err(format!("{}: no such daemon binary", a.bin.display()));
@@ -141,6 +164,7 @@ fn run(a: &Args) -> Result<bool, String> {
         extra: &a.proxy_args,
         pattern: &pattern,
         vol: &vol,
+        only: a.only.as_deref(),
     };
     let machine = Machine::probe();
     eprintln!(
@@ -223,7 +247,7 @@ fn run(a: &Args) -> Result<bool, String> {
     if !rep.misses.is_empty() {
         println!("targets missed: {}", rep.misses.join(", "));
     }
-    Ok(a.quick || rep.misses.is_empty())
+    Ok(a.quick || a.only.is_some() || rep.misses.is_empty())
 }
 
 /// The short commit hash, if git knows it, marked `(modified)` when the

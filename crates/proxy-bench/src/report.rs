@@ -207,14 +207,18 @@ pub fn rows(runs: &[Metrics], vol: &Volumes) -> Vec<Row> {
     ));
 
     spec.into_iter()
-        .map(|(id, label, unit, pk, dk, target)| {
+        .filter_map(|(id, label, unit, pk, dk, target)| {
             let p = series(runs, &pk);
+            // A figure `--only` left out.
+            if p.is_empty() {
+                return None;
+            }
             let d = dk.map(|k| series(runs, &k)).unwrap_or_default();
             let proxy = median(&p);
             let direct = (!d.is_empty()).then(|| median(&d));
             let ratio = direct.map(|d| proxy / d);
             let pass = target.map(|t| t.met(proxy, ratio));
-            Row {
+            Some(Row {
                 id,
                 label,
                 unit,
@@ -228,7 +232,7 @@ pub fn rows(runs: &[Metrics], vol: &Volumes) -> Vec<Row> {
                     proxy: p,
                     direct: d,
                 },
-            }
+            })
         })
         .collect()
 }

@@ -319,6 +319,13 @@ async fn ctl_task(
     // Replies still owed for transactions that timed out: discarded when
     // they come, so later replies match their requests.
     let mut stale = 0usize;
+    // The reply timeout. Arming a timer for every transaction costs a
+    // timer-wheel insert and, often, a wake-up of the I/O driver (a syscall)
+    // per command; instead one timer lives as long as the task and is moved
+    // only when it fires before the transaction it is timing is due, so it
+    // is re-armed at most once per `timeout` however many commands pass.
+    let timer = tokio::time::sleep(timeout);
+    tokio::pin!(timer);
     let reason = loop {
         // Drain anything the agent sent while idle.
         loop {
@@ -381,22 +388,26 @@ async fn ctl_task(
                 Ok(None) => {
                     buf.reserve(4096);
                     tokio::select! {
-                        n = tokio::time::timeout_at(deadline, r.read_buf(&mut buf)) => match n {
-                            Err(_) => {
+                        n = r.read_buf(&mut buf) => match n {
+                            Ok(0) => break Err(ProxyError::AgentIo(format!(
+                                "the agent closed the ctl channel while {code} was waiting for its reply"
+                            ))),
+                            Ok(_) => {}
+                            Err(e) => break Err(ProxyError::AgentIo(format!(
+                                "reading the reply to {code} from ctl: {e}"
+                            ))),
+                        },
+                        () = &mut timer => {
+                            if Instant::now() >= deadline {
                                 stale += 1;
                                 break Err(ProxyError::Timeout {
                                     waited_for: format!("the agent's reply to {code}"),
                                     after: timeout,
                                 });
                             }
-                            Ok(Ok(0)) => break Err(ProxyError::AgentIo(format!(
-                                "the agent closed the ctl channel while {code} was waiting for its reply"
-                            ))),
-                            Ok(Ok(_)) => {}
-                            Ok(Err(e)) => break Err(ProxyError::AgentIo(format!(
-                                "reading the reply to {code} from ctl: {e}"
-                            ))),
-                        },
+                            // Set for an earlier transaction: on to this one's.
+                            timer.as_mut().reset(deadline);
+                        }
                         _ = gone.changed() => break Err(ProxyError::AgentIo(format!(
                             "the VM was torn down while {code} was waiting for its reply"
                         ))),
@@ -712,6 +723,44 @@ mod tests {
         agent.ctl_msg().await;
         agent.reply(Code::Ack, b"v1").await;
         assert_eq!(call.await.unwrap().unwrap(), Bytes::from_static(b"v1"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn each_transaction_gets_its_whole_timeout_however_late_it_starts() {
+        // One timer serves every transaction and is moved only when it
+        // fires: a command sent late in the timer's period must still get
+        // its full timeout, and no more than it.
+        let timeout = Duration::from_secs(10);
+        let (vm, mut agent, _) = vm(timeout);
+        let answered = tokio::spawn({
+            let vm = vm.clone();
+            async move { vm.ctl(Code::Ping, Bytes::new()).await }
+        });
+        agent.ctl_msg().await;
+        agent.reply(Code::Ack, b"").await;
+        answered.await.unwrap().unwrap();
+        // 7 s into the timer's first period, a command the agent ignores.
+        tokio::time::sleep(Duration::from_secs(7)).await;
+        let t0 = Instant::now();
+        let e = vm.ctl(Code::Version, Bytes::new()).await.unwrap_err();
+        assert!(
+            matches!(&e, ProxyError::Timeout { after, .. } if *after == timeout),
+            "{e}"
+        );
+        let waited = t0.elapsed();
+        assert!(
+            waited >= timeout && waited < timeout + Duration::from_millis(10),
+            "timed out after {waited:?}, not {timeout:?}"
+        );
+        // And again right away: the timer had fired, it is re-armed.
+        let t1 = Instant::now();
+        vm.ctl(Code::Version, Bytes::new()).await.unwrap_err();
+        let waited = t1.elapsed();
+        assert!(
+            waited >= timeout && waited < timeout + Duration::from_millis(10),
+            "the second timeout came after {waited:?}"
+        );
+        assert!(!vm.is_gone());
     }
 
     #[tokio::test]
