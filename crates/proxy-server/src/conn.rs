@@ -675,9 +675,7 @@ async fn writer(
                 break;
             }
             if let Some((s, _)) = &session {
-                for o in inflight.drain(..) {
-                    s.written(&o);
-                }
+                s.written(&inflight);
             }
             inflight.clear();
         }

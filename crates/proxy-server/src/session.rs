@@ -109,26 +109,44 @@ impl Session {
     /// Queue output, waiting while the queue is full (back-pressure on the
     /// caller, the VM's io reader). Returns false if the session is gone.
     pub async fn push(&self, item: Output) -> bool {
-        let cost = item.cost();
-        match self.budget.try_acquire_many(cost) {
+        let item = match self.try_push(item) {
+            Ok(pushed) => return pushed,
+            Err(item) => item,
+        };
+        match self.budget.acquire_many(item.cost()).await {
             Ok(permit) => permit.forget(),
-            Err(tokio::sync::TryAcquireError::Closed) => return false,
-            Err(tokio::sync::TryAcquireError::NoPermits) => {
-                match self.budget.acquire_many(cost).await {
-                    Ok(permit) => permit.forget(),
-                    Err(_) => return false,
-                }
-            }
+            Err(_) => return false,
         }
+        self.queue_now(item)
+    }
+
+    /// Queue output if the queue has room for it now; otherwise hand it
+    /// back (`Err`) for [`push`](Self::push) to wait with. `Ok(false)` if
+    /// the session is gone.
+    pub fn try_push(&self, item: Output) -> Result<bool, Output> {
+        match self.budget.try_acquire_many(item.cost()) {
+            Ok(permit) => permit.forget(),
+            Err(tokio::sync::TryAcquireError::Closed) => return Ok(false),
+            Err(tokio::sync::TryAcquireError::NoPermits) => return Err(item),
+        }
+        Ok(self.queue_now(item))
+    }
+
+    /// Queue `item`, whose permits are taken.
+    fn queue_now(&self, item: Output) -> bool {
         if let Output::Stdout(b) | Output::Stderr(b) = &item {
             self.bytes_out.fetch_add(b.len() as u64, Ordering::Relaxed);
         }
         self.tx.send(item).is_ok()
     }
 
-    /// The writer wrote `item` to the shim: its budget is free again.
-    pub fn written(&self, item: &Output) {
-        self.budget.add_permits(item.cost() as usize);
+    /// The writer wrote `items` to the shim: their budget is free again
+    /// (one update of the semaphore for a whole batch).
+    pub fn written<'a>(&self, items: impl IntoIterator<Item = &'a Output>) {
+        let n: usize = items.into_iter().map(|o| o.cost() as usize).sum();
+        if n > 0 {
+            self.budget.add_permits(n);
+        }
     }
 
     /// Bytes of output queued and not yet written to a shim.
@@ -174,7 +192,7 @@ mod tests {
         let mut q = s.take_queue().unwrap();
         let first = q.next().await.unwrap();
         assert!(matches!(&first, Output::Stdout(b) if b.len() == 10240));
-        s.written(&first);
+        s.written([&first]);
         assert!(pusher.await.unwrap());
         assert!(matches!(q.next().await.unwrap(), Output::Stderr(_)));
     }

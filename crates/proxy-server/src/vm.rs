@@ -513,13 +513,17 @@ async fn io_reader(vm: Arc<Vm>, mut r: AgentRead, events: Arc<dyn VmEvents>) {
             } else {
                 Output::Stderr(m.data)
             };
-            tokio::select! {
-                pushed = session.push(item) => {
-                    if !pushed {
-                        cache.remove(&base);
-                    }
-                }
-                _ = gone.changed() => break 'outer "VM torn down".to_string(),
+            // Room in the queue (the usual case): no waiting, and no
+            // teardown watch to set up and take down per message.
+            let pushed = match session.try_push(item) {
+                Ok(pushed) => pushed,
+                Err(item) => tokio::select! {
+                    pushed = session.push(item) => pushed,
+                    _ = gone.changed() => break 'outer "VM torn down".to_string(),
+                },
+            };
+            if !pushed {
+                cache.remove(&base);
             }
         }
         if buf.capacity() - buf.len() < 16 * 1024 {
