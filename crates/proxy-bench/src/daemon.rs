@@ -51,6 +51,11 @@ pub struct Daemon {
 }
 
 impl Daemon {
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
     /// `bin -socket-path <dir>/proxy.sock -log warn -ksm off <extra…>`,
     /// logging to `<dir>/cc-proxy.log`; waits until the socket accepts.
     pub fn start(bin: &Path, dir: &Path, extra: &[String]) -> Result<Self, String> {

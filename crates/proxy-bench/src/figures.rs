@@ -311,7 +311,22 @@ impl Run<'_> {
         }
 
         if self.b.wants("hyper") {
-            self.hyper(&mut rt, &agent)?;
+            self.hyper(&mut rt, &agent, "")?;
+            // Again with the daemon and every thread of the bench on one
+            // CPU: no wake-up crosses CPUs, so what is left is what the
+            // software costs (reported, not judged).
+            let all = affinity()?;
+            if let Some(cpu) = first_of_several(&all) {
+                let pids = [std::process::id(), self.d.pid()];
+                // SAFETY: cpu_set_t is plain data; all zeroes is the empty set.
+                let mut one: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+                // SAFETY: `cpu` is below CPU_SETSIZE.
+                unsafe { libc::CPU_SET(cpu, &mut one) };
+                set_affinity(&pids, &one)?;
+                let r = self.hyper(&mut rt, &agent, "_pinned");
+                set_affinity(&pids, &all)?;
+                r?;
+            }
         }
         if self.b.wants("fanout") {
             self.fanout()?;
@@ -494,7 +509,8 @@ impl Run<'_> {
 
     // ----- Hyper round trips -----
 
-    fn hyper(&mut self, rt: &mut Conn, agent: &Agent) -> Result<(), String> {
+    /// Hyper round trips, their metrics keyed `hyper{tag}_*`.
+    fn hyper(&mut self, rt: &mut Conn, agent: &Agent, tag: &str) -> Result<(), String> {
         let payload =
             json(&Hyper::new("ping", vec![], Some("{}")).map_err(|e| format!("Hyper: {e}"))?)?;
         let req = Frame::command(Command::Hyper, payload.clone()).to_bytes();
@@ -505,6 +521,11 @@ impl Run<'_> {
         // Direct: the same request frame to a peer thread that answers each
         // with a response frame of the same size as the proxy's.
         let (a, b) = pair()?;
+        // The floor for any proxy: the same, through a thread that relays
+        // each frame as it is (no parsing, blocking reads and writes, no
+        // event loop): one more hop each way, and nothing else.
+        let (c, r1) = pair()?;
+        let (r2, b2) = pair()?;
         let answer = Header::new(
             FrameKind::Response {
                 command: Command::Hyper,
@@ -513,48 +534,61 @@ impl Run<'_> {
             0,
         )
         .to_bytes();
-        let peer_rb = &mut RecvBuf::new(64 << 10);
-        let peer = || -> Result<(), String> {
+        let want = warm + n + blocks * BLOCK_WARMUP;
+        let peer = |b: &UnixStream| -> Result<(), String> {
+            let rb = &mut RecvBuf::new(64 << 10);
             let mut answered = 0;
             loop {
-                let (kind, at, total) = loop {
-                    if let Some(f) = proxy_frame(peer_rb.data())? {
-                        break f;
-                    }
-                    if peer_rb.read_from(&mut &b)? == 0 {
-                        let want = warm + n + blocks * BLOCK_WARMUP;
-                        return if answered == want {
-                            Ok(())
-                        } else {
-                            Err(format!("the peer answered {answered} of {want} calls"))
-                        };
-                    }
+                let Some((kind, at, total)) = next_frame(rb, b)? else {
+                    return if answered == want {
+                        Ok(())
+                    } else {
+                        Err(format!("the peer answered {answered} of {want} calls"))
+                    };
                 };
-                if kind != FrameKind::Command(Command::Hyper)
-                    || peer_rb.data()[at..total] != payload[..]
+                if kind != FrameKind::Command(Command::Hyper) || rb.data()[at..total] != payload[..]
                 {
                     return Err("WRONG BYTES in the direct Hyper request".into());
                 }
-                peer_rb.consume(total);
-                write_all(&mut &b, &answer)?;
+                rb.consume(total);
+                write_all(&mut &*b, &answer)?;
                 answered += 1;
             }
         };
+        let relay = || -> Result<(), String> {
+            let (rq, rs) = (&mut RecvBuf::new(64 << 10), &mut RecvBuf::new(64 << 10));
+            let relayed = (|| {
+                while let Some((_, _, total)) = next_frame(rq, &r1)? {
+                    write_all(&mut &r2, &rq.data()[..total])?;
+                    rq.consume(total);
+                    let (_, _, total) = next_frame(rs, &r2)?.ok_or("the relay's peer closed")?;
+                    write_all(&mut &r1, &rs.data()[..total])?;
+                    rs.consume(total);
+                }
+                Ok(())
+            })();
+            let _ = r2.shutdown(std::net::Shutdown::Write);
+            relayed
+        };
 
-        // Blocks of proxy calls and direct calls alternate, so that both
+        // Blocks of proxy, direct and relayed calls alternate, so that all
         // see the same scheduling (where the kernel puts the threads decides
         // much of a round trip on a small host).
         let mut p_lat = Vec::with_capacity(n);
         let mut d_lat = Vec::with_capacity(n);
-        let (mut p_secs, mut d_secs) = (0.0, 0.0);
+        let mut f_lat = Vec::with_capacity(n);
+        let (mut p_secs, mut d_secs, mut f_secs) = (0.0, 0.0, 0.0);
         let mut d_rb = RecvBuf::new(64 << 10);
+        let mut f_rb = RecvBuf::new(64 << 10);
         let mut cpu = (0.0, 0.0);
         let Conn { s, rb } = rt;
-        pump(&b, peer, || {
+        let mut calls = || -> Result<(), String> {
             round_trips(s, rb, &req, warm, &mut Vec::new())
                 .map_err(|e| format!("Hyper ping: {e}"))?;
             round_trips(&a, &mut d_rb, &req, warm, &mut Vec::new())
                 .map_err(|e| format!("direct: {e}"))?;
+            round_trips(&c, &mut f_rb, &req, warm, &mut Vec::new())
+                .map_err(|e| format!("relayed: {e}"))?;
             for k in 0..blocks {
                 let calls = n * (k + 1) / blocks - n * k / blocks;
                 // Untimed calls first: switching sides moves threads
@@ -571,12 +605,49 @@ impl Run<'_> {
                     .map_err(|e| format!("direct: {e}"))?;
                 d_secs += round_trips(&a, &mut d_rb, &req, calls, &mut d_lat)
                     .map_err(|e| format!("direct: {e}"))?;
+                round_trips(&c, &mut f_rb, &req, BLOCK_WARMUP, &mut Vec::new())
+                    .map_err(|e| format!("relayed: {e}"))?;
+                f_secs += round_trips(&c, &mut f_rb, &req, calls, &mut f_lat)
+                    .map_err(|e| format!("relayed: {e}"))?;
             }
-            let _ = a.shutdown(std::net::Shutdown::Write);
             Ok(())
+        };
+        std::thread::scope(|sc| {
+            let peers = [
+                sc.spawn(|| peer(&b)),
+                sc.spawn(|| peer(&b2)),
+                sc.spawn(relay),
+            ];
+            let r = calls();
+            // EOF (or, after a failure, a shutdown) ends the helper threads.
+            for sock in [&a, &c] {
+                let how = if r.is_ok() {
+                    std::net::Shutdown::Write
+                } else {
+                    std::net::Shutdown::Both
+                };
+                let _ = sock.shutdown(how);
+            }
+            if r.is_err() {
+                let _ = r2.shutdown(std::net::Shutdown::Both);
+            }
+            let mut helpers = Ok(());
+            for (p, what) in peers
+                .into_iter()
+                .zip(["direct peer", "relayed peer", "relay"])
+            {
+                let done = p
+                    .join()
+                    .unwrap_or_else(|_| Err("the thread panicked".into()))
+                    .map_err(|e| format!("{what}: {e}"));
+                if helpers.is_ok() {
+                    helpers = done;
+                }
+            }
+            r.and(helpers)
         })?;
-        self.set("cpu.hyper", cpu.0);
-        self.set("harness_cpu.hyper", cpu.1);
+        self.set(&format!("cpu.hyper{tag}"), cpu.0);
+        self.set(&format!("harness_cpu.hyper{tag}"), cpu.1);
         let answered = agent.pings() - pings0;
         let calls = warm + n + blocks * BLOCK_WARMUP;
         if answered != calls as u64 {
@@ -586,17 +657,28 @@ impl Run<'_> {
         }
         let proxy = Rtt::of(&mut p_lat, p_secs);
         let direct = Rtt::of(&mut d_lat, d_secs);
-        for (k, (p, d)) in [
-            ("hyper_p50_us", (proxy.p50_us, direct.p50_us)),
-            ("hyper_p99_us", (proxy.p99_us, direct.p99_us)),
-            ("hyper_calls_s", (proxy.calls_s, direct.calls_s)),
+        let relayed = Rtt::of(&mut f_lat, f_secs);
+        for (k, (p, d, f)) in [
+            ("p50_us", (proxy.p50_us, direct.p50_us, relayed.p50_us)),
+            ("p99_us", (proxy.p99_us, direct.p99_us, relayed.p99_us)),
+            ("calls_s", (proxy.calls_s, direct.calls_s, relayed.calls_s)),
         ] {
+            let k = format!("hyper{tag}_{k}");
             self.set(&format!("{k}.proxy"), p);
             self.set(&format!("{k}.direct"), d);
+            self.set(&format!("{k}.relay"), f);
         }
         eprintln!(
-            "  Hyper ping:  proxy p50 {:.1} µs p99 {:.1} µs {:.0}/s; direct p50 {:.1} µs p99 {:.1} µs {:.0}/s",
-            proxy.p50_us, proxy.p99_us, proxy.calls_s, direct.p50_us, direct.p99_us, direct.calls_s
+            "  Hyper ping{tag}:  proxy p50 {:.1} µs p99 {:.1} µs {:.0}/s; direct p50 {:.1} µs p99 {:.1} µs {:.0}/s; \
+             minimal relay p50 {:.1} µs p99 {:.1} µs",
+            proxy.p50_us,
+            proxy.p99_us,
+            proxy.calls_s,
+            direct.p50_us,
+            direct.p99_us,
+            direct.calls_s,
+            relayed.p50_us,
+            relayed.p99_us
         );
         Ok(())
     }
@@ -761,6 +843,83 @@ impl Run<'_> {
         drop(conns);
         rt.unregister_vm("bench-storm")?;
         Ok(())
+    }
+}
+
+/// The CPUs this thread may run on.
+fn affinity() -> Result<libc::cpu_set_t, String> {
+    // SAFETY: cpu_set_t is plain data; all zeroes is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid cpu_set_t of the size passed.
+    let rc =
+        unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
+    if rc != 0 {
+        return Err(format!(
+            "sched_getaffinity: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(set)
+}
+
+/// The first CPU of `set`, if it has more than one.
+fn first_of_several(set: &libc::cpu_set_t) -> Option<usize> {
+    // SAFETY: reading a valid cpu_set_t.
+    if unsafe { libc::CPU_COUNT(set) } < 2 {
+        return None;
+    }
+    (0..libc::CPU_SETSIZE as usize).find(|&c| {
+        // SAFETY: reading a valid cpu_set_t; `c` is below CPU_SETSIZE.
+        unsafe { libc::CPU_ISSET(c, set) }
+    })
+}
+
+/// Set the CPUs of every thread of the processes `pids` (threads they
+/// start later inherit it).
+fn set_affinity(pids: &[u32], set: &libc::cpu_set_t) -> Result<(), String> {
+    for pid in pids {
+        let dir = format!("/proc/{pid}/task");
+        let tasks = std::fs::read_dir(&dir).map_err(|e| format!("{dir}: {e}"))?;
+        for t in tasks.flatten() {
+            let Some(tid) = t
+                .file_name()
+                .to_str()
+                .and_then(|s| s.parse::<libc::pid_t>().ok())
+            else {
+                continue;
+            };
+            // SAFETY: `set` is a valid cpu_set_t of the size passed.
+            let rc = unsafe {
+                libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), set)
+            };
+            if rc != 0 {
+                return Err(format!(
+                    "sched_setaffinity({tid}): {}",
+                    std::io::Error::last_os_error()
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The next proxy frame in `rb`, reading from `s` as needed; `None` at
+/// EOF between frames.
+fn next_frame(
+    rb: &mut RecvBuf,
+    s: &UnixStream,
+) -> Result<Option<(FrameKind, usize, usize)>, String> {
+    loop {
+        if let Some(f) = proxy_frame(rb.data())? {
+            return Ok(Some(f));
+        }
+        if rb.read_from(&mut &*s)? == 0 {
+            return if rb.data().is_empty() {
+                Ok(None)
+            } else {
+                Err("closed mid-frame".into())
+            };
+        }
     }
 }
 

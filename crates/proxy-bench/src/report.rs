@@ -147,6 +147,34 @@ pub fn rows(runs: &[Metrics], vol: &Volumes) -> Vec<Row> {
             t,
         ));
     }
+    // Not the proxy: a thread relaying each frame unparsed, with blocking
+    // reads and writes. What one more hop costs on this machine, whatever
+    // the proxy does: the floor for the Hyper ratio. Then all of it again
+    // with every thread on one CPU (no cross-CPU wake-ups). Reported, not
+    // judged.
+    for (tag, what) in [("", ""), ("_pinned", ", all on one CPU")] {
+        for p in ["p50", "p99"] {
+            let k = format!("hyper{tag}_{p}_us");
+            if !tag.is_empty() {
+                spec.push((
+                    k.clone(),
+                    format!("Hyper ping round trip{what}, {p}"),
+                    "µs",
+                    format!("{k}.proxy"),
+                    Some(format!("{k}.direct")),
+                    None,
+                ));
+            }
+            spec.push((
+                format!("{k}_relay_floor"),
+                format!("  minimal relay thread instead of the proxy{what}, {p}"),
+                "µs",
+                format!("{k}.relay"),
+                Some(format!("{k}.direct")),
+                None,
+            ));
+        }
+    }
     spec.push((
         "fanout".into(),
         format!(
