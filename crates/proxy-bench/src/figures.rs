@@ -359,17 +359,21 @@ impl Run<'_> {
     }
 
     /// Both CPU clocks now: the daemon's and this process's (the harness).
-    fn cpu_now(&self) -> Result<(f64, f64), String> {
-        Ok((self.d.cpu_precise()?, self_cpu()))
+    /// The daemon's and the harness's CPU seconds, and the daemon's read
+    /// and write syscalls so far.
+    fn cpu_now(&self) -> Result<(f64, f64, (u64, u64)), String> {
+        Ok((self.d.cpu_precise()?, self_cpu(), self.d.syscalls()?))
     }
 
     /// Record the daemon's and the harness's CPU seconds since `cpu0`;
     /// returns the daemon's.
-    fn cpu_since(&mut self, key: &str, cpu0: (f64, f64)) -> Result<f64, String> {
-        let (d, h) = self.cpu_now()?;
+    fn cpu_since(&mut self, key: &str, cpu0: (f64, f64, (u64, u64))) -> Result<f64, String> {
+        let (d, h, (r, w)) = self.cpu_now()?;
         let (d, h) = (d - cpu0.0, h - cpu0.1);
         self.set(&format!("cpu.{key}"), d);
         self.set(&format!("harness_cpu.{key}"), h);
+        let _ = r; // recv on sockets is not counted there
+        self.set(&format!("daemon_writes.{key}"), (w - cpu0.2 .1) as f64);
         Ok(d)
     }
 

@@ -583,6 +583,8 @@ async fn writer(
     let mut inflight: Vec<Output> = Vec::new();
     let mut closing = false;
     let mut drain = false;
+    // The batch holds a frame other than output (a response): no waiting.
+    let mut urgent = false;
     loop {
         // Wait for something to write.
         if batch.is_empty() {
@@ -601,7 +603,7 @@ async fn writer(
                 None => Some(rx.recv().await),
             };
             match msg {
-                Some(Some(m)) => handle_msg(m, &mut batch, &mut session, &mut drain),
+                Some(Some(m)) => urgent = handle_msg(m, &mut batch, &mut session, &mut drain),
                 Some(None) => closing = true,
                 None => {}
             }
@@ -611,14 +613,17 @@ async fn writer(
         // reader may be about to queue more for this session (many busy
         // sessions on one VM), and one write of several messages costs far
         // less than one write each. A lone interactive session stops after
-        // one turn that brought nothing.
+        // one turn that brought nothing. While the agent streams, a small
+        // batch of output also waits for the io reader's next read, as long
+        // as each read brings more for this session (see `IoFlow`).
         let mut yields = 0;
         let mut before = 0;
+        let mut corked = false;
         'gather: loop {
             while !closing && batch.len() < 256 * 1024 && batch.chunks() < 512 {
                 match rx.try_recv() {
                     Ok(m) => {
-                        handle_msg(m, &mut batch, &mut session, &mut drain);
+                        urgent |= handle_msg(m, &mut batch, &mut session, &mut drain);
                         continue;
                     }
                     Err(mpsc::error::TryRecvError::Disconnected) => {
@@ -635,20 +640,35 @@ async fn writer(
                     None => break,
                 }
             }
-            if yields < 3
-                && batch.len() > before
-                && !closing
-                && !drain
-                && !inflight.is_empty()
-                && batch.len() < 64 * 1024
-            {
+            let grew = batch.len() > before;
+            before = batch.len();
+            let small =
+                !closing && !drain && !urgent && !inflight.is_empty() && batch.len() < 64 * 1024;
+            if !small || (corked && !grew) {
+                break;
+            }
+            if grew && yields < 3 {
                 yields += 1;
-                before = batch.len();
                 tokio::task::yield_now().await;
                 continue 'gather;
             }
-            break;
+            let Some((s, _)) = &session else { break };
+            let flow = s.flow.clone();
+            let next_read = flow.next_read();
+            if !flow.streaming() {
+                break;
+            }
+            corked = true;
+            tokio::select! {
+                biased;
+                m = rx.recv() => match m {
+                    Some(m) => urgent |= handle_msg(m, &mut batch, &mut session, &mut drain),
+                    None => closing = true,
+                },
+                () = next_read => {}
+            }
         }
+        urgent = false;
         if drain {
             if let Some((_, q)) = session.as_mut() {
                 while let Some(o) = q.try_next() {
@@ -691,14 +711,18 @@ async fn writer(
     let _ = w.shutdown().await;
 }
 
+/// Returns whether `m` put a frame other than output in the batch.
 fn handle_msg(
     m: ToWriter,
     batch: &mut Batch,
     session: &mut Option<(Arc<Session>, OutputQueue)>,
     drain: &mut bool,
-) {
+) -> bool {
     match m {
-        ToWriter::Frame(f) => push_frame(batch, f.header(), f.payload),
+        ToWriter::Frame(f) => {
+            push_frame(batch, f.header(), f.payload);
+            return true;
+        }
         ToWriter::Attach(s) => {
             if let Some(q) = s.take_queue() {
                 *session = Some((s, q));
@@ -708,6 +732,7 @@ fn handle_msg(
         }
         ToWriter::Drain => *drain = true,
     }
+    false
 }
 
 fn push_frame(batch: &mut Batch, h: Header, payload: Bytes) {

@@ -10,11 +10,50 @@
 //! long), and nothing is ever dropped.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::sync::futures::Notified;
+use tokio::sync::{mpsc, watch, Notify, Semaphore};
+
+/// How a VM's io channel flows, for the shim writers of its sessions.
+///
+/// While the agent streams (its io reads come back large), a shim writer
+/// holding a small batch waits for the next read of io before writing: one
+/// `writev` of many messages costs far less than one per message when many
+/// sessions of a VM are busy. The io reader says when streaming stops — a
+/// small read, or no read for a millisecond — and wakes the waiting
+/// writers, so the end of a burst is not held back.
+#[derive(Debug, Default)]
+pub struct IoFlow {
+    streaming: AtomicBool,
+    read: Notify,
+}
+
+impl IoFlow {
+    /// Whether the agent is streaming output.
+    pub fn streaming(&self) -> bool {
+        self.streaming.load(Ordering::Relaxed)
+    }
+
+    /// Set by the io reader.
+    pub fn set_streaming(&self, on: bool) {
+        self.streaming.store(on, Ordering::Relaxed);
+    }
+
+    /// Completes after the io reader's next read (its messages queued), or
+    /// when streaming stops. Create it before checking
+    /// [`streaming`](Self::streaming): it counts from its creation.
+    pub fn next_read(&self) -> Notified<'_> {
+        self.read.notified()
+    }
+
+    /// The io reader queued what it read, or streaming stopped.
+    pub fn wake_writers(&self) {
+        self.read.notify_waiters();
+    }
+}
 
 /// One item of a session's output, in order.
 #[derive(Debug, Clone)]
@@ -74,6 +113,8 @@ pub struct Session {
     tx: mpsc::UnboundedSender<Output>,
     queue: Mutex<Option<OutputQueue>>,
     budget: Arc<Semaphore>,
+    /// The VM's io flow.
+    pub flow: Arc<IoFlow>,
     /// Whether a shim holds the token.
     pub shim: watch::Sender<bool>,
     /// Whether the process was started.
@@ -86,7 +127,7 @@ pub struct Session {
 
 impl Session {
     /// A session whose output queue holds at most `bound` bytes.
-    pub fn new(token: String, io_base: u64, bound: usize) -> Arc<Self> {
+    pub fn new(token: String, io_base: u64, bound: usize, flow: Arc<IoFlow>) -> Arc<Self> {
         let (tx, rx) = mpsc::unbounded_channel();
         Arc::new(Self {
             token,
@@ -99,6 +140,7 @@ impl Session {
             budget: Arc::new(Semaphore::new(
                 bound.max(proxy_proto::hyper::MAX_MESSAGE_LEN),
             )),
+            flow,
             shim: watch::channel(false).0,
             started: watch::channel(false).0,
             bytes_out: AtomicU64::new(0),
@@ -180,7 +222,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_full_queue_waits_and_nothing_is_dropped() {
-        let s = Session::new("t".into(), 3, 10240);
+        let s = Session::new("t".into(), 3, 10240, Arc::default());
         let chunk = Bytes::from(vec![7u8; 10240]);
         assert!(s.push(Output::Stdout(chunk.clone())).await);
         // The queue is full: the next push waits.
@@ -199,7 +241,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_queue_survives_a_shim_handover_in_order() {
-        let s = Session::new("t".into(), 3, 1 << 20);
+        let s = Session::new("t".into(), 3, 1 << 20, Arc::default());
         for i in 0..3u8 {
             s.push(Output::Stdout(Bytes::from(vec![i]))).await;
         }
@@ -217,7 +259,7 @@ mod tests {
 
     #[tokio::test]
     async fn closing_releases_a_waiting_producer() {
-        let s = Session::new("t".into(), 3, 10240);
+        let s = Session::new("t".into(), 3, 10240, Arc::default());
         s.push(Output::Stdout(Bytes::from(vec![0; 10240]))).await;
         let s2 = s.clone();
         let pusher = tokio::spawn(async move { s2.push(Output::Exited(0)).await });

@@ -17,13 +17,21 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn, Instrument};
 
 use crate::registry::{ProxyError, VmId};
-use crate::session::{Output, Session};
+use crate::session::{IoFlow, Output, Session};
 use crate::wire::Batch;
 
 /// Read half of an agent channel.
 pub type AgentRead = Box<dyn AsyncRead + Send + Unpin>;
 /// Write half of an agent channel.
 pub type AgentWrite = Box<dyn AsyncWrite + Send + Unpin>;
+
+/// An io read at least this large means the agent is streaming output
+/// (see [`IoFlow`]).
+const STREAMING_READ: usize = 16 * 1024;
+
+/// Streaming stops when io has been quiet this long (tokio's timers tick
+/// in milliseconds).
+const STREAM_PAUSE: Duration = Duration::from_millis(1);
 
 /// Largest ctl data the agent takes in one message.
 pub const MAX_CTL_DATA: usize = MAX_MESSAGE_LEN - CTL_HEADER_LEN;
@@ -67,6 +75,7 @@ pub struct Vm {
     /// Bytes sent to the agent on io.
     pub bytes_to_agent: AtomicU64,
     session_bound: usize,
+    io_flow: Arc<IoFlow>,
 }
 
 impl std::fmt::Debug for CtlRequest {
@@ -181,6 +190,7 @@ impl Vm {
             bytes_from_agent: AtomicU64::new(0),
             bytes_to_agent: AtomicU64::new(0),
             session_bound,
+            io_flow: Arc::default(),
         });
         let span = tracing::info_span!("vm", vm = %container_id);
         tokio::spawn(
@@ -202,7 +212,7 @@ impl Vm {
 
     /// Create the session of a new token.
     pub fn add_session(&self, token: String, io_base: u64) -> Arc<Session> {
-        let s = Session::new(token, io_base, self.session_bound);
+        let s = Session::new(token, io_base, self.session_bound, self.io_flow.clone());
         if let Ok(mut m) = self.sessions.lock() {
             m.insert(io_base, s.clone());
         }
@@ -466,6 +476,14 @@ async fn io_reader(vm: Arc<Vm>, mut r: AgentRead, events: Arc<dyn VmEvents>) {
     // exit code.
     let mut eof: HashMap<u64, bool> = HashMap::new();
     let mut cache: HashMap<u64, Arc<Session>> = HashMap::new();
+    let flow = vm.io_flow.clone();
+    // Read since the writers were last woken.
+    let mut fresh = false;
+    let mut last_read = Instant::now();
+    // Ends streaming after STREAM_PAUSE without a read; moved lazily (when
+    // it fires early), like the ctl timer.
+    let pause = tokio::time::sleep(STREAM_PAUSE);
+    tokio::pin!(pause);
     let reason = 'outer: loop {
         loop {
             let m = match dec.decode(&mut buf) {
@@ -517,14 +535,25 @@ async fn io_reader(vm: Arc<Vm>, mut r: AgentRead, events: Arc<dyn VmEvents>) {
             // teardown watch to set up and take down per message.
             let pushed = match session.try_push(item) {
                 Ok(pushed) => pushed,
-                Err(item) => tokio::select! {
-                    pushed = session.push(item) => pushed,
-                    _ = gone.changed() => break 'outer "VM torn down".to_string(),
-                },
+                Err(item) => {
+                    // Reading stops until this queue has room: writers
+                    // waiting for the next read must write what they hold
+                    // (some of it may be what makes the room).
+                    flow.set_streaming(false);
+                    flow.wake_writers();
+                    tokio::select! {
+                        pushed = session.push(item) => pushed,
+                        _ = gone.changed() => break 'outer "VM torn down".to_string(),
+                    }
+                }
             };
             if !pushed {
                 cache.remove(&base);
             }
+        }
+        if fresh {
+            fresh = false;
+            flow.wake_writers();
         }
         if buf.capacity() - buf.len() < 16 * 1024 {
             buf.reserve(64 * 1024);
@@ -532,12 +561,27 @@ async fn io_reader(vm: Arc<Vm>, mut r: AgentRead, events: Arc<dyn VmEvents>) {
         tokio::select! {
             n = r.read_buf(&mut buf) => match n {
                 Ok(0) => break "the agent closed the io channel".to_string(),
-                Ok(_) => {}
+                Ok(n) => {
+                    fresh = true;
+                    last_read = Instant::now();
+                    flow.set_streaming(n >= STREAMING_READ);
+                }
                 Err(e) => break format!("reading io: {e}"),
             },
+            () = &mut pause, if flow.streaming() => {
+                if last_read.elapsed() >= STREAM_PAUSE {
+                    flow.set_streaming(false);
+                    flow.wake_writers();
+                } else {
+                    pause.as_mut().reset(last_read + STREAM_PAUSE);
+                }
+            }
             _ = gone.changed() => break "VM torn down".to_string(),
         }
     };
+    // Nobody waits for io that will not come.
+    flow.set_streaming(false);
+    flow.wake_writers();
     events.vm_failed(vm.id, reason);
 }
 

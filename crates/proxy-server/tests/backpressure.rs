@@ -249,3 +249,48 @@ async fn regression_immediate_reconnect_after_a_drop_is_accepted() {
     assert_eq!(shim.expect_exit().await, 0);
     p.assert_running();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_end_of_a_burst_is_delivered_with_nothing_after_it() {
+    // A large read of io means the agent is streaming, and a shim writer
+    // holding little then waits for the next read to write more at once.
+    // A burst that stops there must still be delivered in full — including
+    // another session's few bytes read in the same burst — with nothing
+    // following it: no more output, no exit, the agent silent.
+    use proxy_proto::hyper::io::IoMessage;
+    use proxy_proto::hyper::MAX_MESSAGE_LEN;
+
+    let mut p = proxy_with(&[]).await;
+    let mut vm = Vm::register(&p, 2).await;
+    let (ta, tb) = (vm.tokens[0].clone(), vm.tokens[1].clone());
+    let mut a = vm.start_container(&p, &ta).await;
+    let mut b = vm.start_container(&p, &tb).await;
+    a.shim.set_timeout(Duration::from_secs(5));
+    b.shim.set_timeout(Duration::from_secs(5));
+    const A_LEN: usize = 48 << 10;
+    for round in 0..20 {
+        // One write: a few bytes for B between A's messages.
+        let mut burst = bytes::BytesMut::new();
+        let a_data = pattern(round * A_LEN, A_LEN);
+        for (i, chunk) in a_data.chunks(8192).enumerate() {
+            if i == 3 {
+                IoMessage::new(b.io_base, pattern(round * 100, 100))
+                    .encode(&mut burst, MAX_MESSAGE_LEN)
+                    .unwrap();
+            }
+            IoMessage::new(a.io_base, chunk.to_vec())
+                .encode(&mut burst, MAX_MESSAGE_LEN)
+                .unwrap();
+        }
+        vm.agent.send_garbage_io(&burst).await;
+        let got = a.shim.expect_stdout(A_LEN).await;
+        check_pattern(round * A_LEN, &got).unwrap();
+        let got = b.shim.expect_stdout(100).await;
+        check_pattern(round * 100, &got).unwrap();
+    }
+    vm.agent.send_exit(a.io_base, 3).await;
+    vm.agent.send_exit(b.io_base, 4).await;
+    assert_eq!(a.shim.expect_exit().await, 3);
+    assert_eq!(b.shim.expect_exit().await, 4);
+    p.assert_running();
+}
