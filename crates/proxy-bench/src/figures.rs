@@ -596,10 +596,13 @@ impl Run<'_> {
             for k in 0..blocks {
                 let calls = n * (k + 1) / blocks - n * k / blocks;
                 // Untimed calls first: switching sides moves threads
-                // between CPUs, and that transient belongs to neither.
+                // between CPUs, and that transient belongs to neither. The
+                // CPU counters are read before them, not between them and
+                // the timed calls (reading /proc there slowed the first
+                // timed calls of every block).
+                let c0 = self.cpu_now()?;
                 round_trips(s, rb, &req, BLOCK_WARMUP, &mut Vec::new())
                     .map_err(|e| format!("Hyper ping: {e}"))?;
-                let c0 = self.cpu_now()?;
                 p_secs += round_trips(s, rb, &req, calls, &mut p_lat)
                     .map_err(|e| format!("Hyper ping: {e}"))?;
                 let c1 = self.cpu_now()?;

@@ -11,7 +11,7 @@ use common::{assert_vm_answers, check_pattern, pattern, proxy, proxy_with, SHORT
 use proxy_test_support::hyper::Code;
 use proxy_test_support::proxy_proto::{Command, Frame, Stream};
 use proxy_test_support::scenario::{newcontainer_data, unique_id, Vm};
-use proxy_test_support::{assert_serves_fresh_vm, AutoReply, MockAgent, ReadyMode};
+use proxy_test_support::{assert_serves_fresh_vm, AutoReply, MockAgent, ProxyProcess, ReadyMode};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_register_vm_does_not_block_other_registrations() {
@@ -188,8 +188,19 @@ async fn unregister_vm_leaves_running_sessions_alone() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twenty_vms_with_two_sessions_each_stream_both_ways_without_misrouting() {
+    twenty_vms_streaming(proxy().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_on_a_daemon_with_four_worker_threads() {
+    // `--threads`: VMs' tasks and shim writers run on different threads,
+    // and wake each other across them.
+    twenty_vms_streaming(proxy_with(&["--threads", "4"]).await).await;
+}
+
+async fn twenty_vms_streaming(p: ProxyProcess) {
     const LEN: usize = 64 << 10;
-    let p = std::sync::Arc::new(proxy().await);
+    let p = std::sync::Arc::new(p);
     let mut tasks = Vec::new();
     for v in 0..20usize {
         let p = p.clone();
