@@ -34,12 +34,15 @@ pub struct IoFlow {
 impl IoFlow {
     /// Whether the agent is streaming output.
     pub fn streaming(&self) -> bool {
-        self.streaming.load(Ordering::Relaxed)
+        // Acquire/Release: a writer on another worker thread that misses a
+        // wake-up (its `next_read` created after it) sees the flag set
+        // before that wake-up.
+        self.streaming.load(Ordering::Acquire)
     }
 
     /// Set by the io reader.
     pub fn set_streaming(&self, on: bool) {
-        self.streaming.store(on, Ordering::Relaxed);
+        self.streaming.store(on, Ordering::Release);
     }
 
     /// Completes after the io reader's next read (its messages queued), or
