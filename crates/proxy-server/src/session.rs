@@ -19,12 +19,14 @@ use tokio::sync::{mpsc, watch, Notify, Semaphore};
 
 /// How a VM's io channel flows, for the shim writers of its sessions.
 ///
-/// While the agent streams (its io reads come back large), a shim writer
-/// holding a small batch waits for the next read of io before writing: one
-/// `writev` of many messages costs far less than one per message when many
-/// sessions of a VM are busy. The io reader says when streaming stops — a
-/// small read, or no read for a millisecond — and wakes the waiting
-/// writers, so the end of a burst is not held back.
+/// While the agent streams the output of several sessions at once (its io
+/// reads come back large, with the sessions' messages interleaved), each
+/// read holds little for any one session, and a shim writer holding a
+/// small batch waits for the next read of io before writing: one `writev`
+/// of many messages costs far less than one per message. The io reader
+/// says when streaming stops — a small read, a read of one session's
+/// output, no read for a millisecond, or a full queue that stops it — and
+/// wakes the waiting writers, so the end of a burst is not held back.
 #[derive(Debug, Default)]
 pub struct IoFlow {
     streaming: AtomicBool,

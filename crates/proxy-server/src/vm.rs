@@ -25,8 +25,9 @@ pub type AgentRead = Box<dyn AsyncRead + Send + Unpin>;
 /// Write half of an agent channel.
 pub type AgentWrite = Box<dyn AsyncWrite + Send + Unpin>;
 
-/// An io read at least this large means the agent is streaming output
-/// (see [`IoFlow`]).
+/// An io read at least this large, with messages of several sessions
+/// interleaved, means the agent is streaming output of many sessions at
+/// once (see [`IoFlow`]). A single stream gathers enough from one read.
 const STREAMING_READ: usize = 16 * 1024;
 
 /// Streaming stops when io has been quiet this long (tokio's timers tick
@@ -477,8 +478,12 @@ async fn io_reader(vm: Arc<Vm>, mut r: AgentRead, events: Arc<dyn VmEvents>) {
     let mut eof: HashMap<u64, bool> = HashMap::new();
     let mut cache: HashMap<u64, Arc<Session>> = HashMap::new();
     let flow = vm.io_flow.clone();
-    // Read since the writers were last woken.
+    // Read since the writers were last woken; the read was large; how often
+    // consecutive messages changed sessions in it.
     let mut fresh = false;
+    let mut large = false;
+    let mut switches = 0u32;
+    let mut last_base = 0u64;
     let mut last_read = Instant::now();
     // Ends streaming after STREAM_PAUSE without a read; moved lazily (when
     // it fires early), like the ctl timer.
@@ -498,6 +503,10 @@ async fn io_reader(vm: Arc<Vm>, mut r: AgentRead, events: Arc<dyn VmEvents>) {
                 continue; // the null session: discarded
             }
             let base = if seq % 2 == 1 { seq } else { seq - 1 };
+            if base != last_base {
+                switches = switches.saturating_add(1);
+                last_base = base;
+            }
             // A local cache spares the shared map's lock per message; a
             // session that was closed since is evicted when a push fails.
             let session = match cache.get(&base) {
@@ -553,6 +562,8 @@ async fn io_reader(vm: Arc<Vm>, mut r: AgentRead, events: Arc<dyn VmEvents>) {
         }
         if fresh {
             fresh = false;
+            flow.set_streaming(large && switches > 1);
+            switches = 0;
             flow.wake_writers();
         }
         if buf.capacity() - buf.len() < 16 * 1024 {
@@ -563,8 +574,8 @@ async fn io_reader(vm: Arc<Vm>, mut r: AgentRead, events: Arc<dyn VmEvents>) {
                 Ok(0) => break "the agent closed the io channel".to_string(),
                 Ok(n) => {
                     fresh = true;
+                    large = n >= STREAMING_READ;
                     last_read = Instant::now();
-                    flow.set_streaming(n >= STREAMING_READ);
                 }
                 Err(e) => break format!("reading io: {e}"),
             },
