@@ -280,3 +280,37 @@ fn git_commit() -> String {
         _ => head,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(a: &[&str]) -> Result<Args, String> {
+        // An existing file stands in for the daemon binary.
+        let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+        let mut v = vec!["--cc-proxy".to_string(), exe.display().to_string()];
+        v.extend(a.iter().map(|s| s.to_string()));
+        parse_args(&v)
+    }
+
+    #[test]
+    fn only_takes_known_figures_and_no_report() {
+        let a = args(&["--only", "hyper,fanout"]).unwrap();
+        assert_eq!(
+            a.only,
+            Some(vec!["hyper".to_string(), "fanout".to_string()])
+        );
+        let e = args(&["--only", "hyper,latency"]).unwrap_err();
+        assert!(e.contains("unknown figure `latency`"), "{e}");
+        let e = args(&["--only=stdout", "--report"]).unwrap_err();
+        assert!(e.contains("cannot --report"), "{e}");
+        assert!(args(&[]).unwrap().only.is_none());
+    }
+
+    #[test]
+    fn repeat_must_be_a_positive_number() {
+        assert_eq!(args(&["--repeat", "3"]).unwrap().repeat, 3);
+        assert!(args(&["--repeat", "0"]).is_err());
+        assert!(args(&["--repeat", "x"]).is_err());
+    }
+}

@@ -852,6 +852,32 @@ mod tests {
     }
 
     #[test]
+    fn rows_leave_out_figures_without_data_and_judge_the_rest() {
+        // What `--only hyper` records: Hyper figures and RSS, no streams.
+        let mut m = Metrics::new();
+        for (k, v) in [
+            ("hyper_p99_us.proxy", 10.0),
+            ("hyper_p99_us.direct", 5.0),
+            ("hyper_p99_us.relay", 7.5),
+            ("rss_one_vm_mib", 2.5),
+        ] {
+            m.insert(k.to_string(), v);
+        }
+        let rows = rows(&[m], &Volumes::quick());
+        let ids: Vec<&str> = rows.iter().map(|r| r.id.as_str()).collect();
+        assert_eq!(
+            ids,
+            ["hyper_p99_us", "hyper_p99_us_relay_floor", "rss_one_vm_mib"]
+        );
+        assert_eq!(rows[0].ratio, Some(2.0));
+        assert_eq!(rows[0].pass, Some(true));
+        // The relay floor is reported against the direct pair, not judged.
+        assert_eq!(rows[1].ratio, Some(1.5));
+        assert_eq!(rows[1].pass, None);
+        assert_eq!(rows[2].pass, Some(true));
+    }
+
+    #[test]
     fn targets() {
         assert!(Target::RatioMin(0.6).met(1.0, Some(0.7)));
         assert!(!Target::RatioMin(0.6).met(1.0, Some(0.5)));
