@@ -2,7 +2,9 @@
 //! matched in order), its io reader (demultiplexes the agent's output into
 //! per-session queues) and its io writer (stdin to the agent).
 
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -469,14 +471,50 @@ async fn fail_pending(rx: &mut mpsc::Receiver<CtlRequest>, reason: &str) {
     }
 }
 
+/// Where the io reader sends a session's output.
+struct Route {
+    session: Arc<Session>,
+    /// Its stdout EOF was seen: a 1-byte message next is the exit code.
+    at_eof: bool,
+}
+
+/// A map keyed by io seq. Its keys are the VM's own sessions (output for
+/// any other seq is looked up in the VM's map and dropped, never
+/// inserted), so a multiplicative hash serves where SipHash would cost
+/// more per message.
+type SeqMap<V> = HashMap<u64, V, BuildHasherDefault<SeqHasher>>;
+
+#[derive(Default)]
+struct SeqHasher(u64);
+
+impl Hasher for SeqHasher {
+    fn finish(&self) -> u64 {
+        // The product's high bits are its well-mixed ones; the table
+        // indexes by the low ones (and io seqs are all odd).
+        self.0.rotate_left(26)
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0 ^ n).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
 async fn io_reader(vm: Arc<Vm>, mut r: AgentRead, events: Arc<dyn VmEvents>) {
     let mut buf = BytesMut::with_capacity(64 * 1024);
     let mut dec = IoDecoder::new(MAX_MESSAGE_LEN);
     let mut gone = vm.gone.subscribe();
-    // Sessions whose stdout EOF was seen: the next 1-byte message is the
-    // exit code.
-    let mut eof: HashMap<u64, bool> = HashMap::new();
-    let mut cache: HashMap<u64, Arc<Session>> = HashMap::new();
+    // The sessions output was routed to: a local map spares the shared
+    // one's lock per message; a session closed since is evicted when a
+    // push fails.
+    let mut routes: SeqMap<Route> = SeqMap::default();
+    // Bytes decoded and not yet counted in the VM's stats.
+    let mut uncounted = 0u64;
     let flow = vm.io_flow.clone();
     // Read since the writers were last woken; the read was large; how often
     // consecutive messages changed sessions in it.
@@ -496,8 +534,7 @@ async fn io_reader(vm: Arc<Vm>, mut r: AgentRead, events: Arc<dyn VmEvents>) {
                 Ok(None) => break,
                 Err(e) => break 'outer format!("garbage on io: {e}"),
             };
-            vm.bytes_from_agent
-                .fetch_add(m.data.len() as u64, Ordering::Relaxed);
+            uncounted += m.data.len() as u64;
             let seq = m.seq;
             if seq == NULL_SEQ || seq == NULL_SEQ + 1 {
                 continue; // the null session: discarded
@@ -507,15 +544,13 @@ async fn io_reader(vm: Arc<Vm>, mut r: AgentRead, events: Arc<dyn VmEvents>) {
                 switches = switches.saturating_add(1);
                 last_base = base;
             }
-            // A local cache spares the shared map's lock per message; a
-            // session that was closed since is evicted when a push fails.
-            let session = match cache.get(&base) {
-                Some(s) => s.clone(),
-                None => match vm.session(base) {
-                    Some(s) => {
-                        cache.insert(base, s.clone());
-                        s
-                    }
+            let route = match routes.entry(base) {
+                Entry::Occupied(e) => e.into_mut(),
+                Entry::Vacant(e) => match vm.session(base) {
+                    Some(session) => e.insert(Route {
+                        session,
+                        at_eof: false,
+                    }),
                     None => {
                         debug!(seq, len = m.data.len(), "io for an unknown seq dropped");
                         continue;
@@ -523,14 +558,13 @@ async fn io_reader(vm: Arc<Vm>, mut r: AgentRead, events: Arc<dyn VmEvents>) {
                 },
             };
             let item = if seq == base {
-                let at_eof = eof.get(&base).copied().unwrap_or(false);
                 if m.data.is_empty() {
-                    eof.insert(base, true);
+                    route.at_eof = true;
                     continue;
-                } else if at_eof && m.data.len() == 1 {
+                } else if route.at_eof && m.data.len() == 1 {
                     let code = m.data[0];
-                    eof.remove(&base);
-                    events.process_exited(vm.id, &session.token, code);
+                    route.at_eof = false;
+                    events.process_exited(vm.id, &route.session.token, code);
                     Output::Exited(code)
                 } else {
                     Output::Stdout(m.data)
@@ -542,6 +576,7 @@ async fn io_reader(vm: Arc<Vm>, mut r: AgentRead, events: Arc<dyn VmEvents>) {
             };
             // Room in the queue (the usual case): no waiting, and no
             // teardown watch to set up and take down per message.
+            let session = &route.session;
             let pushed = match session.try_push(item) {
                 Ok(pushed) => pushed,
                 Err(item) => {
@@ -557,8 +592,12 @@ async fn io_reader(vm: Arc<Vm>, mut r: AgentRead, events: Arc<dyn VmEvents>) {
                 }
             };
             if !pushed {
-                cache.remove(&base);
+                routes.remove(&base);
             }
+        }
+        if uncounted > 0 {
+            vm.bytes_from_agent.fetch_add(uncounted, Ordering::Relaxed);
+            uncounted = 0;
         }
         if fresh {
             fresh = false;
