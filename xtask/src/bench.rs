@@ -3,7 +3,8 @@
 //!
 //! Arguments are passed to `proxy-bench`: `--quick` (a few seconds, fails
 //! only on wrong bytes), `--repeat N` (medians of N runs), `--report`
-//! (also write `docs/PERFORMANCE.md` and `docs/perf-throughput.svg`).
+//! (also write `docs/PERFORMANCE.md` and `docs/perf-throughput.svg`),
+//! `--only FIGURE,...` (part of the figures, for profiling).
 //! The JSON report goes to `target/bench/report.json`.
 
 use std::process::Command;

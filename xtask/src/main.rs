@@ -52,7 +52,7 @@ fn main() -> ExitCode {
 const USAGE: &str = "usage: cargo xtask <verb>
 
 verbs:
-  bench [--quick] [--repeat N] [--report]
+  bench [--quick] [--repeat N] [--report] [--only FIGURE,...]
                      the release cc-proxy vs direct sockets; target/bench/report.json
   ci [--no-e2e] [--no-bench]
                      fmt check, clippy -D warnings, all tests, no_std build,

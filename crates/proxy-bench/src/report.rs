@@ -566,7 +566,8 @@ pub fn performance_md(r: &Report, commit: &str) -> String {
         s,
         "```sh\ncargo xtask bench --repeat {} --report   # this page and perf-throughput.svg\n\
          cargo xtask bench                        # one run, table only (fails on a missed target)\n\
-         cargo xtask bench --quick                # a few seconds; fails only on wrong bytes (CI)\n```\n",
+         cargo xtask bench --quick                # a few seconds; fails only on wrong bytes (CI)\n\
+         cargo xtask bench --only hyper,fanout    # some figures, for profiling; nothing judged\n```\n",
         r.repeat
     );
     let _ = writeln!(
