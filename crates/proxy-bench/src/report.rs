@@ -629,8 +629,9 @@ pub fn performance_md(r: &Report, commit: &str) -> String {
          every resident page of the binary and of libc, which other processes share; \
          `report.json` also has RssAnon, RssFile and Pss for each. **CPU**: utime + stime \
          of `/proc/<pid>/stat` for the whole run (clock-tick resolution); per figure, \
-         `report.json` has the daemon's on-CPU time from `schedstat` (`cpu.*`) and the \
-         bench's own (`harness_cpu.*`).",
+         `report.json` has the daemon's on-CPU time from `schedstat` (`cpu.*`), the \
+         bench's own (`harness_cpu.*`) and the daemon's write syscalls \
+         (`daemon_writes.*`, from `/proc/<pid>/io`).",
         v.storm_shims
     );
     let _ = writeln!(
