@@ -9,7 +9,7 @@ use std::time::Duration;
 use proxy_proto::payload::{ConnectShim, ErrorResponse, Hyper, RegisterVm, RegisterVmResponse};
 use proxy_proto::{Command, Frame, FrameKind};
 
-use crate::wire::{proxy_frame, write_all, RecvBuf};
+use crate::wire::{next_frame, write_all, RecvBuf};
 
 /// How long any single response or read may take before the bench fails.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(60);
@@ -39,16 +39,11 @@ impl Conn {
 
     /// Read one whole frame: its kind and payload (copied; not a hot path).
     pub fn read_frame(&mut self) -> Result<(FrameKind, Vec<u8>), String> {
-        loop {
-            if let Some((kind, at, total)) = proxy_frame(self.rb.data())? {
-                let payload = self.rb.data()[at..total].to_vec();
-                self.rb.consume(total);
-                return Ok((kind, payload));
-            }
-            if self.rb.read_from(&mut &self.s)? == 0 {
-                return Err("the daemon closed the connection".into());
-            }
-        }
+        let (kind, at, total) =
+            next_frame(&mut self.rb, &mut &self.s)?.ok_or("the daemon closed the connection")?;
+        let payload = self.rb.data()[at..total].to_vec();
+        self.rb.consume(total);
+        Ok((kind, payload))
     }
 
     /// Wait for the response to `cmd`: `Ok(payload)` or `Err(msg)`.

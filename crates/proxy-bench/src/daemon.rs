@@ -142,18 +142,15 @@ impl Daemon {
         cpu_precise(self.pid)
     }
 
-    /// Read and write syscalls the daemon has made (`syscr`, `syscw` of
-    /// `/proc/<pid>/io`: read, recv, readv… and write, send, writev…).
-    pub fn syscalls(&self) -> Result<(u64, u64), String> {
+    /// Write syscalls the daemon has made (`syscw` of `/proc/<pid>/io`:
+    /// write, send, writev…; its `syscr` does not count recv on sockets).
+    pub fn write_syscalls(&self) -> Result<u64, String> {
         let path = format!("/proc/{}/io", self.pid);
         let s = fs::read_to_string(&path).map_err(|e| format!("{path}: {e}"))?;
-        let field = |name: &str| {
-            s.lines()
-                .find_map(|l| l.strip_prefix(name))
-                .and_then(|v| v.trim().parse::<u64>().ok())
-                .ok_or_else(|| format!("no {name} in {path}"))
-        };
-        Ok((field("syscr:")?, field("syscw:")?))
+        s.lines()
+            .find_map(|l| l.strip_prefix("syscw:"))
+            .and_then(|v| v.trim().parse().ok())
+            .ok_or_else(|| format!("no syscw in {path}"))
     }
 
     /// Proportional set size (Pss of `/proc/<pid>/smaps_rollup`), in KiB:

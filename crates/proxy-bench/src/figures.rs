@@ -15,8 +15,8 @@ use crate::conn::{connect_shim_payload, json, Conn, IO_TIMEOUT};
 use crate::daemon::{machine_busy_seconds, self_cpu, Daemon, TempDir};
 use crate::hash::Digest;
 use crate::wire::{
-    drain, io_exit, proxy_frame, stream_header, write_all, Cycle, Framing, IoEnd, IoSink, Pattern,
-    ProxyEnd, ProxySink, RecvBuf, Sink, BIG_BUF,
+    drain, io_exit, next_frame, proxy_frame, stream_header, write_all, Cycle, Framing, IoEnd,
+    IoSink, Pattern, ProxyEnd, ProxySink, RecvBuf, Sink, BIG_BUF,
 };
 
 /// The io message sizes of the stdout figures (data bytes; 10228 is the
@@ -166,6 +166,26 @@ where
         let r = r?;
         w.map(|()| r)
     })
+}
+
+/// The direct baseline of a stream: `n` messages of `cycle`, then `tail`,
+/// written into one end of a socket pair and drained from the other into
+/// `sink`. Returns when the writing started.
+fn through_pair<S: Sink>(
+    cycle: &Cycle,
+    n: u64,
+    tail: &[u8],
+    sink: &mut S,
+) -> Result<Instant, String> {
+    let (a, b) = pair()?;
+    let mut rb = RecvBuf::new(BIG_BUF);
+    let t0 = Instant::now();
+    pump(
+        &a,
+        || cycle.write(&mut &a, n, tail),
+        || drain(&mut &b, &mut rb, sink),
+    )?;
+    Ok(t0)
 }
 
 fn elapsed(t0: Instant, done: Option<Instant>) -> Result<f64, String> {
@@ -358,22 +378,23 @@ impl Run<'_> {
         Ok(s.stdio)
     }
 
-    /// Both CPU clocks now: the daemon's and this process's (the harness).
-    /// The daemon's and the harness's CPU seconds, and the daemon's read
-    /// and write syscalls so far.
-    fn cpu_now(&self) -> Result<(f64, f64, (u64, u64)), String> {
-        Ok((self.d.cpu_precise()?, self_cpu(), self.d.syscalls()?))
+    /// The daemon's and the harness's CPU seconds, and the daemon's write
+    /// syscalls, so far.
+    fn cpu_now(&self) -> Result<(f64, f64, u64), String> {
+        Ok((self.d.cpu_precise()?, self_cpu(), self.d.write_syscalls()?))
     }
 
     /// Record the daemon's and the harness's CPU seconds since `cpu0`;
     /// returns the daemon's.
-    fn cpu_since(&mut self, key: &str, cpu0: (f64, f64, (u64, u64))) -> Result<f64, String> {
-        let (d, h, (r, w)) = self.cpu_now()?;
+    fn cpu_since(&mut self, key: &str, cpu0: (f64, f64, u64)) -> Result<f64, String> {
+        let (d, h, w) = self.cpu_now()?;
         let (d, h) = (d - cpu0.0, h - cpu0.1);
         self.set(&format!("cpu.{key}"), d);
         self.set(&format!("harness_cpu.{key}"), h);
-        let _ = r; // recv on sockets is not counted there
-        self.set(&format!("daemon_writes.{key}"), (w - cpu0.2 .1) as f64);
+        self.set(
+            &format!("daemon_writes.{key}"),
+            w.saturating_sub(cpu0.2) as f64,
+        );
         Ok(d)
     }
 
@@ -419,21 +440,13 @@ impl Run<'_> {
 
     fn stdout_direct(&mut self, size: usize) -> Result<f64, String> {
         let what = format!("stdout over a direct socket, {size}-byte messages");
-        let (a, b) = pair()?;
         let seq = 3;
         let cycle = Cycle::new(self.b.pattern, Framing::Io, &[seq], size, CYCLE_BYTES);
         let n = self.b.vol.stream / size as u64;
         let want = cycle.expected(self.b.pattern, 1, n)[0];
         let tail = io_exit(seq, 7);
-        let mut rb = RecvBuf::new(BIG_BUF);
         let mut sink = IoSink::new(seq, want.len, IoEnd::EofExit);
-        let t0 = Instant::now();
-        pump(
-            &a,
-            || cycle.write(&mut &a, n, &tail),
-            || drain(&mut &b, &mut rb, &mut sink),
-        )
-        .map_err(|e| format!("{what}: {e}"))?;
+        let t0 = through_pair(&cycle, n, &tail, &mut sink).map_err(|e| format!("{what}: {e}"))?;
         let secs = elapsed(t0, sink.done_at)?;
         check(&what, sink.digest(), want)?;
         check_exit(&what, sink.exit, 7)?;
@@ -495,17 +508,9 @@ impl Run<'_> {
 
     fn stdin_direct(&mut self) -> Result<f64, String> {
         let what = "stdin over a direct socket, 4 KiB frames";
-        let (a, b) = pair()?;
         let (cycle, n, want, tail) = self.stdin_stream();
-        let mut rb = RecvBuf::new(BIG_BUF);
         let mut sink = ProxySink::new(Stream::Stdin, want.len, ProxyEnd::EmptyFrame);
-        let t0 = Instant::now();
-        pump(
-            &a,
-            || cycle.write(&mut &a, n, &tail),
-            || drain(&mut &b, &mut rb, &mut sink),
-        )
-        .map_err(|e| format!("{what}: {e}"))?;
+        let t0 = through_pair(&cycle, n, &tail, &mut sink).map_err(|e| format!("{what}: {e}"))?;
         let secs = elapsed(t0, sink.done_at)?;
         check(what, sink.digest(), want)?;
         Ok(mib(want.len) / secs)
@@ -543,7 +548,7 @@ impl Run<'_> {
             let rb = &mut RecvBuf::new(64 << 10);
             let mut answered = 0;
             loop {
-                let Some((kind, at, total)) = next_frame(rb, b)? else {
+                let Some((kind, at, total)) = next_frame(rb, &mut &*b)? else {
                     return if answered == want {
                         Ok(())
                     } else {
@@ -562,10 +567,11 @@ impl Run<'_> {
         let relay = || -> Result<(), String> {
             let (rq, rs) = (&mut RecvBuf::new(64 << 10), &mut RecvBuf::new(64 << 10));
             let relayed = (|| {
-                while let Some((_, _, total)) = next_frame(rq, &r1)? {
+                while let Some((_, _, total)) = next_frame(rq, &mut &r1)? {
                     write_all(&mut &r2, &rq.data()[..total])?;
                     rq.consume(total);
-                    let (_, _, total) = next_frame(rs, &r2)?.ok_or("the relay's peer closed")?;
+                    let (_, _, total) =
+                        next_frame(rs, &mut &r2)?.ok_or("the relay's peer closed")?;
                     write_all(&mut &r1, &rs.data()[..total])?;
                     rs.consume(total);
                 }
@@ -578,44 +584,36 @@ impl Run<'_> {
         // Blocks of proxy, direct and relayed calls alternate, so that all
         // see the same scheduling (where the kernel puts the threads decides
         // much of a round trip on a small host).
-        let mut p_lat = Vec::with_capacity(n);
-        let mut d_lat = Vec::with_capacity(n);
-        let mut f_lat = Vec::with_capacity(n);
-        let (mut p_secs, mut d_secs, mut f_secs) = (0.0, 0.0, 0.0);
         let mut d_rb = RecvBuf::new(64 << 10);
         let mut f_rb = RecvBuf::new(64 << 10);
-        let mut cpu = (0.0, 0.0);
         let Conn { s, rb } = rt;
+        let mut sides = [
+            Side::new("Hyper ping", s, rb, n),
+            Side::new("direct", &a, &mut d_rb, n),
+            Side::new("relayed", &c, &mut f_rb, n),
+        ];
+        let mut cpu = (0.0, 0.0);
         let mut calls = || -> Result<(), String> {
-            round_trips(s, rb, &req, warm, &mut Vec::new())
-                .map_err(|e| format!("Hyper ping: {e}"))?;
-            round_trips(&a, &mut d_rb, &req, warm, &mut Vec::new())
-                .map_err(|e| format!("direct: {e}"))?;
-            round_trips(&c, &mut f_rb, &req, warm, &mut Vec::new())
-                .map_err(|e| format!("relayed: {e}"))?;
+            for side in &mut sides {
+                side.untimed(&req, warm)?;
+            }
             for k in 0..blocks {
                 let calls = n * (k + 1) / blocks - n * k / blocks;
-                // Untimed calls first: switching sides moves threads
-                // between CPUs, and that transient belongs to neither. The
-                // CPU counters are read before them, not between them and
-                // the timed calls (reading /proc there slowed the first
-                // timed calls of every block).
-                let c0 = self.cpu_now()?;
-                round_trips(s, rb, &req, BLOCK_WARMUP, &mut Vec::new())
-                    .map_err(|e| format!("Hyper ping: {e}"))?;
-                p_secs += round_trips(s, rb, &req, calls, &mut p_lat)
-                    .map_err(|e| format!("Hyper ping: {e}"))?;
-                let c1 = self.cpu_now()?;
-                cpu.0 += c1.0 - c0.0;
-                cpu.1 += c1.1 - c0.1;
-                round_trips(&a, &mut d_rb, &req, BLOCK_WARMUP, &mut Vec::new())
-                    .map_err(|e| format!("direct: {e}"))?;
-                d_secs += round_trips(&a, &mut d_rb, &req, calls, &mut d_lat)
-                    .map_err(|e| format!("direct: {e}"))?;
-                round_trips(&c, &mut f_rb, &req, BLOCK_WARMUP, &mut Vec::new())
-                    .map_err(|e| format!("relayed: {e}"))?;
-                f_secs += round_trips(&c, &mut f_rb, &req, calls, &mut f_lat)
-                    .map_err(|e| format!("relayed: {e}"))?;
+                for (i, side) in sides.iter_mut().enumerate() {
+                    // Untimed calls first: switching sides moves threads
+                    // between CPUs, and that transient belongs to none. The
+                    // proxy's CPU counters are read before them, not
+                    // between them and the timed calls (reading /proc there
+                    // slowed the first timed calls of every block).
+                    let c0 = if i == 0 { Some(self.cpu_now()?) } else { None };
+                    side.untimed(&req, BLOCK_WARMUP)?;
+                    side.timed(&req, calls)?;
+                    if let Some(c0) = c0 {
+                        let c1 = self.cpu_now()?;
+                        cpu.0 += c1.0 - c0.0;
+                        cpu.1 += c1.1 - c0.1;
+                    }
+                }
             }
             Ok(())
         };
@@ -662,9 +660,7 @@ impl Run<'_> {
                 "Hyper ping: {calls} calls answered, but the agent saw {answered} pings with data {{}}"
             ));
         }
-        let proxy = Rtt::of(&mut p_lat, p_secs);
-        let direct = Rtt::of(&mut d_lat, d_secs);
-        let relayed = Rtt::of(&mut f_lat, f_secs);
+        let [proxy, direct, relayed] = sides.map(Side::rtt);
         for (k, (p, d, f)) in [
             ("p50_us", (proxy.p50_us, direct.p50_us, relayed.p50_us)),
             ("p99_us", (proxy.p99_us, direct.p99_us, relayed.p99_us)),
@@ -910,23 +906,41 @@ fn set_affinity(pids: &[u32], set: &libc::cpu_set_t) -> Result<(), String> {
     Ok(())
 }
 
-/// The next proxy frame in `rb`, reading from `s` as needed; `None` at
-/// EOF between frames.
-fn next_frame(
-    rb: &mut RecvBuf,
-    s: &UnixStream,
-) -> Result<Option<(FrameKind, usize, usize)>, String> {
-    loop {
-        if let Some(f) = proxy_frame(rb.data())? {
-            return Ok(Some(f));
+/// One path of the Hyper figure: its socket and receive buffer, and the
+/// times of its timed round trips.
+struct Side<'a> {
+    name: &'static str,
+    s: &'a UnixStream,
+    rb: &'a mut RecvBuf,
+    lat: Vec<u64>,
+    secs: f64,
+}
+
+impl<'a> Side<'a> {
+    fn new(name: &'static str, s: &'a UnixStream, rb: &'a mut RecvBuf, n: usize) -> Self {
+        Self {
+            name,
+            s,
+            rb,
+            lat: Vec::with_capacity(n),
+            secs: 0.0,
         }
-        if rb.read_from(&mut &*s)? == 0 {
-            return if rb.data().is_empty() {
-                Ok(None)
-            } else {
-                Err("closed mid-frame".into())
-            };
-        }
+    }
+
+    fn untimed(&mut self, req: &[u8], n: usize) -> Result<(), String> {
+        round_trips(self.s, self.rb, req, n, &mut Vec::new())
+            .map(|_| ())
+            .map_err(|e| format!("{}: {e}", self.name))
+    }
+
+    fn timed(&mut self, req: &[u8], n: usize) -> Result<(), String> {
+        self.secs += round_trips(self.s, self.rb, req, n, &mut self.lat)
+            .map_err(|e| format!("{}: {e}", self.name))?;
+        Ok(())
+    }
+
+    fn rtt(mut self) -> Rtt {
+        Rtt::of(&mut self.lat, self.secs)
     }
 }
 
@@ -972,14 +986,7 @@ fn round_trips(
     for i in 0..n {
         let t = Instant::now();
         write_all(&mut &*s, req)?;
-        let (kind, at, total) = loop {
-            if let Some(f) = proxy_frame(rb.data())? {
-                break f;
-            }
-            if rb.read_from(&mut &*s)? == 0 {
-                return Err("closed".into());
-            }
-        };
+        let (kind, at, total) = next_frame(rb, &mut &*s)?.ok_or("closed")?;
         if kind != ok || at != total {
             return Err(format!(
                 "call {i}: expected an empty Hyper response, got {kind:?} with {} bytes",

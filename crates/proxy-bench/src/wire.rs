@@ -101,6 +101,26 @@ fn is_timeout(e: &io::Error) -> bool {
     )
 }
 
+/// The next whole proxy frame in `rb` (as [`proxy_frame`] gives it),
+/// reading from `r` as needed; `None` at EOF between frames.
+pub fn next_frame<R: Read>(
+    rb: &mut RecvBuf,
+    r: &mut R,
+) -> Result<Option<(FrameKind, usize, usize)>, String> {
+    loop {
+        if let Some(f) = proxy_frame(rb.data())? {
+            return Ok(Some(f));
+        }
+        if rb.read_from(r)? == 0 {
+            return if rb.data().is_empty() {
+                Ok(None)
+            } else {
+                Err("closed mid-frame".into())
+            };
+        }
+    }
+}
+
 /// A whole proxy frame at the front of `b`: its kind, the offset of its
 /// payload and its total length; `None` if more bytes are needed.
 #[inline]
