@@ -601,9 +601,14 @@ async fn io_reader(vm: Arc<Vm>, mut r: AgentRead, events: Arc<dyn VmEvents>) {
         }
         if fresh {
             fresh = false;
+            // Writers wait only while streaming, and every other place
+            // that ends it wakes them: when it was off, nobody waits.
+            let was = flow.streaming();
             flow.set_streaming(large && switches > 1);
             switches = 0;
-            flow.wake_writers();
+            if was {
+                flow.wake_writers();
+            }
         }
         if buf.capacity() - buf.len() < 16 * 1024 {
             buf.reserve(64 * 1024);
