@@ -1,5 +1,5 @@
 //! `proxy-agent`: a hyperstart-compatible guest agent for the end-to-end
-//! tests of cc-proxy (PROTOCOL.md §6–§8).
+//! tests of cc-proxy (docs/PROTOCOL.md §6–§8).
 //!
 //! Two ways to run it:
 //!

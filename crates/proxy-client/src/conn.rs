@@ -2,7 +2,7 @@
 //! [`Shim`](crate::Shim): a writer task and a reader task around a unix
 //! stream.
 //!
-//! - Commands are answered in order (PROTOCOL.md §3), so a command's waiter
+//! - Commands are answered in order (docs/PROTOCOL.md §3), so a command's waiter
 //!   is queued, under one lock, in the same order as its frame is queued for
 //!   the writer. The reader pops the waiter at the head for each response.
 //!   A caller that gives up waiting (a dropped future) never desynchronises

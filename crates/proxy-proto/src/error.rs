@@ -2,7 +2,7 @@
 
 use crate::frame::FrameType;
 
-/// A proxy frame that must be refused (PROTOCOL.md §2, §10.1).
+/// A proxy frame that must be refused (docs/PROTOCOL.md §2, §10.1).
 ///
 /// When a decoder returns one of these it has consumed nothing: the caller
 /// can still read the offending header (e.g. with
@@ -53,7 +53,7 @@ pub enum FrameError {
     },
 }
 
-/// A hyperstart ctl or io message that must be refused (PROTOCOL.md §6–§7).
+/// A hyperstart ctl or io message that must be refused (docs/PROTOCOL.md §6–§7).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum HyperError {

@@ -1,4 +1,4 @@
-//! The proxy frame header (PROTOCOL.md §2): what the 12 bytes say, and what
+//! The proxy frame header (docs/PROTOCOL.md §2): what the 12 bytes say, and what
 //! we accept.
 //!
 //! Parsing is two steps, as in h2: [`RawHeader::parse`] never fails and gives

@@ -6,7 +6,7 @@
 //! rustls): it never touches a socket, never spawns, never sleeps.
 //!
 //! - [`frame`]: the 12-byte proxy frame header. [`RawHeader::parse`] never
-//!   fails; [`RawHeader::validate`] applies the rules of PROTOCOL.md §2.
+//!   fails; [`RawHeader::validate`] applies the rules of docs/PROTOCOL.md §2.
 //! - [`FrameDecoder`] (feature `alloc`): incremental decoding over a byte
 //!   buffer — *need more*, *one frame* or *malformed* — that checks the
 //!   declared length against [`Limits`] before buffering anything, and

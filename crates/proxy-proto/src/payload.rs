@@ -1,4 +1,4 @@
-//! Typed JSON payloads of the proxy protocol (PROTOCOL.md §3–§5), with the
+//! Typed JSON payloads of the proxy protocol (docs/PROTOCOL.md §3–§5), with the
 //! wire's exact key names.
 //!
 //! Decoding is lenient about absent optional fields (as the reference's Go

@@ -1,5 +1,5 @@
 //! Reaching the agent's channels. The daemon does not care which transport
-//! carries them (PROTOCOL.md §8): the address picks it — a plain path or
+//! carries them (docs/PROTOCOL.md §8): the address picks it — a plain path or
 //! `unix:///path` (virtio-serial), `vsock://cid:port` (AF_VSOCK) or
 //! `hvsock://path:port` (hybrid vsock) — and `proxy-vsock` does the rest.
 

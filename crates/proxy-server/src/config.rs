@@ -9,7 +9,7 @@ use clap::{Parser, ValueEnum};
 /// The default listening socket in system mode.
 pub const DEFAULT_SOCKET_PATH: &str = "/run/cc-proxy/proxy.sock";
 
-/// KSM throttling mode (PROTOCOL.md §9).
+/// KSM throttling mode (docs/PROTOCOL.md §9).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum KsmMode {
     /// Turn KSM off.

@@ -1,4 +1,4 @@
-//! KSM throttling (PROTOCOL.md §9): while VMs boot, same-page merging is
+//! KSM throttling (docs/PROTOCOL.md §9): while VMs boot, same-page merging is
 //! worth scanning hard; afterwards it should cost little.
 //!
 //! The knobs are `run`, `pages_to_scan` and `sleep_millisecs` under

@@ -3,7 +3,7 @@
 //! registers VMs, arbitrates the agent's control channel and routes every
 //! container process's stdin, stdout, stderr, signals and exit status.
 //!
-//! The crate is laid out as PROTOCOL.md and STYLE.md describe:
+//! The crate is laid out as `docs/ARCHITECTURE.md` describes:
 //!
 //! - [`registry`]: the rules, sans IO — VMs, tokens, sessions, roles,
 //!   relocation, what a signal becomes. Unit-tested without sockets.

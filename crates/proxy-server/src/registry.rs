@@ -5,7 +5,7 @@
 //! and answer with what to do, or with the [`ProxyError`] the client gets as
 //! an error response. It never touches a socket, a timer or a task: the
 //! drivers in [`crate::conn`] and [`crate::vm`] own those and call in here
-//! under a short, never-awaited lock. Every rule of PROTOCOL.md §3 and §7
+//! under a short, never-awaited lock. Every rule of docs/PROTOCOL.md §3 and §7
 //! that does not need I/O has a unit test at the bottom of this file.
 
 use std::collections::HashMap;

@@ -1,4 +1,4 @@
-//! Output flow (PROTOCOL.md §7, §10.3, §10.5): a shim that stops reading
+//! Output flow (docs/PROTOCOL.md §7, §10.3, §10.5): a shim that stops reading
 //! holds back only its own session until its bound, loses nothing, and a
 //! shim may drop and reconnect any number of times mid-stream.
 

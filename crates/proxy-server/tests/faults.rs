@@ -1,4 +1,4 @@
-//! Agents that misbehave (PROTOCOL.md §6–§7, §10.4–§10.5): no READY, death
+//! Agents that misbehave (docs/PROTOCOL.md §6–§7, §10.4–§10.5): no READY, death
 //! before READY, vanishing mid-command, garbage on ctl or io, silence. Each
 //! gets a clear error, never a hang or a crash, and every other VM carries
 //! on.

@@ -1,4 +1,4 @@
-//! Hostile and clumsy frames from clients (PROTOCOL.md §2, §10.1): each
+//! Hostile and clumsy frames from clients (docs/PROTOCOL.md §2, §10.1): each
 //! gets an error response where one can be addressed, then its connection
 //! closes; other connections carry on and the daemon still serves.
 

@@ -1,4 +1,4 @@
-//! No head-of-line blocking between clients and VMs (PROTOCOL.md §10.3,
+//! No head-of-line blocking between clients and VMs (docs/PROTOCOL.md §10.3,
 //! §10.5): a slow RegisterVM, a Hyper waiting for its shim, a client that
 //! never reads its responses, or a shim that dies mid-frame holds back
 //! nobody else.

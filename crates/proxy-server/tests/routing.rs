@@ -1,4 +1,4 @@
-//! Who may do what, and where bytes go (PROTOCOL.md §3–§7, §10.2–§10.5):
+//! Who may do what, and where bytes go (docs/PROTOCOL.md §3–§7, §10.2–§10.5):
 //! duplicate ids, tokens, roles, signals, stdin splitting and EOF, held
 //! output, and many concurrent Hyper calls.
 

@@ -1,4 +1,4 @@
-//! Sessions and relocation (PROTOCOL.md §3, §6–§7, §10.2): ioBase
+//! Sessions and relocation (docs/PROTOCOL.md §3, §6–§7, §10.2): ioBase
 //! allocation, isolation between VMs, relocation rules, waits for the
 //! process to start, ctl size limits.
 

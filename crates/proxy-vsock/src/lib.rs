@@ -1,4 +1,4 @@
-//! Agent transports for `cc-proxy` (PROTOCOL.md §8).
+//! Agent transports for `cc-proxy` (docs/PROTOCOL.md §8).
 //!
 //! Both agent channels (control and I/O) are byte streams, and the proxy
 //! must not care which transport carries them. This crate gives it one

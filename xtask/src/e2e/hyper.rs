@@ -1,5 +1,5 @@
 //! A tiny std-only hyperstart client: ctl `u32 code | u32 len | payload`,
-//! io `u64 seq | u32 len | data` (PROTOCOL.md §6–§7).
+//! io `u64 seq | u32 len | data` (docs/PROTOCOL.md §6–§7).
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{Read, Write};

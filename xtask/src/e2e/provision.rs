@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 use super::cpio::Cpio;
 use crate::util;
 
-/// The modules the agent loads, in load order (QEMU-E2E.md).
+/// The modules the agent loads, in load order (see `docs/E2E.md`).
 pub const MODULES: [&str; 9] = [
     "virtio_ring",
     "virtio",

@@ -1,4 +1,4 @@
-//! The hyperstart agent protocol (PROTOCOL.md §6–§7): the ctl channel
+//! The hyperstart agent protocol (docs/PROTOCOL.md §6–§7): the ctl channel
 //! (commands and replies) and the io channel (multiplexed stdio).
 //!
 //! Both live here, beside the proxy frame, so that a guest agent can depend

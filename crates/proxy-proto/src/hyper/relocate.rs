@@ -1,4 +1,4 @@
-//! Relocation (PROTOCOL.md §7): point a process's stdio at its session's
+//! Relocation (docs/PROTOCOL.md §7): point a process's stdio at its session's
 //! sequence numbers, leaving every other field of the command untouched.
 
 use alloc::string::{String, ToString};
