@@ -55,6 +55,7 @@ pub mod config;
 pub mod conn;
 pub mod ksm;
 pub mod logging;
+pub mod panics;
 pub mod registry;
 pub mod server;
 pub mod session;
