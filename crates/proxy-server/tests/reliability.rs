@@ -158,3 +158,93 @@ async fn regression_running_out_of_descriptors_logs_once_and_a_summary_and_serve
     p.assert_running();
     assert_serves_fresh_vm(&p).await;
 }
+
+/// A stream whose every 8-byte word holds its own offset: any piece of it
+/// says where in the stream it lies.
+fn offsets(len: usize) -> Vec<u8> {
+    (0..len / 8)
+        .flat_map(|w| ((w * 8) as u64).to_le_bytes())
+        .collect()
+}
+
+/// Where in the stream of [`offsets`] the piece `got` starts, checking
+/// every byte of it.
+fn locate(got: &[u8], want: &[u8]) -> usize {
+    let stream_len = want.len();
+    for a in 0..8.min(got.len().saturating_sub(8)) {
+        let word = u64::from_le_bytes(got[a..a + 8].try_into().unwrap()) as usize;
+        if word % 8 != 0 || word < a || word >= stream_len {
+            continue;
+        }
+        let start = word - a;
+        if start + got.len() <= stream_len && want[start..start + got.len()] == *got {
+            return start;
+        }
+    }
+    panic!(
+        "a piece of {} bytes that is no part of the stream",
+        got.len()
+    );
+}
+
+#[tokio::test]
+async fn regression_stdout_is_never_duplicated_across_shim_reconnects() {
+    const LEN: usize = 16 << 20;
+    let mut p = proxy().await;
+    let mut vm = Vm::register(&p, 1).await;
+    let t = vm.tokens[0].clone();
+    let c = vm.start_container(&p, &t).await;
+    let io_base = c.io_base;
+    let mut shim = c.shim;
+    let writer = vm.agent.io_writer_task().await;
+    let stream = offsets(LEN);
+    writer.send_io(io_base, &stream);
+    writer.send_exit(io_base, 5);
+
+    // Ten shims each read a part and vanish with output unread in their
+    // socket; the eleventh reads to the end.
+    let mut pieces: Vec<(usize, usize)> = Vec::new();
+    for k in 0..10 {
+        let got = shim.expect_stdout(200_000 + k * 37_000).await;
+        pieces.push((locate(&got, &stream), got.len()));
+        drop(shim);
+        shim = p.client().await;
+        shim.connect_shim(&t).await.unwrap();
+    }
+    let mut last = Vec::new();
+    let code = loop {
+        let f = shim.recv().await;
+        match f.kind {
+            proxy_test_support::proxy_proto::FrameKind::Stream(
+                proxy_test_support::proxy_proto::Stream::Stdout,
+            ) => last.extend_from_slice(&f.payload),
+            proxy_test_support::proxy_proto::FrameKind::Notification(_) => break f.payload[0],
+            _ => panic!("unexpected {}", proxy_test_support::describe(&f)),
+        }
+    };
+    assert_eq!(code, 5);
+    pieces.push((locate(&last, &stream), last.len()));
+    assert_eq!(
+        pieces.last().map(|(s, l)| s + l),
+        Some(LEN),
+        "the end of the stream reached the last shim"
+    );
+    let mut end = 0;
+    let mut lost = 0;
+    for (i, &(start, len)) in pieces.iter().enumerate() {
+        assert!(
+            start >= end,
+            "shim {i} got bytes {start}..{} again (an earlier shim got up to {end})",
+            start + len
+        );
+        lost += start - end;
+        end = start + len;
+    }
+    // What was lost sat in the dead shims' sockets: bounded by their
+    // kernel buffers, and logged.
+    assert!(lost <= 10 * (4 << 20), "lost {lost} bytes");
+    if lost > 0 {
+        assert!(p.log().contains("output is lost"), "{}", p.log_tail());
+    }
+    p.assert_running();
+}
