@@ -140,6 +140,7 @@ fn drive_raw(vm: &mut Vm, steps: &mut Steps) -> Result<(), String> {
         (code::READY, _) => Ok(()),
         (c, _) => Err(format!("first ctl message has code {c}, not READY")),
     })?;
+    steps.step("AF_VSOCK loopback round trip", || vsock_loopback(vm))?;
     steps.step("version", || {
         let v = h.ack(code::VERSION, "{}")?;
         expect("version", v == 4242u32.to_be_bytes(), || format!("{v:?}"))
@@ -342,6 +343,7 @@ fn drive_proxy(
             .ok_or_else(|| format!("RegisterVM gave {} tokens, not 8", vm_io.tokens.len()))
     };
     let err = |e: proxy_client::Error| e.to_string();
+    steps.step("AF_VSOCK loopback round trip", || vsock_loopback(vm))?;
     steps.step("Hyper startpod", || {
         rt.hyper(
             "startpod",
@@ -506,6 +508,15 @@ fn drive_proxy(
         let s = proxy.shutdown(Duration::from_secs(20))?;
         expect("cc-proxy exit status", s.success(), || s.to_string())
     })
+}
+
+/// The guest's AF_VSOCK round trip over the loopback transport (CID 1),
+/// run by the agent with `proxy-vsock` before it opens its channels; its
+/// result is a console line. Fails if it failed or did not run.
+fn vsock_loopback(vm: &mut Vm) -> Result<(), String> {
+    let line = vm.vsock_loopback_result(Duration::from_secs(30))?;
+    eprintln!("e2e:   guest says: {line}");
+    Ok(())
 }
 
 /// Bytes that are not all alike, from a seed.
