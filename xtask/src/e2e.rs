@@ -6,6 +6,11 @@
 //! runtime and as shims would, through the proxy protocol; `--raw` instead
 //! speaks hyperstart ctl/io to the agent directly, which checks the guest
 //! side (agent, kernel, transports) on its own.
+//!
+//! Either way each guest's agent first runs an AF_VSOCK round trip over the
+//! loopback transport with `proxy-vsock` (`agent.vsock_loopback=PORT`), and
+//! the step "AF_VSOCK loopback round trip" fails unless its console line
+//! says it passed. docs/E2E.md describes the whole setup.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
