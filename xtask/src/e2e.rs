@@ -336,6 +336,9 @@ fn drive_proxy(
     let id = format!("e2e-{}", flavour.name());
     let (ctl, io) = vm.agent_addrs();
     let rt = Client::connect(proxy.socket.as_path()).map_err(|e| e.to_string())?;
+    steps.step("agent sockets created", || {
+        vm.wait_for_sockets(Duration::from_secs(30))
+    })?;
     let vm_io = steps.step("RegisterVM (waits for the agent's READY)", || {
         rt.register_vm(VmSpec::new(&id, ctl, io).tokens(8))
             .map_err(|e| e.to_string())

@@ -185,6 +185,40 @@ impl Vm {
         }
     }
 
+    /// Wait until QEMU (or the vsock backend) has created the unix sockets
+    /// the agent's channels are reached through, as a runtime waits for its
+    /// hypervisor before RegisterVM: `cc-proxy` takes a missing socket as an
+    /// error at once (docs/PROTOCOL.md §3). Only the files are awaited —
+    /// connecting to probe would take the guest's end of a virtio-serial
+    /// port for a moment, and what the agent wrote then would be lost.
+    pub fn wait_for_sockets(&mut self, timeout: Duration) -> Result<(), String> {
+        use std::os::unix::fs::FileTypeExt;
+        let paths = match self.flavour {
+            Flavour::VirtioSerial => vec![
+                self.sock_dir.join("ctl.sock"),
+                self.sock_dir.join("io.sock"),
+            ],
+            Flavour::HybridVsock => vec![self.sock_dir.join("vsock.sock")],
+        };
+        let deadline = Instant::now() + timeout;
+        for p in &paths {
+            loop {
+                let is_socket = fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_socket());
+                if is_socket {
+                    break;
+                }
+                if let Ok(Some(s)) = self.qemu.try_wait() {
+                    return Err(format!("QEMU exited ({s}) before creating {}", p.display()));
+                }
+                if Instant::now() > deadline {
+                    return Err(format!("{} not created within {timeout:?}", p.display()));
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        Ok(())
+    }
+
     /// Connect to the agent's ctl and io channels, retrying until `deadline`.
     pub fn connect(&mut self, deadline: Instant) -> Result<(UnixStream, UnixStream), String> {
         let qemu = &mut self.qemu;
