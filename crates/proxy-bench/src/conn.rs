@@ -136,6 +136,7 @@ impl Conn {
 pub fn connect_shim_payload(token: &str) -> Result<Vec<u8>, String> {
     json(&ConnectShim {
         token: token.into(),
+        resume: None,
     })
 }
 

@@ -133,21 +133,40 @@ impl Conn {
         addr: &ProxyAddr,
         events: Option<mpsc::Sender<EventItem>>,
     ) -> Result<Self> {
+        Self::connect_counting(addr, events, None).await
+    }
+
+    /// [`connect`](Self::connect), counting the stdout and stderr bytes
+    /// received into `received` (a shim that resumes).
+    pub(crate) async fn connect_counting(
+        addr: &ProxyAddr,
+        events: Option<mpsc::Sender<EventItem>>,
+        received: Option<Arc<Received>>,
+    ) -> Result<Self> {
         let stream = UnixStream::connect(addr.path())
             .await
             .map_err(|e| Error::Connect {
                 path: addr.path().to_owned(),
                 reason: e.to_string(),
             })?;
-        Ok(Self::from_stream(stream, events))
+        Ok(Self::from_stream_counting(stream, events, received))
     }
 
+    #[cfg(test)]
     pub(crate) fn from_stream(stream: UnixStream, events: Option<mpsc::Sender<EventItem>>) -> Self {
+        Self::from_stream_counting(stream, events, None)
+    }
+
+    fn from_stream_counting(
+        stream: UnixStream,
+        events: Option<mpsc::Sender<EventItem>>,
+        received: Option<Arc<Received>>,
+    ) -> Self {
         let (rd, wr) = stream.into_split();
         let shared = Arc::new(Shared::default());
         let (tx, rx) = mpsc::channel(WRITE_QUEUE);
         tokio::spawn(write_loop(wr, rx, shared.clone()));
-        let reader = tokio::spawn(read_loop(rd, shared.clone(), events));
+        let reader = tokio::spawn(read_loop(rd, shared.clone(), events, received));
         Self { tx, shared, reader }
     }
 
@@ -282,10 +301,33 @@ async fn write_batch(
     Ok(())
 }
 
+/// Stdout and stderr payload bytes a shim received from the proxy, over
+/// every connection that held its token: where it resumes
+/// (docs/PROTOCOL.md §10.8). Counted as frames are read, so output still
+/// queued for the application when a connection drops counts as received.
+#[derive(Debug, Default)]
+pub(crate) struct Received {
+    pub(crate) stdout: std::sync::atomic::AtomicU64,
+    pub(crate) stderr: std::sync::atomic::AtomicU64,
+}
+
+impl Received {
+    fn count(&self, frame: &proxy_proto::Frame) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let n = frame.payload.len() as u64;
+        match frame.kind {
+            FrameKind::Stream(Stream::Stdout) => self.stdout.fetch_add(n, Relaxed),
+            FrameKind::Stream(Stream::Stderr) => self.stderr.fetch_add(n, Relaxed),
+            _ => 0,
+        };
+    }
+}
+
 async fn read_loop(
     mut rd: OwnedReadHalf,
     shared: Arc<Shared>,
     events: Option<mpsc::Sender<EventItem>>,
+    received: Option<Arc<Received>>,
 ) {
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
     let mut dec = FrameDecoder::new(Limits {
@@ -296,6 +338,9 @@ async fn read_loop(
         deliver_ready(events.as_ref(), &mut backlog);
         match dec.decode(&mut buf) {
             Ok(Some(frame)) => {
+                if let Some(r) = &received {
+                    r.count(&frame);
+                }
                 if let Err(e) = dispatch(frame, &shared, events.is_some(), &mut backlog) {
                     break e;
                 }
@@ -331,8 +376,11 @@ async fn read_loop(
                     Error::lost("the proxy closed the connection")
                 };
             }
+            // Cut mid-frame (a proxy or a relay that went away while
+            // writing): the connection is lost, and a shim that resumes gets
+            // the frame's bytes again (they were not counted as received).
             Ok(0) => {
-                break Error::Protocol(format!(
+                break Error::lost(format!(
                     "the connection closed in the middle of a frame ({} bytes of it)",
                     buf.len()
                 ))

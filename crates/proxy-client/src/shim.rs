@@ -10,7 +10,7 @@ use tokio::sync::mpsc;
 
 use crate::addr::ProxyAddr;
 use crate::client::{log_entry, to_json, LogLevel, Token};
-use crate::conn::{Conn, EventItem};
+use crate::conn::{Conn, EventItem, Received};
 use crate::error::{Error, Result};
 
 /// Events buffered for a [`ShimEvents`] consumer before the proxy is slowed
@@ -140,6 +140,8 @@ impl ShimEvents {
 struct Inner {
     addr: ProxyAddr,
     token: Token,
+    /// What was received, for resuming exactly there after a reconnect.
+    received: Arc<Received>,
     events: mpsc::Sender<EventItem>,
     conn: Mutex<Arc<Conn>>,
 }
@@ -179,10 +181,12 @@ impl Shim {
             return Err(Error::InvalidArgument("the token is empty".into()));
         }
         let (tx, rx) = mpsc::channel(EVENT_QUEUE);
-        let conn = claim(&addr, &token, tx.clone()).await?;
+        let received = Arc::new(Received::default());
+        let conn = claim(&addr, &token, tx.clone(), &received).await?;
         let inner = Arc::new(Inner {
             addr,
             token,
+            received,
             events: tx,
             conn: Mutex::new(Arc::new(conn)),
         });
@@ -319,6 +323,7 @@ impl Shim {
                 &self.inner.addr,
                 &self.inner.token,
                 self.inner.events.clone(),
+                &self.inner.received,
             )
             .await
             {
@@ -344,10 +349,24 @@ impl Shim {
     }
 }
 
-async fn claim(addr: &ProxyAddr, token: &Token, events: mpsc::Sender<EventItem>) -> Result<Conn> {
-    let conn = Conn::connect(addr, Some(events)).await?;
+/// ConnectShim on a new connection, resuming where `received` says: the
+/// proxy sends again what the last connection's socket held unread, so
+/// every byte arrives exactly once across reconnects (docs/PROTOCOL.md
+/// §10.8; a proxy that does not know the field ignores it).
+async fn claim(
+    addr: &ProxyAddr,
+    token: &Token,
+    events: mpsc::Sender<EventItem>,
+    received: &Arc<Received>,
+) -> Result<Conn> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let conn = Conn::connect_counting(addr, Some(events), Some(received.clone())).await?;
     let req = ConnectShim {
         token: token.as_str().to_owned(),
+        resume: Some(proxy_proto::payload::Resume {
+            stdout: received.stdout.load(Relaxed),
+            stderr: received.stderr.load(Relaxed),
+        }),
     };
     conn.call(Command::ConnectShim, to_json(&req)?).await?;
     Ok(conn)

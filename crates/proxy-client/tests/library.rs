@@ -349,3 +349,58 @@ async fn the_blocking_wrapper_does_the_same_without_async() {
     assert_eq!(out.stdout, b"pong");
     assert_eq!(out.code, 5);
 }
+
+#[tokio::test]
+async fn regression_a_resuming_shim_gets_every_byte_exactly_once_across_cuts() {
+    // 8 MiB of stdout whose every 8-byte word holds its offset; the
+    // connection is cut under it every 512 KiB received, with output in
+    // flight in the relay and its sockets (lost there).
+    const LEN: usize = 8 << 20;
+    let stream: Vec<u8> = (0..LEN / 8)
+        .flat_map(|w| ((w * 8) as u64).to_le_bytes())
+        .collect();
+    let p = proxy().await;
+    let relay = Relay::start(p.socket_path()).await;
+    let mut vm = Vm::register(&p, 1).await;
+    let token = vm.tokens[0].clone();
+    let (shim, mut events) = Shim::connect(relay.url(), &token).await.unwrap();
+    let io_base = vm.newcontainer("c-resume", &token).await;
+    let writer = vm.agent.io_writer_task().await;
+    writer.send_io(io_base, &stream);
+    writer.send_io(io_base + 1, b"and stderr");
+    writer.send_exit(io_base, 3);
+
+    let mut out = Vec::with_capacity(LEN);
+    let mut err = Vec::new();
+    let mut next_cut = 512 * 1024;
+    let mut cuts = 0;
+    let code = loop {
+        match events.recv().await {
+            Ok(ShimEvent::Stdout(b)) => out.extend_from_slice(&b),
+            Ok(ShimEvent::Stderr(b)) => err.extend_from_slice(&b),
+            Ok(ShimEvent::Exited(code)) => break code,
+            Err(e) if e.is_connection() => {
+                shim.reconnect(ReconnectPolicy {
+                    interval: Duration::from_millis(20),
+                    total: Duration::from_secs(10),
+                })
+                .await
+                .unwrap();
+                continue;
+            }
+            Err(e) => panic!("{e}"),
+        }
+        if out.len() >= next_cut && cuts < 12 {
+            relay.cut().await;
+            cuts += 1;
+            next_cut = out.len() + 512 * 1024;
+        }
+    };
+    assert!(cuts >= 10, "only {cuts} cuts");
+    assert_eq!(code, 3);
+    assert_eq!(err, b"and stderr");
+    assert_eq!(out.len(), LEN, "every byte once: not lost, not twice");
+    if let Some(i) = out.iter().zip(&stream).position(|(a, b)| a != b) {
+        panic!("byte {i} differs: the stream is out of order");
+    }
+}

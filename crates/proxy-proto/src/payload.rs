@@ -170,6 +170,23 @@ pub struct ConnectShim {
     /// The I/O token to claim.
     #[serde(default)]
     pub token: String,
+    /// This project's extension (docs/PROTOCOL.md §10.8): how much of the
+    /// session's output the shim side has received, to resume exactly
+    /// there. Reference clients never send it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resume: Option<Resume>,
+}
+
+/// Where a shim resumes: payload bytes of stdout and of stderr received
+/// since the session began, across every connection that held the token.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resume {
+    /// stdout bytes received.
+    #[serde(default)]
+    pub stdout: u64,
+    /// stderr bytes received.
+    #[serde(default)]
+    pub stderr: u64,
 }
 
 impl ConnectShim {

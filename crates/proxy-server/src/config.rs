@@ -84,8 +84,8 @@ pub struct Config {
     /// How long dialling one agent channel may keep retrying while the
     /// guest is not listening yet (the hybrid vsock `CONNECT` handshake,
     /// an AF_VSOCK port). A unix socket that is missing or refuses is an
-    /// error at once.
-    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    /// error at once. Never longer than `--ready-timeout`.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
     pub dial_timeout: Duration,
 
     /// Memory that client frames being read, session output queues and

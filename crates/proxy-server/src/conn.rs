@@ -513,6 +513,21 @@ impl Conn {
             }
             other => other?,
         };
+        if let Some(r) = req.resume {
+            let resumed = session.resume(r.stdout, r.stderr);
+            if resumed.lost > 0 || resumed.ahead {
+                info!(
+                    token = %crate::registry::token_prefix(&req.token),
+                    lost = resumed.lost,
+                    ahead = resumed.ahead,
+                    "a shim resumes from a point the replay window does not cover; it gets what the window holds"
+                );
+                session
+                    .bytes_maybe_lost
+                    .fetch_add(resumed.lost, std::sync::atomic::Ordering::Relaxed);
+            }
+            session.push_front(resumed.items);
+        }
         // Response first, then the session's output.
         self.send(Frame::response(Command::ConnectShim, Bytes::new()))
             .await;
@@ -895,6 +910,11 @@ async fn writer(
                 let settled = inflight.settle(progress);
                 if let Some((s, q)) = session.as_mut() {
                     s.release(settled.handed_cost);
+                    if s.replay_on() {
+                        for (o, n) in &settled.handed {
+                            s.record(o, *n);
+                        }
+                    }
                     for o in settled.back.into_iter().rev() {
                         q.front.push_front(o);
                     }
@@ -914,6 +934,11 @@ async fn writer(
             }
             if let Some((s, _)) = &session {
                 s.release(inflight.cost());
+                if s.replay_on() {
+                    for (_, o) in &inflight.items {
+                        s.record(o, usize::MAX);
+                    }
+                }
                 unread = unread_in_kernel(&w);
             }
             inflight.clear();
@@ -960,7 +985,7 @@ fn push_frame(batch: &mut Batch, h: Header, payload: Bytes) {
 }
 
 fn push_output(batch: &mut Batch, o: &Output) {
-    match o {
+    match o.live() {
         Output::Stdout(b) => push_frame(
             batch,
             Header::new(FrameKind::Stream(Stream::Stdout), b.len() as u32),
@@ -975,6 +1000,7 @@ fn push_output(batch: &mut Batch, o: &Output) {
             let f = Frame::process_exited(*code);
             push_frame(batch, f.header(), f.payload)
         }
+        Output::Replayed(_) => {}
     }
 }
 
@@ -987,6 +1013,9 @@ struct Inflight {
 /// What a failed write of a batch leaves.
 #[derive(Debug, Default)]
 struct Settled {
+    /// The items the kernel took (all of, or the first bytes of), with how
+    /// many payload bytes, for the replay window.
+    handed: Vec<(Output, usize)>,
     /// Budget of the bytes the kernel took.
     handed_cost: usize,
     /// Payload bytes the kernel took.
@@ -1021,24 +1050,30 @@ impl Inflight {
         let mut out = Settled::default();
         for (start, o) in self.items.drain(..) {
             let payload_at = start + FRAME_HEADER_LEN;
-            let (len, data) = match &o {
-                Output::Stdout(b) | Output::Stderr(b) => (b.len(), Some(b)),
-                Output::Exited(_) => (1, None),
+            let (len, data) = match o.live() {
+                Output::Stdout(b) | Output::Stderr(b) => (b.len(), Some(b.clone())),
+                _ => (1, None),
             };
             if progress >= payload_at + len {
                 out.handed_cost += o.cost() as usize;
                 out.handed_bytes += len;
+                out.handed.push((o, len));
             } else if progress <= payload_at {
                 out.back.push(o);
             } else if let Some(b) = data {
                 let took = progress - payload_at;
                 let rest = b.slice(took..);
-                let rest = match &o {
+                let rest = match o.live() {
                     Output::Stderr(_) => Output::Stderr(rest),
                     _ => Output::Stdout(rest),
                 };
+                let rest = match &o {
+                    Output::Replayed(_) => Output::Replayed(Box::new(rest)),
+                    _ => rest,
+                };
                 out.handed_cost += (o.cost() - rest.cost()) as usize;
                 out.handed_bytes += took;
+                out.handed.push((o, took));
                 out.back.push(rest);
             } else {
                 out.back.push(o);
@@ -1077,9 +1112,9 @@ mod tests {
 
     fn lens(v: &[Output]) -> Vec<usize> {
         v.iter()
-            .map(|o| match o {
+            .map(|o| match o.live() {
                 Output::Stdout(b) | Output::Stderr(b) => b.len(),
-                Output::Exited(_) => 1,
+                _ => 1,
             })
             .collect()
     }

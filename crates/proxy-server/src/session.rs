@@ -69,6 +69,10 @@ pub enum Output {
     Stderr(Bytes),
     /// The process exited with this code.
     Exited(u8),
+    /// Output sent again from the replay window to a resuming shim
+    /// (docs/PROTOCOL.md §10.8): it holds no budget, and is in the window
+    /// already.
+    Replayed(Box<Output>),
 }
 
 impl Output {
@@ -79,8 +83,73 @@ impl Output {
                 u32::try_from(b.len()).unwrap_or(u32::MAX).max(1)
             }
             Output::Exited(_) => 1,
+            Output::Replayed(_) => 0,
         }
     }
+
+    /// The item as it goes on the wire (a replayed one as what it was).
+    pub fn live(&self) -> &Output {
+        match self {
+            Output::Replayed(o) => o.live(),
+            o => o,
+        }
+    }
+}
+
+/// Output kept per stream for shims that resume (docs/PROTOCOL.md §10.8):
+/// the last this many bytes each of stdout and stderr handed to a shim
+/// connection's socket. It covers what a dead connection's socket can
+/// hold unread (the socket's send buffer, about 208 KiB by default).
+pub const REPLAY_WINDOW: usize = 512 * 1024;
+
+/// One stream's replay window.
+#[derive(Debug, Default)]
+struct ReplayStream {
+    /// Payload bytes handed to shim sockets since the session began.
+    sent: u64,
+    /// The last of them, at most [`REPLAY_WINDOW`].
+    window: VecDeque<u8>,
+}
+
+impl ReplayStream {
+    fn record(&mut self, b: &[u8]) {
+        self.sent = self.sent.saturating_add(b.len() as u64);
+        let b = &b[b.len().saturating_sub(REPLAY_WINDOW)..];
+        let over = (self.window.len() + b.len()).saturating_sub(REPLAY_WINDOW);
+        self.window.drain(..over);
+        self.window.extend(b);
+    }
+
+    /// The bytes from `from` on, as far as the window holds them, and how
+    /// many before them it no longer holds.
+    fn from(&self, from: u64) -> (Option<Bytes>, u64) {
+        let held_from = self.sent - self.window.len() as u64;
+        let start = from.clamp(held_from, self.sent);
+        let lost = start.saturating_sub(from);
+        let skip = usize::try_from(start - held_from).unwrap_or(usize::MAX);
+        let rest: Vec<u8> = self.window.iter().skip(skip).copied().collect();
+        ((!rest.is_empty()).then(|| Bytes::from(rest)), lost)
+    }
+}
+
+/// A session's replay state.
+#[derive(Debug, Default)]
+struct Replay {
+    stdout: ReplayStream,
+    stderr: ReplayStream,
+    /// The exit code was handed to a shim socket.
+    exit: Option<u8>,
+}
+
+/// What a resuming shim is sent again.
+#[derive(Debug, Default)]
+pub struct Resumed {
+    /// The items, in order, ahead of anything queued.
+    pub items: Vec<Output>,
+    /// Bytes before the resume points the window no longer held.
+    pub lost: u64,
+    /// The resume points were past what was sent (clamped).
+    pub ahead: bool,
 }
 
 /// The receiving side of a session's output queue, handed to the shim
@@ -141,6 +210,9 @@ pub struct Session {
     global_held: AtomicU64,
     /// A shim claimed the token at least once.
     claimed: AtomicBool,
+    /// A shim asked to resume: what is handed to shims is kept.
+    replay_on: AtomicBool,
+    replay: Mutex<Replay>,
     /// Output dropped because nobody ever claimed the session.
     pub bytes_dropped_unclaimed: AtomicU64,
     /// The VM's io flow.
@@ -188,6 +260,8 @@ impl Session {
             global,
             global_held: AtomicU64::new(0),
             claimed: AtomicBool::new(false),
+            replay_on: AtomicBool::new(false),
+            replay: Mutex::default(),
             bytes_dropped_unclaimed: AtomicU64::new(0),
             flow,
             shim: watch::channel(false).0,
@@ -253,9 +327,9 @@ impl Session {
         if self.budget.is_closed() {
             return false;
         }
-        let n = match item {
+        let n = match item.live() {
             Output::Stdout(b) | Output::Stderr(b) => b.len() as u64,
-            Output::Exited(_) => 0,
+            _ => 0,
         };
         if self.bytes_dropped_unclaimed.fetch_add(n, Ordering::Relaxed) == 0 {
             tracing::warn!(
@@ -264,6 +338,67 @@ impl Session {
             );
         }
         true
+    }
+
+    /// Whether shims of this session resume ([`record`](Self::record)
+    /// has work to do).
+    pub fn replay_on(&self) -> bool {
+        self.replay_on.load(Ordering::Relaxed)
+    }
+
+    /// The first `handed` payload bytes of `o` went to a shim's socket:
+    /// keep them for a resume. Replayed items are in the window already.
+    pub fn record(&self, o: &Output, handed: usize) {
+        let Ok(mut r) = self.replay.lock() else {
+            return;
+        };
+        match o {
+            Output::Stdout(b) => r.stdout.record(&b[..handed.min(b.len())]),
+            Output::Stderr(b) => r.stderr.record(&b[..handed.min(b.len())]),
+            Output::Exited(code) if handed > 0 => r.exit = Some(*code),
+            Output::Exited(_) | Output::Replayed(_) => {}
+        }
+    }
+
+    /// A shim resumes having received `stdout` and `stderr` bytes: what
+    /// to send it again, from the window, before anything queued. From now
+    /// on what is handed to shims is kept.
+    pub fn resume(&self, stdout: u64, stderr: u64) -> Resumed {
+        self.replay_on.store(true, Ordering::Relaxed);
+        let Ok(r) = self.replay.lock() else {
+            return Resumed::default();
+        };
+        let mut out = Resumed {
+            ahead: stdout > r.stdout.sent || stderr > r.stderr.sent,
+            ..Resumed::default()
+        };
+        let (o, lost_o) = r.stdout.from(stdout);
+        let (e, lost_e) = r.stderr.from(stderr);
+        out.lost = lost_o.saturating_add(lost_e);
+        if let Some(b) = o {
+            out.items
+                .push(Output::Replayed(Box::new(Output::Stdout(b))));
+        }
+        if let Some(b) = e {
+            out.items
+                .push(Output::Replayed(Box::new(Output::Stderr(b))));
+        }
+        if let Some(code) = r.exit {
+            out.items
+                .push(Output::Replayed(Box::new(Output::Exited(code))));
+        }
+        out
+    }
+
+    /// Put `items` at the head of the queue (a resume's replay).
+    pub fn push_front(&self, items: Vec<Output>) {
+        if let Ok(mut g) = self.queue.lock() {
+            if let Some(q) = g.as_mut() {
+                for o in items.into_iter().rev() {
+                    q.front.push_front(o);
+                }
+            }
+        }
     }
 
     /// A shim claimed the token: from now on its output is queued up to
@@ -383,6 +518,45 @@ mod tests {
         for i in 0..3u8 {
             assert!(matches!(q.next().await.unwrap(), Output::Stdout(b) if b[0] == i));
         }
+    }
+
+    #[test]
+    fn the_replay_window_serves_from_any_point_it_holds() {
+        let mut r = ReplayStream::default();
+        r.record(b"hello ");
+        r.record(b"world");
+        assert_eq!(r.from(6), (Some(Bytes::from_static(b"world")), 0));
+        assert_eq!(r.from(11), (None, 0), "all received");
+        assert_eq!(r.from(99), (None, 0), "ahead: nothing to send");
+        // More than the window: only its last REPLAY_WINDOW bytes stay.
+        r.record(&vec![7u8; REPLAY_WINDOW + 10]);
+        assert_eq!(r.window.len(), REPLAY_WINDOW);
+        let sent = 11 + REPLAY_WINDOW as u64 + 10;
+        assert_eq!(r.sent, sent);
+        let (b, lost) = r.from(0);
+        assert_eq!((b.map(|b| b.len()), lost), (Some(REPLAY_WINDOW), 21));
+        let (b, lost) = r.from(sent - 3);
+        assert_eq!((b.map(|b| b.to_vec()), lost), (Some(vec![7; 3]), 0));
+    }
+
+    #[test]
+    fn a_resume_replays_stdout_stderr_then_the_exit() {
+        let s = Session::new("t".into(), 3, 1 << 20, Arc::default());
+        assert!(!s.replay_on());
+        s.resume(0, 0);
+        assert!(s.replay_on());
+        s.record(&Output::Stdout(Bytes::from_static(b"abcdef")), usize::MAX);
+        s.record(&Output::Stderr(Bytes::from_static(b"xyz")), 2);
+        s.record(&Output::Exited(4), 1);
+        let r = s.resume(2, 0);
+        assert_eq!((r.lost, r.ahead), (0, false));
+        let got: Vec<String> = r.items.iter().map(|o| format!("{:?}", o.live())).collect();
+        assert_eq!(got, ["Stdout(b\"cdef\")", "Stderr(b\"xy\")", "Exited(4)"]);
+        assert!(
+            r.items.iter().all(|o| o.cost() == 0),
+            "replays hold no budget"
+        );
+        assert!(s.resume(7, 0).ahead);
     }
 
     #[tokio::test]
