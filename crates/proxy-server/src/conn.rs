@@ -207,7 +207,7 @@ async fn serve_inner(shared: Arc<Shared>, stream: UnixStream, conn: ConnId) {
     if let Some(s) = shim {
         shared.state().registry.shim_gone(conn, &s.token);
         s.session.shim.send_replace(false);
-        debug!(token = %s.token, "shim gone; token claimable again");
+        debug!(token = %crate::redact::Token(&s.token), "shim gone; token claimable again");
     }
     debug!("client disconnected");
 }
@@ -260,7 +260,11 @@ impl Conn {
         match r {
             Ok(p) => self.send(Frame::response(cmd, p)).await,
             Err(e) => {
-                debug!(command = cmd.name(), error = %e, "command refused");
+                debug!(
+                    command = cmd.name(),
+                    error = %crate::redact::tokens_in(&e.to_string()),
+                    "command refused"
+                );
                 self.send(Frame::error_response(cmd, &e.to_string())).await
             }
         }
@@ -419,7 +423,7 @@ impl Conn {
             .await;
         let _ = self.tx.send(ToWriter::Attach(session.clone())).await;
         session.shim.send_replace(true);
-        info!(token = %req.token, io_base = session.io_base, "shim connected");
+        info!(token = %crate::redact::Token(&req.token), io_base = session.io_base, "shim connected");
         self.shim = Some(ShimRole {
             token: req.token,
             vm,
@@ -475,7 +479,7 @@ impl Conn {
             .registry
             .disconnect_shim(self.id, &s.token);
         s.vm.remove_session(s.session.io_base);
-        info!(token = %s.token, "shim disconnected; token freed");
+        info!(token = %crate::redact::Token(&s.token), "shim disconnected; token freed");
         Ok(Flow::Close)
     }
 
@@ -795,7 +799,7 @@ async fn writer(
                         s.bytes_maybe_lost
                             .fetch_add(lost as u64, std::sync::atomic::Ordering::Relaxed);
                         info!(
-                            token = %crate::registry::token_prefix(&s.token),
+                            token = %crate::redact::Token(&s.token),
                             up_to_bytes = lost,
                             "a shim's connection failed with output unread in its socket; that output is lost"
                         );
@@ -838,7 +842,7 @@ fn handle_msg(
             if let Some(q) = s.take_queue() {
                 *session = Some((s, q));
             } else {
-                warn!(token = %s.token, "session output queue is held elsewhere");
+                warn!(token = %crate::redact::Token(&s.token), "session output queue is held elsewhere");
             }
         }
         ToWriter::Drain => *drain = true,

@@ -689,14 +689,10 @@ impl Registry {
 }
 
 /// A token for the log: tokens are secrets (whoever holds one may claim
-/// its process's stdio), so only its first 6 characters are shown.
+/// its process's stdio), so only a prefix is shown; the same as
+/// [`crate::redact::token`] (8 characters), which logs use.
 pub fn token_prefix(token: &str) -> String {
-    let head: String = token.chars().take(6).collect();
-    if head.len() < token.len() {
-        format!("{head}…")
-    } else {
-        head
-    }
+    crate::redact::token(token)
 }
 
 #[cfg(test)]
