@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
 mod bench;
+mod demo;
 mod e2e;
 mod fuzz;
 mod util;
@@ -32,6 +33,7 @@ fn main() -> ExitCode {
     let result = match verb {
         "bench" => bench::run(rest),
         "ci" => ci(rest),
+        "demo" => demo::run(rest),
         "e2e" => e2e::run(rest),
         "fuzz" => fuzz::run(rest),
         "-h" | "--help" | "help" => {
@@ -54,6 +56,9 @@ const USAGE: &str = "usage: cargo xtask <verb>
 verbs:
   bench [--quick] [--repeat N] [--report] [--only FIGURE,...]
                      the release cc-proxy vs direct sockets; target/bench/report.json
+  demo [--bin-dir DIR] [--socket PATH] [--agent PATH]
+                     the quickstart: daemon, host-mode agent, cc-proxy-ctl
+                     register, `echo hello` through cc-proxy-shim, teardown
   ci [--no-e2e] [--no-bench]
                      fmt check, clippy -D warnings, all tests, no_std build,
                      then e2e and bench --quick
@@ -107,6 +112,7 @@ fn ci(args: &[String]) -> Result<(), String> {
         "--features",
         "alloc,serde",
     ]))?;
+    demo_check(&[])?;
     if e2e {
         e2e::run(&[])?;
     }
@@ -116,4 +122,31 @@ fn ci(args: &[String]) -> Result<(), String> {
         bench::run(&["--quick".to_string()])?;
     }
     Ok(())
+}
+
+/// Run `cargo xtask demo ARGS` as a user would and check what it printed:
+/// `echo hello`'s output and exit code 0.
+pub fn demo_check(args: &[&str]) -> Result<(), String> {
+    let mut cmd = Command::new(util::cargo());
+    cmd.args(["xtask", "demo"]).args(args).current_dir(root());
+    eprintln!("$ {}", util::describe(&cmd));
+    let out = cmd
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .map_err(|e| format!("cannot start `{}`: {e}", util::describe(&cmd)))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    print!("{stdout}");
+    let ok = out.status.success()
+        && stdout.lines().any(|l| l == "hello")
+        && stdout.contains("exit code: 0");
+    if ok {
+        eprintln!("demo: ok (printed hello, exit code 0)");
+        Ok(())
+    } else {
+        Err(format!(
+            "`{}` ({}) did not print hello and exit code 0",
+            util::describe(&cmd),
+            out.status
+        ))
+    }
 }
