@@ -17,6 +17,7 @@ use std::process::{Command, ExitCode};
 
 mod bench;
 mod demo;
+mod dist;
 mod e2e;
 mod fuzz;
 mod util;
@@ -34,6 +35,7 @@ fn main() -> ExitCode {
         "bench" => bench::run(rest),
         "ci" => ci(rest),
         "demo" => demo::run(rest),
+        "dist" => dist::run(rest).map(drop),
         "e2e" => e2e::run(rest),
         "fuzz" => fuzz::run(rest),
         "-h" | "--help" | "help" => {
@@ -59,9 +61,14 @@ verbs:
   demo [--bin-dir DIR] [--socket PATH] [--agent PATH]
                      the quickstart: daemon, host-mode agent, cc-proxy-ctl
                      register, `echo hello` through cc-proxy-shim, teardown
-  ci [--no-e2e] [--no-bench]
+  dist [--no-deb]    release binaries (static-pie), man pages, shell
+                     completions and target/debian/cc-proxy_*.deb (cargo-deb)
+  ci [--no-e2e] [--no-bench] [--no-dist] [--install-deb]
                      fmt check, clippy -D warnings, all tests, no_std build,
-                     then e2e and bench --quick
+                     the demo, the systemd units (verify, socket activation),
+                     dist (and, with CI=true or --install-deb, install the
+                     .deb, run the demo with it, purge it), then e2e and
+                     bench --quick
   fuzz [--seconds N] [TARGET...]
                      run each fuzz target (or those named) for N s, default 30
   e2e [--only virtio-serial|hybrid-vsock]
@@ -79,10 +86,14 @@ pub fn root() -> PathBuf {
 fn ci(args: &[String]) -> Result<(), String> {
     let mut e2e = true;
     let mut bench = true;
+    let mut dist = true;
+    let mut install_deb = std::env::var("CI").as_deref() == Ok("true");
     for a in args {
         match a.as_str() {
             "--no-e2e" => e2e = false,
             "--no-bench" => bench = false,
+            "--no-dist" => dist = false,
+            "--install-deb" => install_deb = true,
             other => return Err(format!("ci: unknown argument `{other}`")),
         }
     }
@@ -113,6 +124,18 @@ fn ci(args: &[String]) -> Result<(), String> {
         "alloc,serde",
     ]))?;
     demo_check(&[])?;
+    dist::systemd_check()?;
+    if dist {
+        let deb = dist::run(&[])?.ok_or("dist made no .deb")?;
+        if install_deb {
+            dist::deb_install_check(&deb)?;
+        } else {
+            eprintln!(
+                "deb: not installing {} (it installs system-wide): CI=true or --install-deb does",
+                deb.display()
+            );
+        }
+    }
     if e2e {
         e2e::run(&[])?;
     }
