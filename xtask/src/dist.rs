@@ -46,15 +46,29 @@ fn release_dir() -> PathBuf {
     util::target_dir().join(util::STATIC_TARGET).join("release")
 }
 
-/// `cargo xtask dist [--no-deb]`: returns the .deb's path (if built).
+/// `cargo xtask dist [--no-deb] [--check]`: returns the .deb's path (if
+/// built). `--check` then runs what CI runs on it: [`systemd_check`] and
+/// [`deb_install_check`] (which installs the package for a moment).
 pub fn run(args: &[String]) -> Result<Option<PathBuf>, String> {
     let mut deb = true;
+    let mut check = false;
     for a in args {
         match a.as_str() {
             "--no-deb" => deb = false,
+            "--check" => check = true,
             other => return Err(format!("dist: unknown argument `{other}`")),
         }
     }
+    let made = build(deb)?;
+    if check {
+        systemd_check()?;
+        let deb = made.as_deref().ok_or("dist --check needs the .deb")?;
+        deb_install_check(deb)?;
+    }
+    Ok(made)
+}
+
+fn build(deb: bool) -> Result<Option<PathBuf>, String> {
     for (package, bin) in [
         ("proxy-server", "cc-proxy"),
         ("proxy-client", "cc-proxy-ctl"),

@@ -61,8 +61,11 @@ verbs:
   demo [--bin-dir DIR] [--socket PATH] [--agent PATH]
                      the quickstart: daemon, host-mode agent, cc-proxy-ctl
                      register, `echo hello` through cc-proxy-shim, teardown
-  dist [--no-deb]    release binaries (static-pie), man pages, shell
-                     completions and target/debian/cc-proxy_*.deb (cargo-deb)
+  dist [--no-deb] [--check]
+                     release binaries (static-pie), man pages, shell
+                     completions and target/debian/cc-proxy_*.deb (cargo-deb);
+                     --check: then what CI checks (units, socket activation,
+                     install the .deb, demo with it, purge it)
   ci [--no-e2e] [--no-bench] [--no-dist] [--install-deb]
                      fmt check, clippy -D warnings, all tests, no_std build,
                      the demo, the systemd units (verify, socket activation),
