@@ -119,6 +119,13 @@ fn write_man_and_completions(out: &Path) -> Result<(), String> {
             .map_err(|e| format!("man page of {name}: {e}"))?;
         let path = man.join(format!("{name}.1"));
         fs::write(&path, page).map_err(|e| format!("{}: {e}", path.display()))?;
+        // Debian ships man pages gzipped; -n: no name or time stamp, so the
+        // package is reproducible. -k keeps the page for `man -l`.
+        util::run(
+            Command::new("gzip")
+                .args(["-9", "-n", "-k", "-f"])
+                .arg(&path),
+        )?;
         for (shell, file) in [
             (Shell::Bash, name.clone()),
             (Shell::Zsh, format!("_{name}")),
