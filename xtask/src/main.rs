@@ -2,8 +2,14 @@
 //!
 //! - `ci`    — what `.ci/run` and the GitHub workflow run: fmt check, clippy
 //!   with `-D warnings`, every test and doc test, rustdoc with `-D warnings`,
-//!   the `no_std` builds of `proxy-proto`, then `e2e` (real QEMU guests) and
-//!   `bench --quick` (`--no-e2e`, `--no-bench` skip those).
+//!   the `no_std` builds of `proxy-proto`, the quickstart (`demo`), the
+//!   systemd units (`systemd-analyze verify`, socket activation), `dist`
+//!   (with `CI=true` or `--install-deb`: install the .deb, run the demo
+//!   with it, purge it), then `e2e` (real QEMU guests) and `bench --quick`
+//!   (`--no-e2e`, `--no-bench`, `--no-dist` skip those).
+//! - `demo`  — the quickstart: daemon, host-mode agent, `echo hello` through
+//!   `cc-proxy-shim`, teardown.
+//! - `dist`  — static release binaries, man pages, completions, the .deb.
 //! - `e2e`   — boot QEMU guests with `proxy-agent` as `/init` and drive the
 //!   release `cc-proxy` through `proxy-client` and `cc-proxy-shim`.
 //! - `bench` — the release `cc-proxy` against direct sockets.
