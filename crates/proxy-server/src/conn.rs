@@ -135,7 +135,11 @@ async fn serve_inner(shared: Arc<Shared>, stream: UnixStream, conn: ConnId) {
             r = c.process_started(), if !c.stdin.data.is_empty() => match r {
                 Ok(()) => started = true,
                 Err(e) => {
-                    warn!(error = %e, "stdin cannot be delivered; closing");
+                    // The error names the token: shortened.
+                    warn!(
+                        error = %crate::redact::tokens_in(&e.to_string()),
+                        "stdin cannot be delivered; closing"
+                    );
                     break;
                 }
             }
@@ -554,7 +558,11 @@ impl Conn {
             // The queue is full: this connection waits for the start (the
             // bound's back-pressure), then what waited goes first.
             if let Err(e) = self.process_started().await {
-                warn!(error = %e, "stdin cannot be delivered; closing");
+                // The error names the token: shortened.
+                warn!(
+                    error = %crate::redact::tokens_in(&e.to_string()),
+                    "stdin cannot be delivered; closing"
+                );
                 return Flow::Close;
             }
             if let Flow::Close = self.flush_stdin().await {
