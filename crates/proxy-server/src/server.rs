@@ -470,7 +470,7 @@ const IGNORED_SIGNALS: [(&str, libc::c_int); 10] = [
 
 impl Signals {
     /// Install the handlers (SIGTERM, SIGINT, SIGQUIT: stop cleanly;
-    /// SIGUSR1: log stats; [`IGNORED_SIGNALS`]: log and go on).
+    /// SIGUSR1: log stats; `IGNORED_SIGNALS`: log and go on).
     pub fn install() -> Self {
         use tokio::signal::unix::{signal, SignalKind};
         let ignored = IGNORED_SIGNALS
