@@ -2,8 +2,14 @@
 //!
 //! - `ci`    — what `.ci/run` and the GitHub workflow run: fmt check, clippy
 //!   with `-D warnings`, every test and doc test, rustdoc with `-D warnings`,
-//!   the `no_std` builds of `proxy-proto`, then `e2e` (real QEMU guests) and
-//!   `bench --quick` (`--no-e2e`, `--no-bench` skip those).
+//!   the `no_std` builds of `proxy-proto`, the quickstart (`demo`), the
+//!   systemd units (`systemd-analyze verify`, socket activation), `dist`
+//!   (with `CI=true` or `--install-deb`: install the .deb, run the demo
+//!   with it, purge it), then `e2e` (real QEMU guests) and `bench --quick`
+//!   (`--no-e2e`, `--no-bench`, `--no-dist` skip those).
+//! - `demo`  — the quickstart: daemon, host-mode agent, `echo hello` through
+//!   `cc-proxy-shim`, teardown.
+//! - `dist`  — static release binaries, man pages, completions, the .deb.
 //! - `e2e`   — boot QEMU guests with `proxy-agent` as `/init` and drive the
 //!   release `cc-proxy` through `proxy-client` and `cc-proxy-shim`.
 //! - `bench` — the release `cc-proxy` against direct sockets.
@@ -16,6 +22,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
 mod bench;
+mod demo;
+mod dist;
 mod e2e;
 mod fuzz;
 mod util;
@@ -32,6 +40,8 @@ fn main() -> ExitCode {
     let result = match verb {
         "bench" => bench::run(rest),
         "ci" => ci(rest),
+        "demo" => demo::run(rest),
+        "dist" => dist::run(rest).map(drop),
         "e2e" => e2e::run(rest),
         "fuzz" => fuzz::run(rest),
         "-h" | "--help" | "help" => {
@@ -54,9 +64,20 @@ const USAGE: &str = "usage: cargo xtask <verb>
 verbs:
   bench [--quick] [--repeat N] [--report] [--only FIGURE,...]
                      the release cc-proxy vs direct sockets; target/bench/report.json
-  ci [--no-e2e] [--no-bench]
+  demo [--bin-dir DIR] [--socket PATH] [--agent PATH]
+                     the quickstart: daemon, host-mode agent, cc-proxy-ctl
+                     register, `echo hello` through cc-proxy-shim, teardown
+  dist [--no-deb] [--check]
+                     release binaries (static-pie), man pages, shell
+                     completions and target/debian/cc-proxy_*.deb (cargo-deb);
+                     --check: then what CI checks (units, socket activation,
+                     install the .deb, demo with it, purge it)
+  ci [--no-e2e] [--no-bench] [--no-dist] [--install-deb]
                      fmt check, clippy -D warnings, all tests, no_std build,
-                     then e2e and bench --quick
+                     the demo, the systemd units (verify, socket activation),
+                     dist (and, with CI=true or --install-deb, install the
+                     .deb, run the demo with it, purge it), then e2e and
+                     bench --quick
   fuzz [--seconds N] [TARGET...]
                      run each fuzz target (or those named) for N s, default 30
   e2e [--only virtio-serial|hybrid-vsock]
@@ -74,10 +95,14 @@ pub fn root() -> PathBuf {
 fn ci(args: &[String]) -> Result<(), String> {
     let mut e2e = true;
     let mut bench = true;
+    let mut dist = true;
+    let mut install_deb = std::env::var("CI").as_deref() == Ok("true");
     for a in args {
         match a.as_str() {
             "--no-e2e" => e2e = false,
             "--no-bench" => bench = false,
+            "--no-dist" => dist = false,
+            "--install-deb" => install_deb = true,
             other => return Err(format!("ci: unknown argument `{other}`")),
         }
     }
@@ -107,6 +132,19 @@ fn ci(args: &[String]) -> Result<(), String> {
         "--features",
         "alloc,serde",
     ]))?;
+    demo_check(&[])?;
+    dist::systemd_check()?;
+    if dist {
+        let deb = dist::run(&[])?.ok_or("dist made no .deb")?;
+        if install_deb {
+            dist::deb_install_check(&deb)?;
+        } else {
+            eprintln!(
+                "deb: not installing {} (it installs system-wide): CI=true or --install-deb does",
+                deb.display()
+            );
+        }
+    }
     if e2e {
         e2e::run(&[])?;
     }
@@ -116,4 +154,31 @@ fn ci(args: &[String]) -> Result<(), String> {
         bench::run(&["--quick".to_string()])?;
     }
     Ok(())
+}
+
+/// Run `cargo xtask demo ARGS` as a user would and check what it printed:
+/// `echo hello`'s output and exit code 0.
+pub fn demo_check(args: &[&str]) -> Result<(), String> {
+    let mut cmd = Command::new(util::cargo());
+    cmd.args(["xtask", "demo"]).args(args).current_dir(root());
+    eprintln!("$ {}", util::describe(&cmd));
+    let out = cmd
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .map_err(|e| format!("cannot start `{}`: {e}", util::describe(&cmd)))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    print!("{stdout}");
+    let ok = out.status.success()
+        && stdout.lines().any(|l| l == "hello")
+        && stdout.contains("exit code: 0");
+    if ok {
+        eprintln!("demo: ok (printed hello, exit code 0)");
+        Ok(())
+    } else {
+        Err(format!(
+            "`{}` ({}) did not print hello and exit code 0",
+            util::describe(&cmd),
+            out.status
+        ))
+    }
 }

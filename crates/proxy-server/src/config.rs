@@ -9,6 +9,16 @@ use clap::{Parser, ValueEnum};
 /// The default listening socket in system mode.
 pub const DEFAULT_SOCKET_PATH: &str = "/run/cc-proxy/proxy.sock";
 
+/// Printed after the options in `--help`.
+const AFTER_HELP: &str = "\
+Every long option may also be spelled with one dash, as the Go cc-proxy's
+flags are: -socket-path PATH, -uri URI, -log LEVEL, -ksm MODE, -version
+(and -log=debug, -ksm=off).
+
+Socket activation: started by systemd (or systemd-socket-activate) with a
+listening socket in LISTEN_FDS, cc-proxy serves that socket instead of
+binding one. See docs/CONFIGURATION.md and docs/OPERATIONS.md.";
+
 /// KSM throttling mode (docs/PROTOCOL.md §9).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum KsmMode {
@@ -32,10 +42,11 @@ pub enum LogFormat {
 /// cc-proxy: routes VM agent control and container I/O between runtimes,
 /// shims and hyperstart agents.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "cc-proxy", version, about, long_about = None)]
+#[command(name = "cc-proxy", version, about, long_about = None, after_help = AFTER_HELP)]
 pub struct Config {
-    /// Path of the listening unix socket (system mode).
-    #[arg(long = "socket-path", value_name = "PATH")]
+    /// Path of the listening unix socket (system mode); its directory must
+    /// exist (only the default's is created) [default: /run/cc-proxy/proxy.sock]
+    #[arg(long = "socket-path", value_name = "PATH", conflicts_with = "uri")]
     pub socket_path: Option<PathBuf>,
 
     /// Pod mode: listen on this `unix:///path` URI, serve one VM and exit
@@ -325,6 +336,45 @@ mod tests {
         assert!(parse_size("8GiB").is_err());
         assert!(parse_size("0").is_err());
         assert!(parse_size("lots").is_err());
+    }
+
+    #[test]
+    fn help_shows_the_default_socket_and_go_spellings() {
+        let help = <Config as clap::CommandFactory>::command()
+            .render_long_help()
+            .to_string();
+        assert!(help.contains(DEFAULT_SOCKET_PATH), "{help}");
+        for go in [
+            "-socket-path PATH",
+            "-uri URI",
+            "-log LEVEL",
+            "-ksm MODE",
+            "-version",
+        ] {
+            assert!(help.contains(go), "{go} in {help}");
+        }
+        let short = <Config as clap::CommandFactory>::command()
+            .render_help()
+            .to_string();
+        assert!(short.contains(DEFAULT_SOCKET_PATH), "{short}");
+    }
+
+    #[test]
+    fn socket_path_and_uri_conflict() {
+        let e = Config::parse_args([
+            "cc-proxy",
+            "-socket-path",
+            "/tmp/a.sock",
+            "-uri",
+            "unix:///tmp/b.sock",
+        ])
+        .unwrap_err();
+        assert_eq!(e.kind(), clap::error::ErrorKind::ArgumentConflict);
+        let msg = e.to_string();
+        assert!(
+            msg.contains("--socket-path") && msg.contains("--uri"),
+            "{msg}"
+        );
     }
 
     #[test]

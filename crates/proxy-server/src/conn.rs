@@ -164,7 +164,11 @@ async fn serve_inner(shared: Arc<Shared>, stream: UnixStream, conn: ConnId) {
             r = c.process_started(), if !c.stdin.data.is_empty() => match r {
                 Ok(()) => started = true,
                 Err(e) => {
-                    warn!(error = %e, "stdin cannot be delivered; closing");
+                    // The error names the token: shortened.
+                    warn!(
+                        error = %crate::redact::tokens_in(&e.to_string()),
+                        "stdin cannot be delivered; closing"
+                    );
                     break;
                 }
             },
@@ -273,7 +277,7 @@ async fn serve_inner(shared: Arc<Shared>, stream: UnixStream, conn: ConnId) {
     if let Some(s) = shim {
         shared.state().registry.shim_gone(conn, &s.token);
         s.session.shim.send_replace(false);
-        debug!(token = %s.token, "shim gone; token claimable again");
+        debug!(token = %crate::redact::Token(&s.token), "shim gone; token claimable again");
     }
     debug!("client disconnected");
 }
@@ -336,7 +340,11 @@ impl Conn {
         match r {
             Ok(p) => self.send(Frame::response(cmd, p)).await,
             Err(e) => {
-                debug!(command = cmd.name(), error = %e, "command refused");
+                debug!(
+                    command = cmd.name(),
+                    error = %crate::redact::tokens_in(&e.to_string()),
+                    "command refused"
+                );
                 self.send(Frame::error_response(cmd, &e.to_string())).await
             }
         }
@@ -517,7 +525,7 @@ impl Conn {
             let resumed = session.resume(r.stdout, r.stderr);
             if resumed.lost > 0 || resumed.ahead {
                 info!(
-                    token = %crate::registry::token_prefix(&req.token),
+                    token = %crate::redact::Token(&req.token),
                     lost = resumed.lost,
                     ahead = resumed.ahead,
                     "a shim resumes from a point the replay window does not cover; it gets what the window holds"
@@ -534,7 +542,7 @@ impl Conn {
         let _ = self.tx.send(ToWriter::Attach(session.clone())).await;
         session.claimed();
         session.shim.send_replace(true);
-        info!(token = %crate::registry::token_prefix(&req.token), io_base = session.io_base, "shim connected");
+        info!(token = %crate::redact::Token(&req.token), io_base = session.io_base, "shim connected");
         self.shim = Some(ShimRole {
             token: req.token,
             vm,
@@ -590,7 +598,7 @@ impl Conn {
             .registry
             .disconnect_shim(self.id, &s.token);
         s.vm.remove_session(s.session.io_base);
-        info!(token = %s.token, "shim disconnected; token freed");
+        info!(token = %crate::redact::Token(&s.token), "shim disconnected; token freed");
         Ok(Flow::Close)
     }
 
@@ -673,7 +681,11 @@ impl Conn {
             // The queue is full: this connection waits for the start (the
             // bound's back-pressure), then what waited goes first.
             if let Err(e) = self.process_started().await {
-                warn!(error = %e, "stdin cannot be delivered; closing");
+                // The error names the token: shortened.
+                warn!(
+                    error = %crate::redact::tokens_in(&e.to_string()),
+                    "stdin cannot be delivered; closing"
+                );
                 return Flow::Close;
             }
             if let Flow::Close = self.flush_stdin().await {
@@ -923,7 +935,7 @@ async fn writer(
                         s.bytes_maybe_lost
                             .fetch_add(lost as u64, std::sync::atomic::Ordering::Relaxed);
                         info!(
-                            token = %crate::registry::token_prefix(&s.token),
+                            token = %crate::redact::Token(&s.token),
                             up_to_bytes = lost,
                             "a shim's connection failed with output unread in its socket; that output is lost"
                         );
@@ -971,7 +983,7 @@ fn handle_msg(
             if let Some(q) = s.take_queue() {
                 *session = Some((s, q));
             } else {
-                warn!(token = %s.token, "session output queue is held elsewhere");
+                warn!(token = %crate::redact::Token(&s.token), "session output queue is held elsewhere");
             }
         }
         ToWriter::Drain => *drain = true,

@@ -14,7 +14,8 @@
 //!   writer (responses and session output, vectored writes).
 //! - [`server`]: the listening socket, shared state, shutdown.
 //! - [`config`], [`ksm`], [`logging`]: the command line, KSM throttling,
-//!   tracing setup.
+//!   tracing setup; [`notify`]: systemd readiness; [`redact`]: tokens in
+//!   logs.
 //!
 //! # Example
 //!
@@ -55,7 +56,9 @@ pub mod config;
 pub mod conn;
 pub mod ksm;
 pub mod logging;
+pub mod notify;
 pub mod panics;
+pub mod redact;
 pub mod registry;
 pub mod server;
 pub mod session;

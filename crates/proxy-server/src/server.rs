@@ -256,7 +256,7 @@ impl VmEvents for Events {
 
     fn process_exited(&self, _vm: VmId, token: &str, code: u8) {
         if let Some(s) = self.0.upgrade() {
-            debug!(token, code, "process exited");
+            debug!(token = %crate::redact::Token(token), code, "process exited");
             s.state().registry.process_exited(token);
         }
     }
@@ -311,8 +311,10 @@ fn spawn_console(path: String, vm: String) {
 }
 
 /// Bind the listening socket: `LISTEN_FDS` socket activation, or a fresh
-/// socket (mode 0660; its directory made 0750 if we create it). A stale
-/// socket file is replaced only when nothing listens on it.
+/// socket (mode 0660). Only the default socket's directory
+/// (`/run/cc-proxy`) is created (mode 0750) when missing; for any other
+/// path a missing directory is an error, as a mistyped path should be. A
+/// stale socket file is replaced only when nothing listens on it.
 pub fn bind(path: &Path) -> io::Result<(UnixListener, bool)> {
     if let Some(l) = activated_listener()? {
         return Ok((l, true));
@@ -329,6 +331,17 @@ pub fn bind(path: &Path) -> io::Result<(UnixListener, bool)> {
     }
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         if !dir.exists() {
+            if Some(dir) != Path::new(crate::config::DEFAULT_SOCKET_PATH).parent() {
+                return Err(io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!(
+                        "the directory of the socket path {} does not exist: create {} first \
+                         (only the default socket's directory is created)",
+                        path.display(),
+                        dir.display()
+                    ),
+                ));
+            }
             std::fs::DirBuilder::new()
                 .recursive(true)
                 .mode(0o750)
@@ -410,9 +423,20 @@ pub async fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     let signals = Signals::install();
     raise_fd_limit();
     let (listener, activated) = bind(&path)?;
+    // An activated socket is wherever the service manager bound it: hand
+    // that path to shims, whatever -socket-path says.
+    let path = match activated.then(|| listener.local_addr()) {
+        Some(Ok(addr)) => addr.as_pathname().map_or(path, Path::to_path_buf),
+        Some(Err(e)) => {
+            warn!(error = %e, "cannot read the passed socket's address");
+            path
+        }
+        None => path,
+    };
     let ksm = Ksm::start(config.ksm, &config.ksm_sysfs);
     let shared = Shared::new(config, &path, pod_mode, ksm.clone());
-    info!(socket = %path.display(), pod_mode, "cc-proxy listening");
+    info!(socket = %path.display(), pod_mode, activated, "cc-proxy listening");
+    crate::notify::ready(&path);
     serve(shared.clone(), listener, signals).await;
     if let Some(k) = ksm {
         k.restore();
@@ -469,7 +493,7 @@ const IGNORED_SIGNALS: [(&str, libc::c_int); 10] = [
 
 impl Signals {
     /// Install the handlers (SIGTERM, SIGINT, SIGQUIT: stop cleanly;
-    /// SIGUSR1: log stats; [`IGNORED_SIGNALS`]: log and go on).
+    /// SIGUSR1: log stats; `IGNORED_SIGNALS`: log and go on).
     pub fn install() -> Self {
         use tokio::signal::unix::{signal, SignalKind};
         let ignored = IGNORED_SIGNALS
@@ -633,6 +657,7 @@ pub async fn serve(shared: Arc<Shared>, listener: UnixListener, signals: Signals
         }
     }
     drop(listener);
+    crate::notify::stopping();
     shared.stop();
     let vms: Vec<Arc<Vm>> = shared.state().vms.values().cloned().collect();
     for vm in vms {

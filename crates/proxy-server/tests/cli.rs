@@ -101,12 +101,12 @@ fn version_and_help() {
 #[test]
 fn socket_modes_sigterm_and_cleanup() {
     let d = tempdir("modes");
-    let sock = d.join("run/sub/proxy.sock");
+    let sock = d.join("run/proxy.sock");
+    std::fs::create_dir(d.join("run")).unwrap();
     let mut child = spawn(&["-socket-path", sock.to_str().unwrap(), "-ksm", "initial"]);
     wait_for_socket(&sock, &mut child);
     let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode(&sock), 0o660);
-    assert_eq!(mode(sock.parent().unwrap()), 0o750);
     // A second daemon on the same live socket refuses to start.
     let out = Command::new(BIN)
         .args(["-socket-path", sock.to_str().unwrap(), "-ksm", "initial"])
@@ -195,4 +195,91 @@ fn socket_activation_uses_fd_3() {
     assert!(term_and_wait(&mut child).success());
     // The activated socket belongs to the service manager: not removed.
     assert!(sock.exists());
+}
+
+#[test]
+fn a_missing_socket_directory_is_refused_not_created() {
+    let d = tempdir("nodir");
+    let sock = d.join("no/such/dir/proxy.sock");
+    let out = Command::new(BIN)
+        .args(["-socket-path", sock.to_str().unwrap(), "-ksm", "initial"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("does not exist")
+            && err.contains(&d.join("no/such/dir").display().to_string()),
+        "{err}"
+    );
+    assert!(!d.join("no").exists(), "nothing created");
+    // The same in pod mode.
+    let out = Command::new(BIN)
+        .args([
+            "-uri",
+            &format!("unix://{}", sock.display()),
+            "-ksm",
+            "initial",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(!d.join("no").exists(), "nothing created");
+}
+
+#[test]
+fn socket_path_and_uri_together_are_refused() {
+    let out = Command::new(BIN)
+        .args(["-socket-path", "/tmp/a.sock", "-uri", "unix:///tmp/b.sock"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot be used with"), "{err}");
+}
+
+#[test]
+fn help_names_the_default_socket_and_the_go_spellings() {
+    let out = Command::new(BIN).arg("-help").output().unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(help.contains("/run/cc-proxy/proxy.sock"), "{help}");
+    assert!(help.contains("-socket-path PATH"), "{help}");
+}
+
+/// Under systemd (`Type=notify`): READY=1 once the socket accepts
+/// connections, STOPPING=1 on SIGTERM, through `$NOTIFY_SOCKET`.
+#[test]
+fn readiness_and_stopping_are_notified() {
+    use std::os::unix::net::UnixDatagram;
+    let d = tempdir("notify");
+    let notify = d.join("notify.sock");
+    let sock = d.join("proxy.sock");
+    let rx = UnixDatagram::bind(&notify).unwrap();
+    rx.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut child = Command::new(BIN)
+        .args(["-socket-path", sock.to_str().unwrap(), "-ksm", "initial"])
+        .env("NOTIFY_SOCKET", &notify)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut buf = [0u8; 512];
+    let n = rx.recv(&mut buf).expect("a READY notification");
+    let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+    assert!(msg.lines().any(|l| l == "READY=1"), "{msg:?}");
+    assert!(
+        msg.contains(&sock.display().to_string()),
+        "STATUS names the socket: {msg:?}"
+    );
+    // Ready means connectable, with no retry.
+    UnixStream::connect(&sock).expect("connectable once READY=1 is sent");
+    std::thread::spawn({
+        let mut err = child.stderr.take().unwrap();
+        move || std::io::copy(&mut err, &mut std::io::sink())
+    });
+    assert!(term_and_wait(&mut child).success());
+    let n = rx.recv(&mut buf).expect("a STOPPING notification");
+    let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+    assert!(msg.lines().any(|l| l == "STOPPING=1"), "{msg:?}");
 }

@@ -74,13 +74,35 @@ impl Apt {
         Ok(())
     }
 
+    /// Install `pkg` and what it needs, and nothing else: apt is never
+    /// allowed to remove a package to make room (`--no-remove`), and a
+    /// dry run first names what it would remove, so that the refusal says
+    /// why.
     fn install(&mut self, pkg: &str) -> Result<(), String> {
         self.update()?;
-        eprintln!("e2e: installing {pkg} (apt)");
+        let sim = Command::new("apt-get")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .args(["install", "-s", "--no-install-recommends", pkg])
+            .output()
+            .map_err(|e| format!("apt-get install -s {pkg}: {e}"))?;
+        let removed = removals(&String::from_utf8_lossy(&sim.stdout));
+        if !removed.is_empty() {
+            return Err(format!(
+                "installing {pkg} would remove {}: not doing that to this host; install {pkg} yourself if that is fine",
+                removed.join(", ")
+            ));
+        }
+        eprintln!("e2e: installing {pkg} (apt, --no-remove)");
         util::run(
             Command::new("apt-get")
                 .env("DEBIAN_FRONTEND", "noninteractive")
-                .args(["install", "-y", "--no-install-recommends", pkg]),
+                .args([
+                    "install",
+                    "-y",
+                    "--no-install-recommends",
+                    "--no-remove",
+                    pkg,
+                ]),
         )
     }
 
@@ -112,6 +134,16 @@ impl Apt {
             .ok_or_else(|| format!("apt-get download {pkg} left no .deb in {}", dir.display()))?;
         Ok(deb)
     }
+}
+
+/// The packages an `apt-get install -s` transcript removes (`Remv` lines).
+fn removals(simulation: &str) -> Vec<String> {
+    simulation
+        .lines()
+        .filter_map(|l| l.strip_prefix("Remv "))
+        .filter_map(|rest| rest.split_whitespace().next())
+        .map(str::to_string)
+        .collect()
 }
 
 fn on_path(prog: &str) -> Option<PathBuf> {
@@ -157,6 +189,7 @@ fn kernel(apt: &mut Apt, dir: &Path) -> Result<(PathBuf, Vec<PathBuf>), String> 
             kernel_package().ok_or("apt-cache depends linux-image-amd64 names no kernel")?
         }
     };
+    eprintln!("e2e: guest kernel package: {pkg} (what linux-image-amd64 depends on)");
     let kv = pkg.trim_start_matches("linux-image-").to_string();
     let kdir = dir.join("kernel").join(&kv);
     let vmlinux = kdir.join("vmlinux");
@@ -255,19 +288,39 @@ fn busybox(apt: &mut Apt, dir: &Path) -> Result<PathBuf, String> {
     Ok(bb)
 }
 
+/// The vhost-device-vsock release the e2e run installs (pinned: a new
+/// release must not change what the tests run against).
+pub const VHOST_DEVICE_VSOCK_VERSION: &str = "0.3.0";
+
 fn vhost_device_vsock(dir: &Path) -> Result<PathBuf, String> {
     if let Some(p) = on_path("vhost-device-vsock") {
+        eprintln!("e2e: using {} (on PATH)", p.display());
         return Ok(p);
     }
     let tools = dir.join("tools");
     let bin = tools.join("bin/vhost-device-vsock");
-    if bin.is_file() {
+    // cargo install --root records what it installed; a cached binary of
+    // another version is replaced.
+    let recorded = fs::read_to_string(tools.join(".crates.toml")).unwrap_or_default();
+    let pinned = format!("vhost-device-vsock {VHOST_DEVICE_VSOCK_VERSION} ");
+    if bin.is_file() && recorded.contains(&pinned) {
         return Ok(bin);
     }
-    eprintln!("e2e: installing vhost-device-vsock (cargo install, ~1 min)");
+    eprintln!(
+        "e2e: installing vhost-device-vsock {VHOST_DEVICE_VSOCK_VERSION} (cargo install into {}, ~1 min)",
+        tools.display()
+    );
     util::run(
         Command::new(util::cargo())
-            .args(["install", "--locked", "vhost-device-vsock", "--root"])
+            .args([
+                "install",
+                "--locked",
+                "--force",
+                "vhost-device-vsock",
+                "--version",
+                &format!("={VHOST_DEVICE_VSOCK_VERSION}"),
+                "--root",
+            ])
             .arg(&tools),
     )?;
     Ok(bin)
@@ -351,5 +404,19 @@ fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) {
         } else {
             out.push(p);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn apt_removals_are_read_from_a_simulation() {
+        let sim = "NOTE: This is only a simulation!\n\
+                   Remv libfoo1 [1.0-1]\n\
+                   Inst qemu-system-x86 (1:7.2+dfsg-7 Debian:12/stable [amd64])\n\
+                   Remv bar [2]\n\
+                   Conf qemu-system-x86 (1:7.2+dfsg-7 Debian:12/stable [amd64])\n";
+        assert_eq!(super::removals(sim), ["libfoo1", "bar"]);
+        assert!(super::removals("Inst x (1)\nConf x (1)\n").is_empty());
     }
 }

@@ -23,7 +23,7 @@ const DEFAULT_SOCKET: &str = "/run/cc-proxy/proxy.sock";
     version,
     about = "Register, attach and unregister VMs and send agent commands through a running cc-proxy"
 )]
-struct Args {
+pub(crate) struct Args {
     /// The proxy's socket: a path or unix:///path.
     #[arg(
         short,

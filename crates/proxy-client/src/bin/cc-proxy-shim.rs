@@ -59,7 +59,7 @@ const RECONNECT: ReconnectPolicy = ReconnectPolicy {
                   and exit with the process's exit code. A drop-in replacement of Clear \
                   Containers' cc-shim; the flags are the same."
 )]
-struct Args {
+pub(crate) struct Args {
     // Values may start with '-' (as getopt allows for cc-shim): a token is
     // base64url, and one in 64 begins with '-'.
     /// The container the process belongs to (for log messages).
