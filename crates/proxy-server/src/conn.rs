@@ -60,6 +60,7 @@ enum Flow {
 /// Serve one client connection until it closes.
 pub async fn serve(shared: Arc<Shared>, stream: UnixStream, conn: ConnId) {
     let span = tracing::debug_span!("conn", conn = conn.0);
+    let _open = shared.metrics.conn_opened();
     serve_inner(shared, stream, conn).instrument(span).await
 }
 
@@ -223,6 +224,7 @@ impl Conn {
         match r {
             Ok(p) => self.send(Frame::response(cmd, p)).await,
             Err(e) => {
+                self.shared.metrics.error_response(&e);
                 debug!(command = cmd.name(), error = %e, "command refused");
                 self.send(Frame::error_response(cmd, &e.to_string())).await
             }
@@ -233,6 +235,9 @@ impl Conn {
     /// (a command header), then the connection closes.
     async fn malformed(&self, buf: &[u8], e: &FrameError) {
         warn!(error = %e, "malformed frame; closing the connection");
+        self.shared
+            .metrics
+            .error(crate::metrics::ErrorKind::BadFrame);
         if let Some(raw) = RawHeader::peek(buf) {
             if raw.frame_type == 0 {
                 if let Some(cmd) = Command::from_u8(raw.opcode) {
@@ -257,10 +262,16 @@ impl Conn {
                     stream = s.name(),
                     "clients may not send this stream; closing"
                 );
+                self.shared
+                    .metrics
+                    .error(crate::metrics::ErrorKind::BadFrame);
                 Flow::Close
             }
             other => {
                 warn!(kind = ?other, "clients may only send commands and streams; closing");
+                self.shared
+                    .metrics
+                    .error(crate::metrics::ErrorKind::BadFrame);
                 Flow::Close
             }
         }

@@ -15,6 +15,7 @@
 //! - [`server`]: the listening socket, shared state, shutdown.
 //! - [`config`], [`ksm`], [`logging`]: the command line, KSM throttling,
 //!   tracing setup.
+//! - [`metrics`]: the opt-in Prometheus endpoint (docs/METRICS.md).
 //!
 //! # Example
 //!
@@ -55,6 +56,7 @@ pub mod config;
 pub mod conn;
 pub mod ksm;
 pub mod logging;
+pub mod metrics;
 pub mod registry;
 pub mod server;
 pub mod session;

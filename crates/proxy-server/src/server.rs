@@ -45,6 +45,8 @@ pub struct Shared {
     /// Pod mode: exit after UnregisterVM.
     pub pod_mode: bool,
     ksm: Option<Arc<Ksm>>,
+    /// Daemon-wide counters for the metrics endpoint (docs/METRICS.md).
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl Shared {
@@ -63,6 +65,7 @@ impl Shared {
             shutdown: watch::channel(false).0,
             pod_mode,
             ksm,
+            metrics: Arc::default(),
         })
     }
 
@@ -238,6 +241,11 @@ impl VmEvents for Events {
             s.state().registry.process_exited(token);
         }
     }
+
+    fn metrics(&self) -> Option<Arc<crate::metrics::Metrics>> {
+        let s = self.0.upgrade()?;
+        crate::metrics::enabled(&s).then(|| s.metrics.clone())
+    }
 }
 
 /// A token as the reference makes them: 32 random bytes, base64url.
@@ -377,8 +385,10 @@ pub async fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     let (listener, activated) = bind(&path)?;
     let ksm = Ksm::start(config.ksm, &config.ksm_sysfs);
     let shared = Shared::new(config, &path, pod_mode, ksm.clone());
+    let metrics = crate::metrics::start(&shared)?;
     info!(socket = %path.display(), pod_mode, "cc-proxy listening");
     serve(shared.clone(), listener, signals).await;
+    drop(metrics);
     if let Some(k) = ksm {
         k.restore();
     }
