@@ -886,6 +886,14 @@ mod tests {
     }
 
     #[test]
+    fn no_flag_no_listener_and_no_ctl_timing() {
+        let config = crate::config::Config::parse_args(["cc-proxy"]).unwrap();
+        let shared = Shared::new(config, Path::new("/nonexistent/p.sock"), false, None);
+        assert!(!enabled(&shared));
+        assert!(start(&shared).unwrap().is_none());
+    }
+
+    #[test]
     fn every_error_kind_has_its_slot() {
         for (i, k) in ErrorKind::ALL.iter().enumerate() {
             assert_eq!(*k as usize, i);
