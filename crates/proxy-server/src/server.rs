@@ -385,7 +385,18 @@ pub async fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     let (listener, activated) = bind(&path)?;
     let ksm = Ksm::start(config.ksm, &config.ksm_sysfs);
     let shared = Shared::new(config, &path, pod_mode, ksm.clone());
-    let metrics = crate::metrics::start(&shared)?;
+    let metrics = match crate::metrics::start(&shared) {
+        Ok(m) => m,
+        Err(e) => {
+            if let Some(k) = &ksm {
+                k.restore();
+            }
+            if !activated {
+                let _ = std::fs::remove_file(&path);
+            }
+            return Err(e.into());
+        }
+    };
     info!(socket = %path.display(), pod_mode, "cc-proxy listening");
     serve(shared.clone(), listener, signals).await;
     drop(metrics);

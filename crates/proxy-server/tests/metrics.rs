@@ -446,3 +446,39 @@ async fn the_tcp_listener_serves_the_same() {
     assert_eq!(s.get("cc_proxy_vms"), 0.0);
     p.assert_running();
 }
+
+#[test]
+fn the_flags_are_documented_and_a_bad_endpoint_stops_the_start() {
+    let out = std::process::Command::new(common::BIN)
+        .arg("--help")
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    for opt in ["--metrics-addr", "--metrics-socket"] {
+        assert!(help.contains(opt), "--help lacks {opt}:\n{help}");
+    }
+    let dir = TempDir::new();
+    let sock = dir.socket("proxy.sock");
+    let not_a_socket = dir.socket("metrics.sock");
+    std::fs::write(&not_a_socket, b"a file").unwrap();
+    let out = std::process::Command::new(common::BIN)
+        .arg("-socket-path")
+        .arg(&sock)
+        .args(["-ksm", "initial", "--metrics-socket"])
+        .arg(&not_a_socket)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("--metrics-socket") && err.contains("not a socket"),
+        "{err}"
+    );
+    assert!(!sock.exists(), "the proxy socket is removed again");
+    assert_eq!(std::fs::read(&not_a_socket).unwrap(), b"a file");
+    let out = std::process::Command::new(common::BIN)
+        .args(["--metrics-addr", "not-an-address"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
