@@ -250,6 +250,8 @@ pub struct VmFigures {
 pub struct Snapshot {
     vms: u64,
     tokens: u64,
+    sessions: u64,
+    shims: u64,
     session_buffer: u64,
     conns_accepted: u64,
     conns_open: u64,
@@ -270,20 +272,26 @@ impl Snapshot {
             (
                 st.registry.vm_count() as u64,
                 st.registry.token_count() as u64,
-                st.vms.values().cloned().collect::<Vec<_>>(),
+                st.vms
+                    .values()
+                    .map(|vm| (vm.clone(), st.registry.vm_registered(vm.id)))
+                    .collect::<Vec<_>>(),
             )
         };
         let bound = shared.config.session_buffer as usize;
+        // Sessions and shims of every running VM, also one unregistered
+        // whose agent still runs.
+        let (mut all_sessions, mut all_shims) = (0, 0);
         let mut per_vm: Vec<VmFigures> = list
             .iter()
-            .filter(|vm| !vm.is_gone())
-            .map(|vm| {
+            .filter(|(vm, _)| !vm.is_gone())
+            .filter_map(|(vm, registered)| {
                 let sessions = vm.sessions();
                 let queued: Vec<u64> = sessions
                     .iter()
                     .map(|s| s.queued_bytes(bound) as u64)
                     .collect();
-                VmFigures {
+                let f = VmFigures {
                     container_id: vm.container_id.clone(),
                     sessions: sessions.len() as u64,
                     shims: sessions.iter().filter(|s| *s.shim.borrow()).count() as u64,
@@ -293,19 +301,26 @@ impl Snapshot {
                     msgs_to_agent: vm.msgs_to_agent.load(Ordering::Relaxed),
                     queued: queued.iter().sum(),
                     queued_max: queued.iter().copied().max().unwrap_or(0),
-                }
+                };
+                all_sessions += f.sessions;
+                all_shims += f.shims;
+                // An unregistered VM is not listed: its container id may
+                // be registered again, and series must be unique.
+                registered.then_some(f)
             })
             .collect();
         per_vm.sort_by(|a, b| a.container_id.cmp(&b.container_id));
         let m = &shared.metrics;
-        let accepted = m.conns_accepted.load(Ordering::Relaxed);
-        // Closed after accepted: a connection that comes and goes between
-        // the two loads is not counted as open (nor the gauge negative).
+        // Closed before accepted: every connection closed was accepted
+        // first, so the difference is not negative (saturating, to be sure).
         let closed = m.conns_closed.load(Ordering::Relaxed);
+        let accepted = m.conns_accepted.load(Ordering::Relaxed);
         let (ctl_buckets, ctl_count, ctl_sum) = m.ctl_round_trip.snapshot();
         Self {
             vms,
             tokens,
+            sessions: all_sessions,
+            shims: all_shims,
             session_buffer: u64::from(shared.config.session_buffer),
             conns_accepted: accepted,
             conns_open: accepted.saturating_sub(closed),
@@ -415,14 +430,14 @@ impl Collector for Snapshot {
             "cc_proxy_sessions",
             "Sessions (tokens with an output queue) of running VMs.",
             None,
-            self.per_vm.iter().map(|v| v.sessions).sum(),
+            self.sessions,
         )?;
         gauge(
             e,
             "cc_proxy_shims_connected",
             "Sessions whose token a connected shim holds.",
             None,
-            self.per_vm.iter().map(|v| v.shims).sum(),
+            self.shims,
         )?;
         counter(
             e,
@@ -910,6 +925,8 @@ mod tests {
         let s = Snapshot {
             vms: 1,
             tokens: 0,
+            sessions: 2,
+            shims: 1,
             session_buffer: 4096,
             conns_accepted: 2,
             conns_open: 1,

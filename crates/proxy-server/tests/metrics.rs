@@ -333,13 +333,37 @@ async fn a_torn_down_vms_series_disappear() {
     .await;
     assert!(!s.text.contains(&a_id), "{}", s.text);
 
-    // b: UnregisterVM, then its agent closes its channels (the runtime's
-    // destroypod): every series of b goes too.
+    // b: UnregisterVM. Its series go at once, though its agent still runs
+    // (the VM is still served until its agent closes its channels).
     b.runtime.unregister_vm(&b.id).await.unwrap();
-    b.agent.close().await;
     let b_id = b.id.clone();
-    let s = scrape_until(&msock, "VM b's series to go", |s| {
-        !s.text.contains(&b_id) && s.try_get("cc_proxy_vms") == Some(0.0)
+    let s = scrape(&msock).await;
+    assert!(!s.text.contains(&b_id), "{}", s.text);
+    assert_eq!(s.get("cc_proxy_vms"), 1.0, "{}", s.text);
+    assert_eq!(s.get("cc_proxy_sessions"), 2.0, "{}", s.text);
+    // The id registered again meanwhile: one VM's series under it, the new one's.
+    let again = proxy_test_support::MockAgent::start().await;
+    let mut c = p.client().await;
+    c.register_agent(&b_id, &again, 1).await.unwrap();
+    let s = scrape(&msock).await;
+    let key = format!("cc_proxy_vm_sessions{{container_id=\"{b_id}\"}}");
+    assert_eq!(s.text.matches(&key).count(), 1, "{}", s.text);
+    assert_eq!(s.get(&key), 1.0, "{}", s.text);
+    assert_eq!(s.get("cc_proxy_vms"), 2.0, "{}", s.text);
+    // The old b's agent closes its channels (the runtime's destroypod).
+    b.agent.close().await;
+    let s = scrape_until(&msock, "the old VM b to go", |s| {
+        s.try_get("cc_proxy_vms") == Some(1.0)
+    })
+    .await;
+    assert_eq!(s.get(&key), 1.0, "{}", s.text);
+    assert_eq!(s.get("cc_proxy_tokens"), 1.0);
+    assert_eq!(s.get("cc_proxy_sessions"), 1.0);
+    // And the new one's agent too: nothing per VM is left.
+    c.unregister_vm(&b_id).await.unwrap();
+    again.close().await;
+    let s = scrape_until(&msock, "every VM to go", |s| {
+        s.try_get("cc_proxy_vms") == Some(0.0)
     })
     .await;
     assert!(!s.text.contains("container_id="), "{}", s.text);
