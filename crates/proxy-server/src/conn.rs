@@ -221,10 +221,12 @@ impl Conn {
     }
 
     async fn respond(&self, cmd: Command, r: Result<Bytes, ProxyError>) {
+        if let Err(e) = &r {
+            self.shared.metrics.error_response(e);
+        }
         match r {
             Ok(p) => self.send(Frame::response(cmd, p)).await,
             Err(e) => {
-                self.shared.metrics.error_response(&e);
                 debug!(command = cmd.name(), error = %e, "command refused");
                 self.send(Frame::error_response(cmd, &e.to_string())).await
             }

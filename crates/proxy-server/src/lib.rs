@@ -13,9 +13,9 @@
 //! - [`conn`]: per client connection a reader (frames → rules) and a
 //!   writer (responses and session output, vectored writes).
 //! - [`server`]: the listening socket, shared state, shutdown.
+//! - [`metrics`]: the opt-in Prometheus endpoint (docs/METRICS.md).
 //! - [`config`], [`ksm`], [`logging`]: the command line, KSM throttling,
 //!   tracing setup.
-//! - [`metrics`]: the opt-in Prometheus endpoint (docs/METRICS.md).
 //!
 //! # Example
 //!
