@@ -219,7 +219,7 @@ async fn cc_proxy_ctl_registers_sends_hyper_and_unregisters() {
     let (code, _, err) = ctl(&["-s", &sock, "unregister", "pod-ctl"]).await;
     assert_eq!(code, 1);
     assert!(
-        err.starts_with("cc-proxy-ctl: UnregisterVM failed: unknown container pod-ctl"),
+        err.starts_with("cc-proxy-ctl: unregister pod-ctl failed: unknown container pod-ctl"),
         "{err}"
     );
     let (code, _, err) = ctl(&["-s", "/nonexistent/proxy.sock", "unregister", "x"]).await;
@@ -231,6 +231,41 @@ async fn cc_proxy_ctl_registers_sends_hyper_and_unregisters() {
     let (code, _, err) = ctl(&["-s", &sock, "hyper", "--vm", "nope", "ping", "{bad"]).await;
     assert_eq!(code, 1);
     assert!(err.contains("unknown container nope"), "{err}");
+}
+
+#[tokio::test]
+async fn regression_cc_proxy_ctl_errors_name_the_command_asked_for_and_json_errors_are_json() {
+    let p = proxy().await;
+    let sock = p.socket_path().display().to_string();
+    let (code, out, err) = ctl(&["-s", &sock, "hyper", "--vm", "nope", "ping"]).await;
+    assert_eq!(code, 1, "{out}");
+    assert_eq!(
+        err.trim_end(),
+        "cc-proxy-ctl: hyper ping on VM nope failed: unknown container nope"
+    );
+    assert!(!err.contains("AttachVM"), "{err}");
+
+    let (code, out, err) = ctl(&["-s", &sock, "--json", "hyper", "--vm", "nope", "ping"]).await;
+    assert_eq!(code, 1, "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim_end())
+        .unwrap_or_else(|e| panic!("--json errors are JSON: {e}: {out:?}"));
+    assert_eq!(
+        v,
+        serde_json::json!({
+            "error": { "command": "hyper ping on VM nope", "message": "unknown container nope" }
+        })
+    );
+    // A connection error, too.
+    let (code, out, _) = ctl(&["-s", "/nonexistent/p.sock", "--json", "unregister", "x"]).await;
+    assert_eq!(code, 1);
+    let v: serde_json::Value = serde_json::from_str(out.trim_end()).unwrap();
+    assert_eq!(v["error"]["command"], "unregister x");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("cannot connect to the proxy at /nonexistent/p.sock")),
+        "{v}"
+    );
 }
 
 /// On a terminal: the shim sends the terminal's size when it starts and on

@@ -296,7 +296,8 @@ impl RawHeader {
     }
 
     /// Apply the rules of §2: version 2, header ≥ 3 words, known type,
-    /// opcode in range for its type, Error flag only on responses.
+    /// opcode in range for its type, no Error flag on streams and
+    /// notifications (on a command it is ignored).
     pub fn validate(&self) -> Result<Header, FrameError> {
         if self.version != PROTOCOL_VERSION {
             return Err(FrameError::UnsupportedVersion {
@@ -316,7 +317,9 @@ impl RawHeader {
             opcode: self.opcode,
         };
         let error = self.error_flag();
-        if error && ft != FrameType::Response {
+        // The reference ignores the flag on a command and runs it; only
+        // streams and notifications carrying it are refused.
+        if error && matches!(ft, FrameType::Stream | FrameType::Notification) {
             return Err(FrameError::ErrorFlagOnNonResponse { frame_type: ft });
         }
         let kind = match ft {
@@ -482,7 +485,10 @@ mod tests {
                 error: true
             }
         );
-        for (t, op) in [(0u8, 0u8), (2, 1), (3, 0)] {
+        // On a command the flag is ignored, as the reference does.
+        let h = RawHeader::parse(&hdr(2, 3, 0x10, 4, 0)).validate().unwrap();
+        assert_eq!(h.kind, FrameKind::Command(Command::ConnectShim));
+        for (t, op) in [(2u8, 1u8), (3, 0)] {
             let e = RawHeader::parse(&hdr(2, 3, 0x10 | t, op, 0))
                 .validate()
                 .unwrap_err();

@@ -2,6 +2,13 @@
 //! carries them (docs/PROTOCOL.md §8): the address picks it — a plain path or
 //! `unix:///path` (virtio-serial), `vsock://cid:port` (AF_VSOCK) or
 //! `hvsock://path:port` (hybrid vsock) — and `proxy-vsock` does the rest.
+//!
+//! A unix socket that is missing, refuses, is not a socket or may not be
+//! opened is an error at once, as in the reference: the hypervisor creates
+//! these sockets before the runtime registers the VM, so waiting only hides
+//! a typo. Retrying is kept where waiting is the point — a hybrid vsock
+//! `CONNECT` before the guest listens, an AF_VSOCK port the guest has not
+//! opened yet — bounded by `--dial-timeout`.
 
 use std::time::Duration;
 
@@ -11,32 +18,47 @@ use tokio::time::Instant;
 use crate::registry::ProxyError;
 use crate::vm::{AgentRead, AgentWrite};
 
-/// Connect to one agent channel (`what` is "ctl", "io" or "console"),
-/// retrying until `deadline` while the hypervisor brings it up.
-pub async fn connect(
-    what: &str,
-    addr: &str,
-    deadline: Instant,
-) -> Result<(AgentRead, AgentWrite), ProxyError> {
-    let parsed: AgentAddr = addr
-        .parse()
-        .map_err(|e| ProxyError::AgentIo(format!("the {what} address {addr:?} is invalid: {e}")))?;
-    let budget = deadline.saturating_duration_since(Instant::now());
-    let opts = ConnectOptions::default()
-        .with_timeout(budget.max(Duration::from_millis(1)))
-        .with_handshake_timeout(budget.max(Duration::from_millis(1)));
-    let stream = proxy_vsock::connect(&parsed, &opts).await.map_err(|e| {
-        ProxyError::AgentIo(format!("connecting to the agent's {what} channel: {e}"))
-    })?;
-    Ok(match stream {
-        // Owned halves: no lock between the reading and the writing task.
-        AgentStream::Unix(s) => {
-            let (r, w) = s.into_split();
-            (Box::new(r), Box::new(w))
-        }
-        other => {
-            let (r, w) = tokio::io::split(other);
-            (Box::new(r), Box::new(w))
-        }
-    })
+/// How long one channel's dial may take.
+#[derive(Debug, Clone, Copy)]
+pub struct Dial {
+    /// The whole registration's deadline (`--ready-timeout`).
+    pub deadline: Instant,
+    /// The longest a single channel's dial may retry (`--dial-timeout`).
+    pub dial_timeout: Duration,
+}
+
+impl Dial {
+    /// Connect to one agent channel (`channel` is "ctl", "io" or
+    /// "console").
+    pub async fn connect(
+        &self,
+        channel: &'static str,
+        addr: &str,
+    ) -> Result<(AgentRead, AgentWrite), ProxyError> {
+        let parsed: AgentAddr = addr
+            .parse()
+            .map_err(|source| ProxyError::AgentAddr { channel, source })?;
+        let budget = self
+            .deadline
+            .saturating_duration_since(Instant::now())
+            .min(self.dial_timeout)
+            .max(Duration::from_millis(1));
+        let opts = ConnectOptions::default()
+            .with_timeout(budget)
+            .with_handshake_timeout(budget);
+        let stream = proxy_vsock::connect(&parsed, &opts)
+            .await
+            .map_err(|source| ProxyError::AgentDial { channel, source })?;
+        Ok(match stream {
+            // Owned halves: no lock between the reading and the writing task.
+            AgentStream::Unix(s) => {
+                let (r, w) = s.into_split();
+                (Box::new(r), Box::new(w))
+            }
+            other => {
+                let (r, w) = tokio::io::split(other);
+                (Box::new(r), Box::new(w))
+            }
+        })
+    }
 }

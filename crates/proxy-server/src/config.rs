@@ -81,6 +81,13 @@ pub struct Config {
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
     pub ready_timeout: Duration,
 
+    /// How long dialling one agent channel may keep retrying while the
+    /// guest is not listening yet (the hybrid vsock `CONNECT` handshake,
+    /// an AF_VSOCK port). A unix socket that is missing or refuses is an
+    /// error at once.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    pub dial_timeout: Duration,
+
     /// How long a command waits for the agent's reply on ctl.
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
     pub ctl_timeout: Duration,

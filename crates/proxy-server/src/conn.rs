@@ -76,6 +76,7 @@ async fn serve_inner(shared: Arc<Shared>, stream: UnixStream, conn: ConnId) {
         tx,
         vm: None,
         shim: None,
+        stdin: PendingStdin::default(),
     };
     let limits = Limits {
         max_payload: shared.config.max_frame_size,
@@ -92,6 +93,14 @@ async fn serve_inner(shared: Arc<Shared>, stream: UnixStream, conn: ConnId) {
     let mut drain = false;
     'conn: loop {
         loop {
+            if let Some(raw) = RawHeader::peek(&buf) {
+                if raw.frame_type == 0 && raw.error_flag() {
+                    debug!(
+                        opcode = raw.opcode,
+                        "the Error flag is set on a command; ignored, as the reference does"
+                    );
+                }
+            }
             match dec.decode(&mut buf) {
                 Ok(Some(frame)) => match c.handle(frame).await {
                     Flow::Continue => {
@@ -111,6 +120,7 @@ async fn serve_inner(shared: Arc<Shared>, stream: UnixStream, conn: ConnId) {
         if buf.is_empty() {
             buf = BytesMut::new();
         }
+        let mut started = false;
         tokio::select! {
             r = r.readable() => {
                 if let Err(e) = r {
@@ -122,6 +132,19 @@ async fn serve_inner(shared: Arc<Shared>, stream: UnixStream, conn: ConnId) {
             _ = vm_gone(&mut gone) => {
                 drain = true;
                 break;
+            }
+            r = c.process_started(), if !c.stdin.data.is_empty() => match r {
+                Ok(()) => started = true,
+                Err(e) => {
+                    warn!(error = %e, "stdin cannot be delivered; closing");
+                    break;
+                }
+            }
+        }
+        if started {
+            match c.flush_stdin().await {
+                Flow::Continue => continue,
+                Flow::Close => break,
             }
         }
         // Room for what is pending: the rest of a partial frame, or more.
@@ -205,6 +228,20 @@ struct Conn {
     tx: mpsc::Sender<ToWriter>,
     vm: Option<VmId>,
     shim: Option<ShimRole>,
+    stdin: PendingStdin,
+}
+
+/// Stdin that came before its process started. It waits here, bounded by
+/// `--session-buffer`, while the connection keeps being read (a signal or
+/// DisconnectShim behind it is served at once), and goes to the agent, in
+/// order, once the process starts.
+#[derive(Debug, Default)]
+struct PendingStdin {
+    data: std::collections::VecDeque<Bytes>,
+    bytes: usize,
+    /// When the oldest of it came: the process must start within
+    /// `--process-timeout` of that.
+    since: Option<tokio::time::Instant>,
 }
 
 fn parse<T: DeserializeOwned>(command: Command, payload: &[u8]) -> Result<T, ProxyError> {
@@ -289,7 +326,10 @@ impl Conn {
                 Ok(()) => return Flow::Continue,
                 Err(e) => Err(e),
             },
-            Command::DisconnectShim => return self.disconnect_shim(),
+            Command::DisconnectShim => match self.disconnect_shim() {
+                Ok(flow) => return flow,
+                Err(e) => Err(e),
+            },
             Command::Signal => match self.signal(&payload).await {
                 Ok(Some(r)) => Ok(r),
                 Ok(None) => return Flow::Continue,
@@ -437,10 +477,11 @@ impl Conn {
         let _ = tokio::time::timeout(patience, rx.wait_for(|connected| !*connected)).await;
     }
 
-    fn disconnect_shim(&mut self) -> Flow {
+    fn disconnect_shim(&mut self) -> Result<Flow, ProxyError> {
         let Some(s) = self.shim.take() else {
-            warn!("DisconnectShim from a connection that is not a shim; closing");
-            return Flow::Close;
+            // As the reference: an error response, and the connection
+            // stays usable.
+            return Err(ProxyError::NotAShim("DisconnectShim"));
         };
         self.shared
             .state()
@@ -448,7 +489,7 @@ impl Conn {
             .disconnect_shim(self.id, &s.token);
         s.vm.remove_session(s.session.io_base);
         info!(token = %s.token, "shim disconnected; token freed");
-        Flow::Close
+        Ok(Flow::Close)
     }
 
     /// `Ok(None)`: the response was already sent.
@@ -478,6 +519,12 @@ impl Conn {
                         format!("the process of token {token:?} to start")
                     })
                     .await?;
+                    // Stdin that waited for the start goes first, as it
+                    // came first (and this connection is not read while the
+                    // signal's reply is awaited).
+                    if let Flow::Close = self.flush_stdin().await {
+                        return Err(vm.gone_error());
+                    }
                     waited = true;
                 }
                 SignalPlan::WaitForStart => {
@@ -501,18 +548,69 @@ impl Conn {
             warn!("stdin from a connection that is not a shim; closing");
             return Flow::Close;
         };
-        if !*shim.session.started.borrow() {
-            let t = self.shared.config.process_timeout;
-            let token = shim.token.clone();
-            if let Err(e) = wait_true(&shim.session.started, t, || {
-                format!("the process of token {token:?} to start")
-            })
-            .await
-            {
+        if !self.stdin.data.is_empty() || !*shim.session.started.borrow() {
+            let bound = self.shared.config.session_buffer as usize;
+            if self.stdin.bytes.saturating_add(data.len()) <= bound {
+                // Waits for the start in the bounded queue; the connection
+                // goes on being read.
+                self.stdin.bytes += data.len();
+                self.stdin.data.push_back(data);
+                self.stdin
+                    .since
+                    .get_or_insert_with(tokio::time::Instant::now);
+                return Flow::Continue;
+            }
+            // The queue is full: this connection waits for the start (the
+            // bound's back-pressure), then what waited goes first.
+            if let Err(e) = self.process_started().await {
                 warn!(error = %e, "stdin cannot be delivered; closing");
                 return Flow::Close;
             }
+            if let Flow::Close = self.flush_stdin().await {
+                return Flow::Close;
+            }
         }
+        self.forward_stdin(data).await
+    }
+
+    /// Wait until the shim's process starts: at most `--process-timeout`
+    /// after the oldest stdin that waits for it.
+    async fn process_started(&self) -> Result<(), ProxyError> {
+        let Some(shim) = &self.shim else {
+            return Err(ProxyError::NotAShim("stdin"));
+        };
+        let t = self.shared.config.process_timeout;
+        let since = self.stdin.since.unwrap_or_else(tokio::time::Instant::now);
+        let left = (since + t).saturating_duration_since(tokio::time::Instant::now());
+        let token = &shim.token;
+        wait_true(&shim.session.started, left, || {
+            format!("the process of token {token:?} to start")
+        })
+        .await
+        .map_err(|e| match e {
+            ProxyError::Timeout { waited_for, .. } => ProxyError::Timeout {
+                waited_for,
+                after: t,
+            },
+            e => e,
+        })
+    }
+
+    /// The process started: what waited for it goes to the agent, in order.
+    async fn flush_stdin(&mut self) -> Flow {
+        let pending = std::mem::take(&mut self.stdin);
+        for data in pending.data {
+            if let Flow::Close = self.forward_stdin(data).await {
+                return Flow::Close;
+            }
+        }
+        Flow::Continue
+    }
+
+    async fn forward_stdin(&self, data: Bytes) -> Flow {
+        let Some(shim) = &self.shim else {
+            return Flow::Close;
+        };
         let n = data.len() as u64;
         match shim.vm.stdin(shim.session.io_base, data).await {
             Ok(()) => {

@@ -56,7 +56,8 @@ pub enum ErrorKind {
     /// A malformed frame, or a frame of a kind clients may not send (the
     /// connection is closed).
     BadFrame,
-    /// A command's JSON payload is invalid or lacks a required field.
+    /// A command's JSON payload is invalid or lacks a required field (or
+    /// names an agent address that does not parse).
     InvalidPayload,
     /// A command the rules refuse (unknown or foreign token, wrong role,
     /// duplicate container, bad signal, …).
@@ -67,7 +68,8 @@ pub enum ErrorKind {
     Timeout,
     /// The agent answered ERROR.
     AgentError,
-    /// Reaching the agent failed (channel closed, write or read failed).
+    /// Reaching the agent failed (dialling it, channel closed, write or
+    /// read failed).
     AgentIo,
     /// The daemon is shutting down.
     ShuttingDown,
@@ -108,13 +110,13 @@ impl ErrorKind {
     /// The kind of an error response.
     pub fn of(e: &ProxyError) -> Self {
         match e {
-            ProxyError::MissingField(_) | ProxyError::InvalidPayload { .. } => {
-                ErrorKind::InvalidPayload
-            }
-            ProxyError::VmGone | ProxyError::AgentGone(_) => ErrorKind::VmGone,
+            ProxyError::MissingField(_)
+            | ProxyError::InvalidPayload { .. }
+            | ProxyError::AgentAddr { .. } => ErrorKind::InvalidPayload,
+            ProxyError::VmGone | ProxyError::AgentGone { .. } => ErrorKind::VmGone,
             ProxyError::Timeout { .. } => ErrorKind::Timeout,
             ProxyError::Agent { .. } => ErrorKind::AgentError,
-            ProxyError::AgentIo(_) => ErrorKind::AgentIo,
+            ProxyError::AgentIo(_) | ProxyError::AgentDial { .. } => ErrorKind::AgentIo,
             ProxyError::ShuttingDown => ErrorKind::ShuttingDown,
             // Every other variant is a rule saying no.
             _ => ErrorKind::Refused,

@@ -70,8 +70,13 @@ pub enum ProxyError {
     #[error("the VM of this client is gone")]
     VmGone,
     /// The VM's agent closed its channels; the VM awaits UnregisterVM.
-    #[error("the agent of VM {0} is gone (its channels closed); only UnregisterVM is accepted")]
-    AgentGone(String),
+    #[error("the agent of VM {container} is gone ({reason}); only UnregisterVM is accepted")]
+    AgentGone {
+        /// The VM's container id.
+        container: String,
+        /// Why its VM was torn down.
+        reason: String,
+    },
     /// Hyper with an unknown or not accepted command name.
     #[error("unknown hyperstart command {0:?}")]
     UnknownHyperCommand(String),
@@ -97,7 +102,7 @@ pub enum ProxyError {
     #[error(transparent)]
     Relocate(#[from] RelocateError),
     /// A command only shims may send.
-    #[error("{0} is only accepted from a shim (send ConnectShim first)")]
+    #[error("client isn't a shim: {0} is only accepted from a shim (send ConnectShim first)")]
     NotAShim(&'static str),
     /// ConnectShim with a token whose previous shim's connection is still
     /// being closed (the caller waits for it and tries again).
@@ -163,6 +168,24 @@ pub enum ProxyError {
     /// Reaching the agent failed.
     #[error("{0}")]
     AgentIo(String),
+    /// An agent channel's address does not parse.
+    #[error("the {channel} address is invalid: {source}")]
+    AgentAddr {
+        /// "ctl", "io" or "console".
+        channel: &'static str,
+        /// Why.
+        #[source]
+        source: proxy_vsock::AddrParseError,
+    },
+    /// An agent channel could not be dialled.
+    #[error("cannot reach the agent's {channel} channel: {source}")]
+    AgentDial {
+        /// "ctl", "io" or "console".
+        channel: &'static str,
+        /// What the transport said.
+        #[source]
+        source: proxy_vsock::ConnectError,
+    },
     /// The daemon is shutting down.
     #[error("the proxy is shutting down")]
     ShuttingDown,
@@ -214,8 +237,8 @@ struct VmEntry {
     /// Its agent's channels closed ([`Registry::vm_gone`]): it stays known,
     /// under its container id, until UnregisterVM, as in the reference —
     /// runtimes send `destroypod` (the agent powers the VM off) and then
-    /// UnregisterVM.
-    gone: bool,
+    /// UnregisterVM. Holds why it went, for the clients that ask.
+    gone: Option<String>,
     next_io_base: u64,
 }
 
@@ -297,7 +320,7 @@ impl Registry {
                 container_id: req.container_id.clone(),
                 registered: true,
                 ready: false,
-                gone: false,
+                gone: None,
                 next_io_base: FIRST_IO_BASE,
             },
         );
@@ -337,7 +360,7 @@ impl Registry {
             _ => return Err(ProxyError::UnknownContainer(req.container_id.clone())),
         };
         self.by_container.remove(&req.container_id);
-        if self.vms.get(&vm).is_some_and(|v| v.gone) {
+        if self.vms.get(&vm).is_some_and(|v| v.gone.is_some()) {
             self.vms.remove(&vm);
         } else if let Some(v) = self.vms.get_mut(&vm) {
             v.registered = false;
@@ -348,7 +371,12 @@ impl Registry {
     fn attachable(&self, container_id: &str) -> Result<VmId, ProxyError> {
         match self.by_container.get(container_id) {
             Some(vm) => match self.vms.get(vm) {
-                Some(v) if v.gone => Err(ProxyError::AgentGone(container_id.to_owned())),
+                Some(VmEntry {
+                    gone: Some(reason), ..
+                }) => Err(ProxyError::AgentGone {
+                    container: container_id.to_owned(),
+                    reason: reason.clone(),
+                }),
                 Some(v) if v.ready && v.registered => Ok(*vm),
                 _ => Err(ProxyError::UnknownContainer(container_id.to_owned())),
             },
@@ -403,10 +431,10 @@ impl Registry {
     /// forgotten; a registered VM stays known by its container id (Hyper
     /// and AttachVM are refused) until UnregisterVM, an unregistered one is
     /// forgotten at once. Returns the tokens.
-    pub fn vm_gone(&mut self, vm: VmId) -> Vec<String> {
+    pub fn vm_gone(&mut self, vm: VmId, reason: &str) -> Vec<String> {
         match self.vms.get_mut(&vm) {
             Some(v) if v.registered && v.ready => {
-                v.gone = true;
+                v.gone.get_or_insert_with(|| reason.to_owned());
                 self.remove_tokens(vm)
             }
             _ => self.remove_vm(vm),
@@ -428,7 +456,7 @@ impl Registry {
 
     /// Whether the VM still exists with a live agent.
     pub fn vm_exists(&self, vm: VmId) -> bool {
-        self.vms.get(&vm).is_some_and(|v| !v.gone)
+        self.vms.get(&vm).is_some_and(|v| v.gone.is_none())
     }
 
     /// The container id a VM was registered with.
@@ -469,7 +497,16 @@ impl Registry {
         let vm = client_vm.ok_or(ProxyError::NotAttached("Hyper"))?;
         match self.vms.get(&vm) {
             None => return Err(ProxyError::VmGone),
-            Some(v) if v.gone => return Err(ProxyError::AgentGone(v.container_id.clone())),
+            Some(VmEntry {
+                container_id,
+                gone: Some(reason),
+                ..
+            }) => {
+                return Err(ProxyError::AgentGone {
+                    container: container_id.clone(),
+                    reason: reason.clone(),
+                })
+            }
             Some(_) => {}
         }
         req.validate()?;
@@ -979,7 +1016,10 @@ mod tests {
     fn a_vm_whose_agent_is_gone_stays_until_unregister() {
         let mut r = Registry::new();
         let (a, ta) = ready_vm(&mut r, "a", 1);
-        assert_eq!(r.vm_gone(a), vec![ta[0].token.clone()]);
+        assert_eq!(
+            r.vm_gone(a, "its channels closed"),
+            vec![ta[0].token.clone()]
+        );
         assert!(!r.vm_exists(a));
         let e = r
             .plan_hyper(Some(a), &hyper("ping", &[], None))
@@ -990,7 +1030,7 @@ mod tests {
             num_io_streams: 1,
         };
         let e = r.attach_vm(&attach, tokgen()).unwrap_err();
-        assert!(matches!(e, ProxyError::AgentGone(_)), "{e}");
+        assert!(matches!(e, ProxyError::AgentGone { .. }), "{e}");
         assert!(matches!(
             r.register_vm(&reg("a", 0), tokgen()),
             Err(ProxyError::DuplicateContainer(_))
@@ -1012,7 +1052,7 @@ mod tests {
         })
         .unwrap();
         assert_eq!(r.vm_count(), 1);
-        r.vm_gone(a);
+        r.vm_gone(a, "its channels closed");
         assert_eq!(r.vm_count(), 0);
     }
 

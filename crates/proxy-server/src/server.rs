@@ -20,7 +20,7 @@ use tracing::{debug, error, info, warn, Instrument};
 use crate::config::Config;
 use crate::ksm::Ksm;
 use crate::registry::{ConnId, NewToken, ProxyError, Registry, VmId};
-use crate::vm::{Channels, Vm, VmEvents, VmTimeouts};
+use crate::vm::{Channels, Vm, VmEvents, VmOptions};
 
 /// The state every task shares. Locked briefly, never across an await.
 #[derive(Debug, Default)]
@@ -121,11 +121,23 @@ impl Shared {
     ) -> Result<(), ProxyError> {
         let waited = self.config.ready_timeout;
         let deadline = Instant::now() + waited;
-        let (mut ctl_r, ctl_w) = crate::agent::connect("ctl", &req.ctl_serial, deadline).await?;
-        let (io_r, io_w) = crate::agent::connect("io", &req.io_serial, deadline).await?;
+        let opts = VmOptions::from_config(&self.config);
+        let dial = crate::agent::Dial {
+            deadline,
+            dial_timeout: self.config.dial_timeout,
+        };
+        let (mut ctl_r, ctl_w) = dial.connect("ctl", &req.ctl_serial).await?;
+        let (io_r, io_w) = dial.connect("io", &req.io_serial).await?;
         debug!("agent channels connected, waiting for READY");
         let mut ctl_buf = BytesMut::with_capacity(4096);
-        crate::vm::wait_ready(&mut ctl_r, &mut ctl_buf, deadline, waited).await?;
+        crate::vm::wait_ready(
+            &mut ctl_r,
+            &mut ctl_buf,
+            deadline,
+            waited,
+            opts.max_agent_message,
+        )
+        .await?;
         if !req.console.is_empty() {
             spawn_console(req.console.clone(), req.container_id.clone());
         }
@@ -140,10 +152,7 @@ impl Shared {
                 io_r,
                 io_w,
             },
-            VmTimeouts {
-                ctl: self.config.ctl_timeout,
-            },
-            self.config.session_buffer as usize,
+            opts,
             events,
         );
         for t in tokens {
@@ -184,7 +193,7 @@ impl Shared {
     pub fn teardown(&self, vm_id: VmId, reason: &str) {
         let vm = {
             let mut st = self.state();
-            st.registry.vm_gone(vm_id);
+            st.registry.vm_gone(vm_id, reason);
             st.vms.remove(&vm_id)
         };
         if let Some(vm) = vm {
@@ -275,8 +284,11 @@ fn spawn_console(path: String, vm: String) {
     tokio::spawn(
         async move {
             use tokio::io::AsyncBufReadExt;
-            let deadline = Instant::now() + Duration::from_secs(5);
-            let (r, _w) = match crate::agent::connect("console", &path, deadline).await {
+            let dial = crate::agent::Dial {
+                deadline: Instant::now() + Duration::from_secs(5),
+                dial_timeout: Duration::from_secs(5),
+            };
+            let (r, _w) = match dial.connect("console", &path).await {
                 Ok(c) => c,
                 Err(e) => {
                     warn!(error = %e, "VM console not available");

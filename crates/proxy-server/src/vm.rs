@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use proxy_proto::hyper::ctl::{Code, CtlDecoder, CtlMessage, CTL_HEADER_LEN};
-use proxy_proto::hyper::io::{IoDecoder, IoHeader, MAX_IO_DATA, NULL_SEQ};
+use proxy_proto::hyper::io::{IoDecoder, IoHeader, IO_HEADER_LEN, MAX_IO_DATA, NULL_SEQ};
 use proxy_proto::hyper::MAX_MESSAGE_LEN;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -94,11 +94,37 @@ impl std::fmt::Debug for CtlRequest {
     }
 }
 
-/// Timeouts of a VM's tasks.
+/// Limits and timeouts of a VM's tasks.
 #[derive(Debug, Clone, Copy)]
-pub struct VmTimeouts {
+pub struct VmOptions {
     /// Per ctl transaction.
-    pub ctl: Duration,
+    pub ctl_timeout: Duration,
+    /// Output bytes queued per session before the io reader waits.
+    pub session_bound: usize,
+    /// Largest ctl or io message accepted from the agent, header included
+    /// (`--max-frame-size` plus the header). Hyperstart itself reads at
+    /// most [`MAX_MESSAGE_LEN`] bytes, but an agent may write more: only a
+    /// message above this bound is garbage.
+    pub max_agent_message: usize,
+}
+
+impl VmOptions {
+    /// The options the daemon's configuration gives.
+    pub fn from_config(c: &crate::config::Config) -> Self {
+        VmOptions {
+            ctl_timeout: c.ctl_timeout,
+            session_bound: c.session_buffer as usize,
+            max_agent_message: agent_message_bound(c.max_frame_size),
+        }
+    }
+}
+
+/// The largest agent message for a payload bound of `max_payload` bytes:
+/// never below what hyperstart itself sends.
+pub fn agent_message_bound(max_payload: u32) -> usize {
+    (max_payload as usize)
+        .saturating_add(IO_HEADER_LEN)
+        .max(MAX_MESSAGE_LEN)
 }
 
 /// The agent's two channels, connected, READY seen.
@@ -128,8 +154,9 @@ pub async fn wait_ready(
     buf: &mut BytesMut,
     deadline: Instant,
     waited: Duration,
+    max_message: usize,
 ) -> Result<(), ProxyError> {
-    let mut dec = CtlDecoder::new(MAX_MESSAGE_LEN);
+    let mut dec = CtlDecoder::new(max_message);
     loop {
         match dec.decode(buf) {
             Ok(Some(m)) if m.code() == Some(Code::Ready) => return Ok(()),
@@ -186,8 +213,7 @@ impl Vm {
         id: VmId,
         container_id: String,
         ch: Channels,
-        timeouts: VmTimeouts,
-        session_bound: usize,
+        opts: VmOptions,
         events: Arc<dyn VmEvents>,
     ) -> Arc<Vm> {
         let (ctl_tx, ctl_rx) = mpsc::channel(64);
@@ -203,7 +229,7 @@ impl Vm {
             bytes_to_agent: AtomicU64::new(0),
             msgs_from_agent: AtomicU64::new(0),
             msgs_to_agent: AtomicU64::new(0),
-            session_bound,
+            session_bound: opts.session_bound,
             io_flow: Arc::default(),
         });
         let span = tracing::info_span!("vm", vm = %container_id);
@@ -214,12 +240,15 @@ impl Vm {
                 ch.ctl_w,
                 ch.ctl_buf,
                 ctl_rx,
-                timeouts.ctl,
+                opts,
                 events.clone(),
             )
             .instrument(span.clone()),
         );
-        tokio::spawn(io_reader(vm.clone(), ch.io_r, events.clone()).instrument(span.clone()));
+        tokio::spawn(
+            io_reader(vm.clone(), ch.io_r, opts.max_agent_message, events.clone())
+                .instrument(span.clone()),
+        );
         tokio::spawn(io_writer(vm.clone(), ch.io_w, io_rx, events).instrument(span));
         vm
     }
@@ -299,10 +328,15 @@ impl Vm {
         rx.await.map_err(|_| self.gone_error())?
     }
 
-    fn gone_error(&self) -> ProxyError {
+    pub(crate) fn gone_error(&self) -> ProxyError {
+        ProxyError::AgentIo(format!("the VM is gone: {}", self.gone_reason()))
+    }
+
+    /// Why the VM was torn down (or "VM torn down" while it is not).
+    pub fn gone_reason(&self) -> String {
         match &*self.gone.borrow() {
-            Gone::Yes(r) => ProxyError::AgentIo(format!("the VM is gone: {r}")),
-            Gone::No => ProxyError::AgentIo("the VM is gone".into()),
+            Gone::Yes(r) => r.clone(),
+            Gone::No => "VM torn down".into(),
         }
     }
 
@@ -335,10 +369,11 @@ async fn ctl_task(
     mut w: AgentWrite,
     mut buf: BytesMut,
     mut rx: mpsc::Receiver<CtlRequest>,
-    timeout: Duration,
+    opts: VmOptions,
     events: Arc<dyn VmEvents>,
 ) {
-    let mut dec = CtlDecoder::new(MAX_MESSAGE_LEN);
+    let timeout = opts.ctl_timeout;
+    let mut dec = CtlDecoder::new(opts.max_agent_message);
     let mut gone = vm.gone.subscribe();
     let metrics = events.metrics();
     // Replies still owed for transactions that timed out: discarded when
@@ -361,7 +396,7 @@ async fn ctl_task(
                     if let Some(m) = &metrics {
                         m.error(crate::metrics::ErrorKind::AgentGarbage);
                     }
-                    let reason = format!("garbage on ctl: {e}");
+                    let reason = format!("the agent sent garbage on ctl: {e}");
                     events.vm_failed(vm.id, reason.clone());
                     return fail_pending(&mut rx, &reason).await;
                 }
@@ -378,7 +413,7 @@ async fn ctl_task(
                 Ok(_) => continue,
                 Err(e) => break format!("reading ctl: {e}"),
             },
-            _ = gone.changed() => break "VM torn down".to_string(),
+            _ = gone.changed() => break vm.gone_reason(),
         };
         let code = req.code;
         let mut out = BytesMut::with_capacity(CTL_HEADER_LEN + req.data.len());
@@ -438,7 +473,8 @@ async fn ctl_task(
                             timer.as_mut().reset(deadline);
                         }
                         _ = gone.changed() => break Err(ProxyError::AgentIo(format!(
-                            "the VM was torn down while {code} was waiting for its reply"
+                            "the VM was torn down while {code} was waiting for its reply: {}",
+                            vm.gone_reason()
                         ))),
                     }
                 }
@@ -527,9 +563,9 @@ impl Hasher for SeqHasher {
     }
 }
 
-async fn io_reader(vm: Arc<Vm>, mut r: AgentRead, events: Arc<dyn VmEvents>) {
+async fn io_reader(vm: Arc<Vm>, mut r: AgentRead, max_message: usize, events: Arc<dyn VmEvents>) {
     let mut buf = BytesMut::with_capacity(64 * 1024);
-    let mut dec = IoDecoder::new(MAX_MESSAGE_LEN);
+    let mut dec = IoDecoder::new(max_message);
     let mut gone = vm.gone.subscribe();
     // The sessions output was routed to: a local map spares the shared
     // one's lock per message; a session closed since is evicted when a
@@ -560,7 +596,7 @@ async fn io_reader(vm: Arc<Vm>, mut r: AgentRead, events: Arc<dyn VmEvents>) {
                     if let Some(m) = &metrics {
                         m.error(crate::metrics::ErrorKind::AgentGarbage);
                     }
-                    break 'outer format!("garbage on io: {e}");
+                    break 'outer format!("the agent sent garbage on io: {e}");
                 }
             };
             uncounted += m.data.len() as u64;
@@ -569,7 +605,16 @@ async fn io_reader(vm: Arc<Vm>, mut r: AgentRead, events: Arc<dyn VmEvents>) {
             if seq == NULL_SEQ || seq == NULL_SEQ + 1 {
                 continue; // the null session: discarded
             }
-            let base = if seq % 2 == 1 { seq } else { seq - 1 };
+            // Odd seqs are a session's stdin/stdout, even ones its stderr;
+            // seq 0 belongs to no session.
+            let base = if seq % 2 == 1 {
+                seq
+            } else if let Some(base) = seq.checked_sub(1) {
+                base
+            } else {
+                debug!(len = m.data.len(), "io for seq 0 dropped");
+                continue;
+            };
             if base != last_base {
                 switches = switches.saturating_add(1);
                 last_base = base;
@@ -794,8 +839,11 @@ mod tests {
                 io_r: Box::new(io_r),
                 io_w: Box::new(io_w),
             },
-            VmTimeouts { ctl: ctl_timeout },
-            1 << 20,
+            VmOptions {
+                ctl_timeout,
+                session_bound: 1 << 20,
+                max_agent_message: agent_message_bound(4 << 20),
+            },
             rec.clone(),
         );
         let agent = Agent {

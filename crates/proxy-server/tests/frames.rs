@@ -181,14 +181,9 @@ async fn malformed_headers_get_an_error_where_addressable_then_close() {
             must_answer: None,
         },
         Case {
-            what: "Error flag on a command",
-            bytes: header(2, 3, 0x10, Command::Hyper as u8, 0),
-            must_answer: Some(Command::Hyper),
-        },
-        Case {
-            what: "Error flag on a RegisterVM",
-            bytes: header(2, 3, 0x10, Command::RegisterVm as u8, 0),
-            must_answer: Some(Command::RegisterVm),
+            what: "Error flag on a stdin stream",
+            bytes: header(2, 3, 0x12, 0, 0),
+            must_answer: None,
         },
     ];
     for case in &cases {

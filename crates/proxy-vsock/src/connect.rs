@@ -130,24 +130,35 @@ impl ConnectError {
         }
     }
 
-    /// Whether another attempt may succeed: the socket is not there yet, or
-    /// nobody listens yet (a hybrid vsock socket accepts and then closes
-    /// until the guest listens).
+    /// Whether another attempt may succeed. A unix socket (a virtio-serial
+    /// channel, or the hybrid vsock socket of the hypervisor) that is
+    /// missing, refuses, is no socket or may not be opened will not mend
+    /// itself: the hypervisor creates it before anyone dials, so that is
+    /// an error at once. What does mend is a guest that is not listening
+    /// yet: a hybrid vsock socket that accepts and then closes the
+    /// `CONNECT`, or an AF_VSOCK port that refuses or resets.
     pub fn is_retryable(&self) -> bool {
         match self {
-            ConnectError::Connect { source, .. } => {
+            ConnectError::Connect {
+                addr: AgentAddr::Vsock { .. },
+                source,
+            } => {
                 matches!(
                     source.kind(),
-                    io::ErrorKind::NotFound
-                        | io::ErrorKind::ConnectionRefused
+                    io::ErrorKind::ConnectionRefused
                         | io::ErrorKind::ConnectionReset
                         | io::ErrorKind::TimedOut
                         | io::ErrorKind::WouldBlock
                         | io::ErrorKind::Interrupted
                 ) || matches!(
                     source.raw_os_error(),
-                    Some(libc::ECONNREFUSED | libc::ENOENT | libc::EAGAIN | libc::ECONNRESET)
+                    Some(libc::ECONNREFUSED | libc::EAGAIN | libc::ECONNRESET | libc::ENODEV)
                 )
+            }
+            ConnectError::Connect { source, .. } => {
+                // A unix socket: only a signal's interruption is worth
+                // another try.
+                source.kind() == io::ErrorKind::Interrupted
             }
             ConnectError::Handshake { source, .. } => source.is_peer_gone(),
             ConnectError::HandshakeTimeout { .. } | ConnectError::Timeout { .. } => false,
@@ -213,8 +224,8 @@ async fn connect_once(
     }
 }
 
-/// Connect to `addr`, retrying with backoff while the socket is missing,
-/// refuses, or (hybrid vsock) closes during the handshake, for at most
+/// Connect to `addr`, retrying with backoff while the guest is not
+/// listening yet (see [`ConnectError::is_retryable`]), for at most
 /// `opts.timeout` in total.
 pub async fn connect(addr: &AgentAddr, opts: &ConnectOptions) -> Result<AgentStream, ConnectError> {
     let start = Instant::now();
@@ -296,9 +307,25 @@ mod tests {
             addr: addr.clone(),
             source: io::Error::from_raw_os_error(errno),
         };
-        assert!(c(libc::ECONNREFUSED).is_retryable());
-        assert!(c(libc::ENOENT).is_retryable());
-        assert!(!c(libc::EACCES).is_retryable());
+        // A unix socket that is missing, refuses, is no socket or may not
+        // be opened: an error at once.
+        for errno in [
+            libc::ECONNREFUSED,
+            libc::ENOENT,
+            libc::EACCES,
+            libc::ENOTSOCK,
+        ] {
+            assert!(!c(errno).is_retryable(), "errno {errno}");
+        }
+        // An AF_VSOCK port the guest has not opened yet: try again.
+        let vsock: AgentAddr = "vsock://3:1024".parse().unwrap();
+        let v = |errno| ConnectError::Connect {
+            addr: vsock.clone(),
+            source: io::Error::from_raw_os_error(errno),
+        };
+        assert!(v(libc::ECONNREFUSED).is_retryable());
+        assert!(v(libc::ECONNRESET).is_retryable());
+        assert!(!v(libc::EACCES).is_retryable());
         let h = |source| ConnectError::Handshake {
             addr: addr.clone(),
             source,

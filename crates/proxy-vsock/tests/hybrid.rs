@@ -88,46 +88,6 @@ async fn bind_any_hands_back_the_port() {
 }
 
 #[tokio::test]
-async fn refused_socket_then_listener_appears() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = sock(&dir);
-    // The socket file exists but nobody listens: ECONNREFUSED.
-    drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
-    let err = UnixStream::connect(&path).await.unwrap_err();
-    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused);
-
-    let p2 = path.clone();
-    let guest = tokio::spawn(async move {
-        sleep(Duration::from_millis(150)).await;
-        std::fs::remove_file(&p2).unwrap();
-        let listener = HybridListener::bind(&p2, 9).unwrap();
-        let (mut s, _) = listener.accept().await.unwrap();
-        s.write_all(b"up").await.unwrap();
-    });
-    let start = Instant::now();
-    let mut s = connect(&hv(&path, 9), &quick()).await.unwrap();
-    assert!(start.elapsed() >= Duration::from_millis(100));
-    let mut buf = [0u8; 2];
-    s.read_exact(&mut buf).await.unwrap();
-    assert_eq!(&buf, b"up");
-    guest.await.unwrap();
-}
-
-#[tokio::test]
-async fn socket_not_yet_created_then_appears() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = sock(&dir);
-    let p2 = path.clone();
-    let guest = tokio::spawn(async move {
-        sleep(Duration::from_millis(100)).await;
-        let listener = HybridListener::bind(&p2, 3).unwrap();
-        listener.accept().await.unwrap()
-    });
-    let _s = connect(&hv(&path, 3), &quick()).await.unwrap();
-    assert_eq!(guest.await.unwrap().1, 3);
-}
-
-#[tokio::test]
 async fn vmm_closes_until_guest_listens_then_accepts() {
     // Like Firecracker: the VMM accepts the unix connection, reads CONNECT,
     // and closes it while nothing in the guest listens on the port.

@@ -101,14 +101,40 @@ enum Cmd {
 fn main() -> ExitCode {
     let args = Args::parse();
     let result = match &args.cmd {
+        // From the metrics endpoint, not the proxy socket.
         Cmd::Stats(s) => stats::run(s, args.json),
-        _ => run(&args).map_err(|e| e.to_string()),
+        // The proxy's own words; the wire command behind them (the
+        // AttachVM of `hyper --vm`) is no concern of the user's.
+        _ => run(&args).map_err(|e| e.proxy_msg().map_or_else(|| e.to_string(), str::to_owned)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("cc-proxy-ctl: {e}");
+            let what = args.cmd.describe();
+            if args.json {
+                // Where the answers go, so a script reads one JSON object
+                // whatever happened.
+                let v = serde_json::json!({
+                    "error": { "command": what, "message": e.to_string() }
+                });
+                println!("{v}");
+            } else {
+                eprintln!("cc-proxy-ctl: {what} failed: {e}");
+            }
             ExitCode::FAILURE
+        }
+    }
+}
+
+impl Cmd {
+    /// What the user asked for, in their words: `hyper ping on VM pod-1`.
+    fn describe(&self) -> String {
+        match self {
+            Cmd::Register { container_id, .. } => format!("register {container_id}"),
+            Cmd::Attach { container_id, .. } => format!("attach {container_id}"),
+            Cmd::Unregister { container_id } => format!("unregister {container_id}"),
+            Cmd::Hyper { vm, name, .. } => format!("hyper {name} on VM {vm}"),
+            Cmd::Stats(_) => "stats".into(),
         }
     }
 }
@@ -149,6 +175,8 @@ fn run(args: &Args) -> Result<(), Error> {
             name,
             data,
         } => {
+            // Reaching the VM is a step of this command, not one the user
+            // asked for: its error is the command's.
             client.attach_vm(vm, 0)?;
             let tokens: Vec<Token> = token.iter().map(|t| Token::from(t.as_str())).collect();
             let reply = client.hyper(name, &tokens, data.as_deref())?;
