@@ -349,7 +349,7 @@ async fn cc_proxy_ctl_stats_shows_the_metrics_endpoints_figures() {
     let dir = proxy_test_support::TempDir::new();
     let msock = dir.socket("metrics.sock").display().to_string();
     let p = proxy_test_support::ProxyProcess::builder(common::cc_proxy())
-        .args(["--metrics-socket", &msock])
+        .args(["--metrics-socket", &msock, "--metrics-addr", "127.0.0.1:0"])
         .start()
         .await;
     let mut vm = Vm::register(&p, 2).await;
@@ -448,6 +448,21 @@ async fn cc_proxy_ctl_stats_shows_the_metrics_endpoints_figures() {
         [vm.id.as_str(), "2", "0", "320", "2", "0", "0", "320", "320"],
         "{out}"
     );
+
+    // Over TCP: the same figures.
+    let needle = "metrics on http://";
+    p.wait_for_log(needle, Duration::from_secs(10)).await;
+    let log = p.log();
+    let addr = log
+        .split(needle)
+        .nth(1)
+        .and_then(|rest| rest.split('/').next())
+        .expect("the metrics address in the log")
+        .to_owned();
+    let (code, out, err) = ctl(&["--json", "stats", "--metrics-addr", &addr]).await;
+    assert_eq!(code, 0, "{err}");
+    let over_tcp: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(over_tcp, v, "over TCP and over the unix socket");
 
     // Where the endpoint is must be said, and must be reachable.
     let (code, _, err) = ctl(&["stats"]).await;

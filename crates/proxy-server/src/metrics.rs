@@ -416,7 +416,7 @@ impl Collector for Snapshot {
         gauge(
             e,
             "cc_proxy_vms",
-            "VMs known to the proxy (registered, or awaiting UnregisterVM after their agent went).",
+            "VMs known to the proxy: registered, awaiting UnregisterVM after their agent went, or unregistered while their agent still runs.",
             None,
             self.vms,
         )?;
