@@ -691,7 +691,10 @@ async fn writer(
     let mut session: Option<(Arc<Session>, OutputQueue)> = None;
     let mut batch = Batch::new();
     // Output items in the batch, to account for (or put back) after writing.
-    let mut inflight: Vec<Output> = Vec::new();
+    let mut inflight = Inflight::default();
+    // What the shim's socket held unread after the last write (SIOCOUTQ):
+    // lost if the shim dies without reading it.
+    let mut unread = 0usize;
     let mut closing = false;
     let mut drain = false;
     // The batch holds a frame other than output (a response): no waiting.
@@ -705,8 +708,7 @@ async fn writer(
                     m = rx.recv() => Some(m),
                     o = q.next() => {
                         if let Some(o) = o {
-                            push_output(&mut batch, &o);
-                            inflight.push(o);
+                            inflight.push(&mut batch, o);
                         }
                         None
                     }
@@ -744,10 +746,7 @@ async fn writer(
                     Err(mpsc::error::TryRecvError::Empty) => {}
                 }
                 match session.as_mut().and_then(|(_, q)| q.try_next()) {
-                    Some(o) => {
-                        push_output(&mut batch, &o);
-                        inflight.push(o);
-                    }
+                    Some(o) => inflight.push(&mut batch, o),
                     None => break,
                 }
             }
@@ -783,30 +782,44 @@ async fn writer(
         if drain {
             if let Some((_, q)) = session.as_mut() {
                 while let Some(o) = q.try_next() {
-                    push_output(&mut batch, &o);
-                    inflight.push(o);
+                    inflight.push(&mut batch, o);
                 }
             }
         }
         if !batch.is_empty() {
+            let mut progress = 0usize;
             let r = tokio::select! {
-                r = batch.write_all(&mut w) => r.map_err(|(_, e)| e),
+                r = batch.write_counted(&mut w, &mut progress) => r,
                 _ = stop.wait_for(|s| *s) => Err(std::io::Error::other("abandoned")),
             };
             if let Err(e) = r {
                 debug!(error = %e, "write to client failed");
-                // Nothing of the batch is known to have reached the shim
-                // program: its output goes back in front, for the next shim.
-                if let Some((_, q)) = session.as_mut() {
-                    for o in inflight.drain(..).rev() {
+                // A byte the kernel took is never sent again: what was
+                // handed over went to this shim (or is lost with its
+                // socket); only the rest goes back in front, for the next.
+                let settled = inflight.settle(progress);
+                if let Some((s, q)) = session.as_mut() {
+                    s.release(settled.handed_cost);
+                    for o in settled.back.into_iter().rev() {
                         q.front.push_front(o);
+                    }
+                    let lost = unread.saturating_add(settled.handed_bytes);
+                    if lost > 0 {
+                        s.bytes_maybe_lost
+                            .fetch_add(lost as u64, std::sync::atomic::Ordering::Relaxed);
+                        info!(
+                            token = %crate::registry::token_prefix(&s.token),
+                            up_to_bytes = lost,
+                            "a shim's connection failed with output unread in its socket; that output is lost"
+                        );
                     }
                 }
                 batch = Batch::new();
                 break;
             }
             if let Some((s, _)) = &session {
-                s.written(&inflight);
+                s.release(inflight.cost());
+                unread = unread_in_kernel(&w);
             }
             inflight.clear();
         }
@@ -867,5 +880,152 @@ fn push_output(batch: &mut Batch, o: &Output) {
             let f = Frame::process_exited(*code);
             push_frame(batch, f.header(), f.payload)
         }
+    }
+}
+
+/// The output items of a batch, with where each starts in it.
+#[derive(Debug, Default)]
+struct Inflight {
+    items: Vec<(usize, Output)>,
+}
+
+/// What a failed write of a batch leaves.
+#[derive(Debug, Default)]
+struct Settled {
+    /// Budget of the bytes the kernel took.
+    handed_cost: usize,
+    /// Payload bytes the kernel took.
+    handed_bytes: usize,
+    /// What did not reach the kernel, in order: whole items, and the rest
+    /// of one the kernel took a part of.
+    back: Vec<Output>,
+}
+
+impl Inflight {
+    fn push(&mut self, batch: &mut Batch, o: Output) {
+        self.items.push((batch.len(), o.clone()));
+        push_output(batch, &o);
+    }
+
+    fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    fn clear(&mut self) {
+        self.items.clear();
+    }
+
+    /// The budget the items hold.
+    fn cost(&self) -> usize {
+        self.items.iter().map(|(_, o)| o.cost() as usize).sum()
+    }
+
+    /// The kernel took the batch's first `progress` bytes, then the write
+    /// failed.
+    fn settle(&mut self, progress: usize) -> Settled {
+        let mut out = Settled::default();
+        for (start, o) in self.items.drain(..) {
+            let payload_at = start + FRAME_HEADER_LEN;
+            let (len, data) = match &o {
+                Output::Stdout(b) | Output::Stderr(b) => (b.len(), Some(b)),
+                Output::Exited(_) => (1, None),
+            };
+            if progress >= payload_at + len {
+                out.handed_cost += o.cost() as usize;
+                out.handed_bytes += len;
+            } else if progress <= payload_at {
+                out.back.push(o);
+            } else if let Some(b) = data {
+                let took = progress - payload_at;
+                let rest = b.slice(took..);
+                let rest = match &o {
+                    Output::Stderr(_) => Output::Stderr(rest),
+                    _ => Output::Stdout(rest),
+                };
+                out.handed_cost += (o.cost() - rest.cost()) as usize;
+                out.handed_bytes += took;
+                out.back.push(rest);
+            } else {
+                out.back.push(o);
+            }
+        }
+        out
+    }
+}
+
+/// Every output frame's header: the standard 12 bytes.
+const FRAME_HEADER_LEN: usize = 12;
+
+/// Bytes written to `w` that its reader has not read yet (SIOCOUTQ).
+fn unread_in_kernel(w: &tokio::net::unix::OwnedWriteHalf) -> usize {
+    use std::os::fd::AsRawFd;
+    let fd = w.as_ref().as_raw_fd();
+    let mut n: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ (TIOCOUTQ) on a socket stores one c_int through the
+    // pointer, which points at a live local; `fd` stays open for the call
+    // (the write half is borrowed).
+    let r = unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut n) };
+    if r == 0 {
+        usize::try_from(n).unwrap_or(0)
+    } else {
+        0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stdout(n: usize, byte: u8) -> Output {
+        Output::Stdout(Bytes::from(vec![byte; n]))
+    }
+
+    fn lens(v: &[Output]) -> Vec<usize> {
+        v.iter()
+            .map(|o| match o {
+                Output::Stdout(b) | Output::Stderr(b) => b.len(),
+                Output::Exited(_) => 1,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn regression_what_the_kernel_took_is_never_put_back() {
+        // Three messages of 100 bytes (112 with their headers) and the exit.
+        let fill = |inflight: &mut Inflight| {
+            let mut batch = Batch::new();
+            for i in 0..3 {
+                inflight.push(&mut batch, stdout(100, i));
+            }
+            inflight.push(&mut batch, Output::Exited(3));
+            assert_eq!(batch.len(), 3 * 112 + 13);
+        };
+        let mut f = Inflight::default();
+        fill(&mut f);
+        // Nothing taken: everything goes back.
+        let s = f.settle(0);
+        assert_eq!((s.handed_bytes, lens(&s.back)), (0, vec![100, 100, 100, 1]));
+        // The first message and half of the second taken.
+        fill(&mut f);
+        let s = f.settle(112 + 12 + 50);
+        assert_eq!((s.handed_bytes, s.handed_cost), (150, 150));
+        assert_eq!(lens(&s.back), vec![50, 100, 1]);
+        match &s.back[0] {
+            Output::Stdout(b) => assert!(b.iter().all(|&x| x == 1)),
+            o => panic!("{o:?}"),
+        }
+        // Only part of the second header: its payload goes back whole.
+        fill(&mut f);
+        let s = f.settle(112 + 5);
+        assert_eq!(lens(&s.back), vec![100, 100, 1]);
+        // All but the exit's code byte.
+        fill(&mut f);
+        let s = f.settle(3 * 112 + 12);
+        assert_eq!((s.handed_bytes, lens(&s.back)), (300, vec![1]));
+        // All of it.
+        fill(&mut f);
+        let s = f.settle(3 * 112 + 13);
+        assert!(s.back.is_empty());
+        assert_eq!(s.handed_cost, 301);
     }
 }

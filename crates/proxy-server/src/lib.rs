@@ -57,6 +57,7 @@ pub mod conn;
 pub mod ksm;
 pub mod logging;
 pub mod metrics;
+pub mod panics;
 pub mod registry;
 pub mod server;
 pub mod session;

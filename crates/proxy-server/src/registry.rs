@@ -693,6 +693,17 @@ impl Registry {
     }
 }
 
+/// A token for the log: tokens are secrets (whoever holds one may claim
+/// its process's stdio), so only its first 6 characters are shown.
+pub fn token_prefix(token: &str) -> String {
+    let head: String = token.chars().take(6).collect();
+    if head.len() < token.len() {
+        format!("{head}…")
+    } else {
+        head
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

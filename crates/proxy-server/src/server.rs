@@ -443,18 +443,105 @@ fn raise_fd_limit() {
 pub struct Signals {
     term: Option<tokio::signal::unix::Signal>,
     int: Option<tokio::signal::unix::Signal>,
+    quit: Option<tokio::signal::unix::Signal>,
     usr1: Option<tokio::signal::unix::Signal>,
+    /// Signals whose default action would kill the daemon but that mean
+    /// nothing to it: received, logged, and otherwise ignored.
+    ignored: Vec<(&'static str, tokio::signal::unix::Signal)>,
 }
 
+/// Signals that would end the process by default and that the daemon
+/// ignores (SIGHUP: there is no configuration file to reload).
+const IGNORED_SIGNALS: [(&str, libc::c_int); 10] = [
+    ("SIGHUP", libc::SIGHUP),
+    ("SIGUSR2", libc::SIGUSR2),
+    ("SIGALRM", libc::SIGALRM),
+    ("SIGVTALRM", libc::SIGVTALRM),
+    ("SIGPROF", libc::SIGPROF),
+    ("SIGIO", libc::SIGIO),
+    ("SIGPWR", libc::SIGPWR),
+    ("SIGSTKFLT", libc::SIGSTKFLT),
+    ("SIGXCPU", libc::SIGXCPU),
+    ("SIGXFSZ", libc::SIGXFSZ),
+];
+
 impl Signals {
-    /// Install the handlers (SIGTERM, SIGINT: stop; SIGUSR1: log stats).
+    /// Install the handlers (SIGTERM, SIGINT, SIGQUIT: stop cleanly;
+    /// SIGUSR1: log stats; [`IGNORED_SIGNALS`]: log and go on).
     pub fn install() -> Self {
         use tokio::signal::unix::{signal, SignalKind};
+        let ignored = IGNORED_SIGNALS
+            .iter()
+            .filter_map(|&(name, n)| {
+                signal(SignalKind::from_raw(n))
+                    .map_err(|e| warn!(signal = name, error = %e, "cannot handle the signal"))
+                    .ok()
+                    .map(|s| (name, s))
+            })
+            .collect();
         Self {
             term: signal(SignalKind::terminate()).ok(),
             int: signal(SignalKind::interrupt()).ok(),
+            quit: signal(SignalKind::quit()).ok(),
             usr1: signal(SignalKind::user_defined1()).ok(),
+            ignored,
         }
+    }
+}
+
+/// Log the ignored signals as they come, at most one line a second each.
+fn spawn_ignored_signals(ignored: Vec<(&'static str, tokio::signal::unix::Signal)>) {
+    for (name, mut sig) in ignored {
+        tokio::spawn(async move {
+            let mut last: Option<Instant> = None;
+            let mut unlogged = 0u64;
+            while sig.recv().await.is_some() {
+                if last.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
+                    unlogged = unlogged.saturating_add(1);
+                    continue;
+                }
+                last = Some(Instant::now());
+                if name == "SIGHUP" {
+                    info!(
+                        also_since_last = unlogged,
+                        "SIGHUP: there is no configuration to reload; ignored"
+                    );
+                } else {
+                    info!(signal = name, also_since_last = unlogged, "signal ignored");
+                }
+                unlogged = 0;
+            }
+        });
+    }
+}
+
+/// Accept failures, logged when they start and summed up when they end,
+/// not once per failed attempt (running out of file descriptors makes
+/// every accept fail until some close).
+#[derive(Debug, Default)]
+struct AcceptFailures {
+    since: Option<Instant>,
+    count: u64,
+    last: String,
+}
+
+impl AcceptFailures {
+    /// An accept failed: returns whether to log it (the first of a run,
+    /// or a different error than the last).
+    fn failed(&mut self, e: &io::Error) -> bool {
+        self.count = self.count.saturating_add(1);
+        let text = e.to_string();
+        let new = self.since.is_none() || text != self.last;
+        self.since.get_or_insert_with(Instant::now);
+        self.last = text;
+        new
+    }
+
+    /// An accept succeeded: the summary of the run of failures it ends.
+    fn recovered(&mut self) -> Option<(u64, Duration, String)> {
+        let since = self.since.take()?;
+        let n = std::mem::take(&mut self.count);
+        Some((n, since.elapsed(), std::mem::take(&mut self.last)))
     }
 }
 
@@ -463,26 +550,40 @@ pub async fn serve(shared: Arc<Shared>, listener: UnixListener, signals: Signals
     let Signals {
         mut term,
         mut int,
+        mut quit,
         mut usr1,
+        ignored,
     } = signals;
+    spawn_ignored_signals(ignored);
     let mut shutdown = shared.shutdown.subscribe();
     let mut stats = shared.config.stats_interval.map(tokio::time::interval);
-    let tasks = tokio_util_tracker::Tracker::default();
+    let tasks = tokio_util::task::TaskTracker::new();
+    let mut failures = AcceptFailures::default();
     loop {
         tokio::select! {
             r = listener.accept() => match r {
                 Ok((stream, _)) => {
+                    if let Some((n, took, error)) = failures.recovered() {
+                        info!(failed_accepts = n, over = ?took, last_error = %error, "accepting connections again");
+                    }
                     let s = shared.clone();
                     let conn = s.next_conn();
-                    tasks.spawn(crate::conn::serve(s, stream, conn));
+                    tasks.spawn(crate::panics::CatchPanic::new(
+                        crate::conn::serve(s, stream, conn),
+                        move |msg| error!(conn = conn.0, panic = %msg, "a connection task panicked; the connection is closed"),
+                    ));
                 }
                 Err(e) => {
-                    error!(error = %e, "accept failed");
+                    if failures.failed(&e) {
+                        error!(error = %e, "accept failed; retrying every 50ms, the failures are summed up when accepting works again");
+                    }
+                    // Connections already open are served meanwhile.
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             },
             _ = recv_sig(&mut term) => { info!("SIGTERM: shutting down"); break; }
             _ = recv_sig(&mut int) => { info!("SIGINT: shutting down"); break; }
+            _ = recv_sig(&mut quit) => { info!("SIGQUIT: shutting down"); break; }
             _ = recv_sig(&mut usr1) => shared.log_stats(),
             _ = tick(&mut stats) => shared.log_stats(),
             _ = shutdown.wait_for(|s| *s) => break,
@@ -494,6 +595,7 @@ pub async fn serve(shared: Arc<Shared>, listener: UnixListener, signals: Signals
     for vm in vms {
         shared.teardown(vm.id, "the proxy is shutting down");
     }
+    tasks.close();
     if tokio::time::timeout(Duration::from_secs(3), tasks.wait())
         .await
         .is_err()
@@ -517,81 +619,6 @@ async fn tick(i: &mut Option<tokio::time::Interval>) {
             i.tick().await;
         }
         None => std::future::pending().await,
-    }
-}
-
-/// Counting spawned connection tasks so shutdown can wait for them.
-mod tokio_util_tracker {
-    use std::future::Future;
-    use std::sync::Arc;
-
-    use tokio::sync::Notify;
-
-    #[derive(Debug, Default, Clone)]
-    pub struct Tracker(Arc<Inner>);
-
-    #[derive(Debug, Default)]
-    struct Inner {
-        live: std::sync::atomic::AtomicUsize,
-        idle: Notify,
-    }
-
-    struct Guard(Arc<Inner>);
-
-    pin_project_lite::pin_project! {
-        /// A task's future and the guard counting it.
-        struct Tracked<F> {
-            #[pin]
-            f: F,
-            _g: Guard,
-        }
-    }
-
-    impl<F: Future> Future for Tracked<F> {
-        type Output = F::Output;
-
-        fn poll(
-            self: std::pin::Pin<&mut Self>,
-            cx: &mut std::task::Context<'_>,
-        ) -> std::task::Poll<F::Output> {
-            self.project().f.poll(cx)
-        }
-    }
-
-    impl Drop for Guard {
-        fn drop(&mut self) {
-            if self
-                .0
-                .live
-                .fetch_sub(1, std::sync::atomic::Ordering::AcqRel)
-                == 1
-            {
-                self.0.idle.notify_waiters();
-            }
-        }
-    }
-
-    impl Tracker {
-        pub fn spawn<F: Future<Output = ()> + Send + 'static>(&self, f: F) {
-            self.0
-                .live
-                .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-            let g = Guard(self.0.clone());
-            // Not `async move { let _g = g; f.await }`: that keeps `f`
-            // twice in the task (as captured and as awaited), doubling the
-            // memory of every connection.
-            tokio::spawn(Tracked { f, _g: g });
-        }
-
-        pub async fn wait(&self) {
-            loop {
-                let n = self.0.idle.notified();
-                if self.0.live.load(std::sync::atomic::Ordering::Acquire) == 0 {
-                    return;
-                }
-                n.await;
-            }
-        }
     }
 }
 
@@ -622,6 +649,26 @@ mod tests {
             .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_'));
         assert_eq!(base64url(b"foobar"), "Zm9vYmFy");
         assert_eq!(base64url(b"fo"), "Zm8=");
+    }
+
+    #[test]
+    fn accept_failures_are_logged_when_they_start_and_summed_up_when_they_end() {
+        let emfile = || io::Error::from_raw_os_error(libc::EMFILE);
+        let mut f = AcceptFailures::default();
+        assert!(f.recovered().is_none(), "nothing to sum up");
+        assert!(f.failed(&emfile()), "the first failure is logged");
+        for _ in 0..99 {
+            assert!(!f.failed(&emfile()), "the same failure again is not");
+        }
+        assert!(
+            f.failed(&io::Error::from_raw_os_error(libc::ENFILE)),
+            "another error is"
+        );
+        let (n, _, last) = f.recovered().unwrap();
+        assert_eq!(n, 101);
+        assert!(last.contains("Too many open files in system"), "{last}");
+        assert!(f.recovered().is_none());
+        assert!(f.failed(&emfile()), "a new run is logged again");
     }
 
     #[test]

@@ -128,6 +128,9 @@ pub struct Session {
     pub bytes_out: AtomicU64,
     /// Input bytes forwarded so far (stats).
     pub bytes_in: AtomicU64,
+    /// Output bytes that were in a failed shim connection's socket, unread
+    /// (at most that many were lost with it).
+    pub bytes_maybe_lost: AtomicU64,
 }
 
 impl Session {
@@ -150,6 +153,7 @@ impl Session {
             started: watch::channel(false).0,
             bytes_out: AtomicU64::new(0),
             bytes_in: AtomicU64::new(0),
+            bytes_maybe_lost: AtomicU64::new(0),
         })
     }
 
@@ -190,7 +194,11 @@ impl Session {
     /// The writer wrote `items` to the shim: their budget is free again
     /// (one update of the semaphore for a whole batch).
     pub fn written<'a>(&self, items: impl IntoIterator<Item = &'a Output>) {
-        let n: usize = items.into_iter().map(|o| o.cost() as usize).sum();
+        self.release(items.into_iter().map(|o| o.cost() as usize).sum());
+    }
+
+    /// `n` bytes of budget are free again.
+    pub fn release(&self, n: usize) {
         if n > 0 {
             self.budget.add_permits(n);
         }

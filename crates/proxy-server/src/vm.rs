@@ -233,24 +233,39 @@ impl Vm {
             io_flow: Arc::default(),
         });
         let span = tracing::info_span!("vm", vm = %container_id);
-        tokio::spawn(
-            ctl_task(
-                vm.clone(),
-                ch.ctl_r,
-                ch.ctl_w,
-                ch.ctl_buf,
-                ctl_rx,
-                opts,
-                events.clone(),
-            )
-            .instrument(span.clone()),
+        let ctl = ctl_task(
+            vm.clone(),
+            ch.ctl_r,
+            ch.ctl_w,
+            ch.ctl_buf,
+            ctl_rx,
+            opts,
+            events.clone(),
         );
-        tokio::spawn(
-            io_reader(vm.clone(), ch.io_r, opts.max_agent_message, events.clone())
-                .instrument(span.clone()),
-        );
-        tokio::spawn(io_writer(vm.clone(), ch.io_w, io_rx, events).instrument(span));
+        vm.spawn_task("ctl", &events, ctl.instrument(span.clone()));
+        let reader = io_reader(vm.clone(), ch.io_r, opts.max_agent_message, events.clone());
+        vm.spawn_task("io reader", &events, reader.instrument(span.clone()));
+        let writer = io_writer(vm.clone(), ch.io_w, io_rx, events.clone());
+        vm.spawn_task("io writer", &events, writer.instrument(span));
         vm
+    }
+
+    /// Run one of the VM's tasks. A panic in it (a bug) tears down this VM
+    /// alone, with a log line, instead of leaving it half alive.
+    fn spawn_task(
+        &self,
+        what: &'static str,
+        events: &Arc<dyn VmEvents>,
+        task: impl std::future::Future<Output = ()> + Send + 'static,
+    ) {
+        let (id, vm, events) = (self.id, self.container_id.clone(), events.clone());
+        tokio::spawn(crate::panics::CatchPanic::new(task, move |msg| {
+            tracing::error!(vm = %vm, task = what, panic = %msg, "a VM task panicked; tearing the VM down");
+            events.vm_failed(
+                id,
+                format!("internal error: the VM's {what} task panicked: {msg}"),
+            );
+        }));
     }
 
     /// Create the session of a new token.
@@ -1052,6 +1067,58 @@ mod tests {
         agent.send_io(3, b"x").await;
         let mut q = s.take_queue().unwrap();
         assert!(matches!(q.next().await, Some(Output::Stdout(b)) if &b[..] == b"x"));
+    }
+
+    /// An io channel whose read panics: stands for any bug in a VM task.
+    struct PanickingRead;
+
+    impl AsyncRead for PanickingRead {
+        fn poll_read(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            _: &mut tokio::io::ReadBuf<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            panic!("injected bug")
+        }
+    }
+
+    #[tokio::test]
+    async fn regression_a_panic_in_a_vm_task_tears_that_vm_down() {
+        let (ctl_a, ctl_p) = duplex(1 << 16);
+        let (_io_a, io_p) = duplex(1 << 16);
+        let (ctl_r, ctl_w) = tokio::io::split(ctl_p);
+        let (_, io_w) = tokio::io::split(io_p);
+        let rec = Arc::new(Recorder::default());
+        let _vm = Vm::start(
+            VmId(7),
+            "vm".into(),
+            Channels {
+                ctl_r: Box::new(ctl_r),
+                ctl_w: Box::new(ctl_w),
+                ctl_buf: BytesMut::new(),
+                io_r: Box::new(PanickingRead),
+                io_w: Box::new(io_w),
+            },
+            VmOptions {
+                ctl_timeout: Duration::from_secs(5),
+                session_bound: 1 << 20,
+                max_agent_message: MAX_MESSAGE_LEN,
+            },
+            rec.clone(),
+        );
+        // The reader runs (and panics) on the next turns of the scheduler.
+        for _ in 0..100 {
+            if !rec.failed.lock().unwrap().is_empty() {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        let failed = rec.failed.lock().unwrap().clone();
+        assert_eq!(
+            failed,
+            ["internal error: the VM's io reader task panicked: injected bug"]
+        );
+        drop(ctl_a);
     }
 
     #[tokio::test]

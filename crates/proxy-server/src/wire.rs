@@ -70,6 +70,19 @@ impl Batch {
         w: &mut W,
     ) -> Result<(), (usize, io::Error)> {
         let mut written = 0usize;
+        self.write_counted(w, &mut written)
+            .await
+            .map_err(|e| (written, e))
+    }
+
+    /// Write everything, adding to `written` each byte the kernel took as
+    /// it goes: if this future is dropped half way (an abandoned write),
+    /// `written` still says how much of the batch reached the socket.
+    pub async fn write_counted<W: AsyncWrite + Unpin>(
+        &mut self,
+        w: &mut W,
+        written: &mut usize,
+    ) -> io::Result<()> {
         let mut idx = 0usize;
         while idx < self.chunks.len() {
             let end = (idx + MAX_SLICES).min(self.chunks.len());
@@ -79,17 +92,17 @@ impl Batch {
                 .collect();
             let n = match w.write_vectored(&slices).await {
                 Ok(0) => {
-                    return Err((
-                        written,
-                        io::Error::new(io::ErrorKind::WriteZero, "peer accepts no more bytes"),
+                    return Err(io::Error::new(
+                        io::ErrorKind::WriteZero,
+                        "peer accepts no more bytes",
                     ))
                 }
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err((written, e)),
+                Err(e) => return Err(e),
             };
             drop(slices);
-            written += n;
+            *written += n;
             let mut left = n;
             while left > 0 {
                 let c = &mut self.chunks[idx];
@@ -107,10 +120,7 @@ impl Batch {
             self.chunks = Vec::new();
         }
         self.len = 0;
-        if let Err(e) = w.flush().await {
-            return Err((written, e));
-        }
-        Ok(())
+        w.flush().await
     }
 }
 

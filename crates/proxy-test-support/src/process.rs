@@ -24,6 +24,7 @@ pub struct ProxyProcessBuilder {
     args: Vec<OsString>,
     start_timeout: Duration,
     pod_mode: bool,
+    nofile: Option<u64>,
 }
 
 impl ProxyProcessBuilder {
@@ -48,6 +49,13 @@ impl ProxyProcessBuilder {
     {
         self.args
             .extend(args.into_iter().map(|a| a.as_ref().to_owned()));
+        self
+    }
+
+    /// Start the daemon with this many file descriptors at most (soft and
+    /// hard limit alike, so that it cannot raise them).
+    pub fn nofile_limit(mut self, n: u64) -> Self {
+        self.nofile = Some(n);
         self
     }
 
@@ -84,6 +92,18 @@ impl ProxyProcessBuilder {
         });
         if !chooses_ksm {
             cmd.args(["--ksm", "initial"]);
+        }
+        if let Some(n) = self.nofile {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: the closure runs in the forked child before exec and
+            // only calls setrlimit, which is async-signal-safe; it touches
+            // no memory shared with the parent.
+            unsafe {
+                cmd.pre_exec(move || {
+                    nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, n, n)
+                        .map_err(std::io::Error::from)
+                });
+            }
         }
         cmd.args(&self.args)
             .stdin(Stdio::null())
@@ -169,6 +189,7 @@ impl ProxyProcess {
             args: Vec::new(),
             start_timeout: crate::DEFAULT_TIMEOUT,
             pod_mode: false,
+            nofile: None,
         }
     }
 
