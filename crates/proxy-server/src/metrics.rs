@@ -610,46 +610,74 @@ pub fn start(shared: &Arc<Shared>) -> io::Result<Option<Endpoint>> {
             warn!(addr = %local, "the metrics endpoint is reachable from other hosts (it names containers); prefer 127.0.0.1");
         }
         info!(addr = %local, "metrics on http://{local}/metrics");
-        let (w, limit) = (Arc::downgrade(shared), limit.clone());
-        let mut stop = shared.shutdown.subscribe();
-        ep.tasks.push(tokio::spawn(async move {
-            loop {
-                let r = tokio::select! {
-                    r = l.accept() => r,
-                    _ = stop.wait_for(|s| *s) => return,
-                };
-                match r {
-                    Ok((s, _)) => spawn_scrape(&w, &limit, s),
-                    Err(e) => accept_failed(e).await,
-                }
-            }
-        }));
+        let (w, stop) = (Arc::downgrade(shared), shared.shutdown.subscribe());
+        ep.tasks
+            .push(tokio::spawn(accept_loop(l, w, limit.clone(), stop)));
     }
     if let Some(path) = &shared.config.metrics_socket {
         let l = bind_unix(path)?;
         ep.socket = Some(path.clone());
         info!(socket = %path.display(), "metrics on http over the unix socket");
-        let w = Arc::downgrade(shared);
-        let mut stop = shared.shutdown.subscribe();
-        ep.tasks.push(tokio::spawn(async move {
-            loop {
-                let r = tokio::select! {
-                    r = l.accept() => r,
-                    _ = stop.wait_for(|s| *s) => return,
-                };
-                match r {
-                    Ok((s, _)) => spawn_scrape(&w, &limit, s),
-                    Err(e) => accept_failed(e).await,
-                }
-            }
-        }));
+        let (w, stop) = (Arc::downgrade(shared), shared.shutdown.subscribe());
+        ep.tasks.push(tokio::spawn(accept_loop(l, w, limit, stop)));
     }
     Ok(Some(ep))
 }
 
-async fn accept_failed(e: io::Error) {
-    warn!(error = %e, "metrics: accept failed");
-    tokio::time::sleep(Duration::from_millis(50)).await;
+/// A listener of the endpoint.
+trait Acceptor: Send + 'static {
+    type Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+    fn accept_one(&self) -> impl std::future::Future<Output = io::Result<Self::Stream>> + Send;
+}
+
+impl Acceptor for TcpListener {
+    type Stream = tokio::net::TcpStream;
+    async fn accept_one(&self) -> io::Result<Self::Stream> {
+        self.accept().await.map(|(s, _)| s)
+    }
+}
+
+impl Acceptor for UnixListener {
+    type Stream = tokio::net::UnixStream;
+    async fn accept_one(&self) -> io::Result<Self::Stream> {
+        self.accept().await.map(|(s, _)| s)
+    }
+}
+
+/// Accept scrapers until shutdown. A run of failed accepts (out of
+/// descriptors) is logged once, and summed up when accepting works again.
+async fn accept_loop<A: Acceptor>(
+    l: A,
+    shared: Weak<Shared>,
+    limit: Arc<Semaphore>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut failed = 0u64;
+    loop {
+        let r = tokio::select! {
+            r = l.accept_one() => r,
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        match r {
+            Ok(s) => {
+                if failed > 0 {
+                    info!(
+                        failed_accepts = failed,
+                        "metrics: accepting connections again"
+                    );
+                    failed = 0;
+                }
+                spawn_scrape(&shared, &limit, s);
+            }
+            Err(e) => {
+                if failed == 0 {
+                    warn!(error = %e, "metrics: accept failed; retrying every 50ms");
+                }
+                failed = failed.saturating_add(1);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
 }
 
 fn bind_tcp(addr: SocketAddr) -> io::Result<TcpListener> {
