@@ -32,7 +32,7 @@ use prometheus_client::registry::{Registry, Unit};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::Semaphore;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::registry::ProxyError;
 use crate::server::Shared;
@@ -728,12 +728,16 @@ where
         return;
     };
     let shared = shared.clone();
-    tokio::spawn(async move {
+    let task = async move {
         let _permit = permit;
         if let Err(e) = scrape(&shared, s).await {
             debug!(error = %e, "metrics: scrape failed");
         }
-    });
+    };
+    tokio::spawn(crate::panics::CatchPanic::new(
+        task,
+        |msg| error!(panic = %msg, "a metrics scrape panicked; its connection is closed"),
+    ));
 }
 
 /// One request, one response, then the connection closes.
