@@ -323,7 +323,8 @@ impl Snapshot {
             tokens,
             sessions: all_sessions,
             shims: all_shims,
-            session_buffer: u64::from(shared.config.session_buffer),
+            // As the sessions apply it (room for one agent message at least).
+            session_buffer: bound.max(proxy_proto::hyper::MAX_MESSAGE_LEN) as u64,
             conns_accepted: accepted,
             conns_open: accepted.saturating_sub(closed),
             errors: ErrorKind::ALL

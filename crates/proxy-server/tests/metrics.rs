@@ -402,7 +402,18 @@ async fn container_ids_are_escaped_in_labels() {
 async fn the_responder_answers_only_get_of_metrics_and_bounds_requests() {
     let dir = TempDir::new();
     let msock = dir.socket("metrics.sock");
-    let mut p = proxy_with(&["--metrics-socket", msock.to_str().expect("UTF-8")]).await;
+    let mut p = proxy_with(&[
+        "--metrics-socket",
+        msock.to_str().expect("UTF-8"),
+        "--session-buffer",
+        "4096",
+    ])
+    .await;
+    // The bound as sessions apply it: room for one agent message at least.
+    assert_eq!(
+        scrape(&msock).await.get("cc_proxy_session_buffer_bytes"),
+        10240.0
+    );
     let r = get_unix(&msock, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await;
     assert_eq!(r.status, "HTTP/1.1 200 OK");
     assert_eq!(
