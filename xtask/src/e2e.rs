@@ -6,6 +6,11 @@
 //! runtime and as shims would, through the proxy protocol; `--raw` instead
 //! speaks hyperstart ctl/io to the agent directly, which checks the guest
 //! side (agent, kernel, transports) on its own.
+//!
+//! Either way each guest's agent first runs an AF_VSOCK round trip over the
+//! loopback transport with `proxy-vsock` (`agent.vsock_loopback=PORT`), and
+//! the step "AF_VSOCK loopback round trip" fails unless its console line
+//! says it passed. docs/E2E.md describes the whole setup.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -140,6 +145,7 @@ fn drive_raw(vm: &mut Vm, steps: &mut Steps) -> Result<(), String> {
         (code::READY, _) => Ok(()),
         (c, _) => Err(format!("first ctl message has code {c}, not READY")),
     })?;
+    steps.step("AF_VSOCK loopback round trip", || vsock_loopback(vm))?;
     steps.step("version", || {
         let v = h.ack(code::VERSION, "{}")?;
         expect("version", v == 4242u32.to_be_bytes(), || format!("{v:?}"))
@@ -330,6 +336,9 @@ fn drive_proxy(
     let id = format!("e2e-{}", flavour.name());
     let (ctl, io) = vm.agent_addrs();
     let rt = Client::connect(proxy.socket.as_path()).map_err(|e| e.to_string())?;
+    steps.step("agent sockets created", || {
+        vm.wait_for_sockets(Duration::from_secs(30))
+    })?;
     let vm_io = steps.step("RegisterVM (waits for the agent's READY)", || {
         rt.register_vm(VmSpec::new(&id, ctl, io).tokens(8))
             .map_err(|e| e.to_string())
@@ -342,6 +351,7 @@ fn drive_proxy(
             .ok_or_else(|| format!("RegisterVM gave {} tokens, not 8", vm_io.tokens.len()))
     };
     let err = |e: proxy_client::Error| e.to_string();
+    steps.step("AF_VSOCK loopback round trip", || vsock_loopback(vm))?;
     steps.step("Hyper startpod", || {
         rt.hyper(
             "startpod",
@@ -506,6 +516,15 @@ fn drive_proxy(
         let s = proxy.shutdown(Duration::from_secs(20))?;
         expect("cc-proxy exit status", s.success(), || s.to_string())
     })
+}
+
+/// The guest's AF_VSOCK round trip over the loopback transport (CID 1),
+/// run by the agent with `proxy-vsock` before it opens its channels; its
+/// result is a console line. Fails if it failed or did not run.
+fn vsock_loopback(vm: &mut Vm) -> Result<(), String> {
+    let line = vm.vsock_loopback_result(Duration::from_secs(30))?;
+    eprintln!("e2e:   guest says: {line}");
+    Ok(())
 }
 
 /// Bytes that are not all alike, from a seed.

@@ -71,21 +71,7 @@ pub fn host(ctl: &Path, io: &Path) -> io::Result<Channels> {
 /// In a guest: vsock when the kernel command line names the ports,
 /// else the virtio-serial ports.
 pub fn guest() -> io::Result<Channels> {
-    // `a.b=c` on the kernel command line is a module parameter and does not
-    // reach init's environment: read /proc/cmdline too.
-    let cmdline = fs::read_to_string("/proc/cmdline").unwrap_or_default();
-    let port = |name: &str| {
-        let from_cmdline = || {
-            cmdline
-                .split_whitespace()
-                .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
-                .map(str::to_string)
-        };
-        std::env::var(name)
-            .ok()
-            .or_else(from_cmdline)
-            .and_then(|v| v.parse::<u32>().ok())
-    };
+    let port = |name: &str| crate::guest::kernel_param(name).and_then(|v| v.parse::<u32>().ok());
     match (port("agent.ctl_port"), port("agent.io_port")) {
         (Some(ctl), Some(io)) => vsock(ctl, io),
         _ => virtio_serial(),

@@ -12,8 +12,11 @@ use nix::sys::reboot::{reboot, RebootMode};
 
 use crate::log;
 
-/// The modules the virtio-serial ports and vsock need, in load order.
-const MODULES: [&str; 9] = [
+/// The modules the virtio-serial ports and vsock need, in load order
+/// (the same list as the xtask's `provision::MODULES`; a module missing
+/// from the initramfs is skipped). `vsock_loopback` (CID 1) serves the
+/// AF_VSOCK round trip of [`crate::loopback`].
+const MODULES: [&str; 10] = [
     "virtio_ring",
     "virtio",
     "virtio_pci_legacy_dev",
@@ -23,6 +26,7 @@ const MODULES: [&str; 9] = [
     "vsock",
     "vmw_vsock_virtio_transport_common",
     "vmw_vsock_virtio_transport",
+    "vsock_loopback",
 ];
 
 /// Make the guest usable: every step logs and carries on when it fails, so
@@ -36,6 +40,20 @@ pub fn setup() {
     mount_fs("devpts", "/dev/pts", "devpts", "mode=0620,ptmxmode=0666");
     install_busybox();
     load_modules(Path::new("/lib/modules"));
+}
+
+/// A `name=value` setting of the kernel command line: from init's
+/// environment, or from `/proc/cmdline` (a `a.b=c` setting is a module
+/// parameter to the kernel and does not reach init's environment).
+pub fn kernel_param(name: &str) -> Option<String> {
+    if let Ok(v) = std::env::var(name) {
+        return Some(v);
+    }
+    let cmdline = fs::read_to_string("/proc/cmdline").ok()?;
+    cmdline
+        .split_whitespace()
+        .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
+        .map(str::to_string)
 }
 
 fn mount_fs(source: &str, target: &str, fstype: &str, data: &str) {

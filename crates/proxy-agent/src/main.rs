@@ -8,6 +8,9 @@
 //!   finds its channels — the virtio-serial ports `sh.hyper.channel.0` (ctl)
 //!   and `sh.hyper.channel.1` (io), or, when the kernel command line carries
 //!   `agent.ctl_port=P agent.io_port=Q`, AF_VSOCK listeners on those ports;
+//!   with `agent.vsock_loopback=PORT` it first runs an AF_VSOCK round trip
+//!   over the loopback transport (CID 1) and prints the result on the
+//!   console (see `loopback`);
 //! - on the host, for tests without a VM:
 //!   `proxy-agent --ctl-sock PATH --io-sock PATH` listens on two unix sockets
 //!   (as QEMU's `chardev server=on` does) and serves one connection on each.
@@ -21,6 +24,7 @@ use std::process::ExitCode;
 mod agent;
 mod channel;
 mod guest;
+mod loopback;
 mod process;
 
 /// Print a line on stderr (the console in a guest), prefixed with our name.
@@ -82,6 +86,15 @@ fn main() -> ExitCode {
 /// As `/init`: never return to the kernel (that would panic it) — power off.
 fn guest_main() -> Result<(), std::io::Error> {
     guest::setup();
+    if let Some(v) = guest::kernel_param("agent.vsock_loopback") {
+        match v.parse::<u32>() {
+            Ok(port) => loopback::run_and_report(port),
+            Err(_) => log!(
+                "{} FAILED: agent.vsock_loopback={v:?} is not a port number",
+                loopback::MARKER
+            ),
+        }
+    }
     let result = channel::guest().and_then(|ch| agent::run(ch, Mode::Guest));
     if let Err(e) = &result {
         log!("fatal: {e}");

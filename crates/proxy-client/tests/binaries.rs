@@ -381,7 +381,10 @@ async fn cc_proxy_ctl_stats_shows_the_metrics_endpoints_figures() {
         ("sessions", 2),
         ("shims_connected", 0),
         ("connections_open", 1),
-        ("session_buffer_bytes", 4 << 20),
+        // 4 MiB, raised to one largest agent message (4 MiB + header).
+        ("session_buffer_bytes", (4 << 20) + 12),
+        ("memory_budget_bytes", 256 << 20),
+        ("memory_budget_used_bytes", 320),
     ] {
         assert_eq!(v[key], want, "{key} in {v}");
     }

@@ -88,6 +88,31 @@ pub struct Config {
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
     pub dial_timeout: Duration,
 
+    /// Memory that client frames being read, session output queues and
+    /// stdin waiting for its process may take together. When it is spent
+    /// the proxy stops reading from the peers that would need more
+    /// (back-pressure) until some is given back.
+    #[arg(long, value_name = "SIZE", default_value = "256MiB", value_parser = parse_size)]
+    pub memory_budget: u32,
+
+    /// Tokens (sessions) alive at once in the whole daemon.
+    #[arg(long, value_name = "N", default_value_t = 16384, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_tokens: u32,
+
+    /// Tokens (sessions) alive at once per VM.
+    #[arg(long, value_name = "N", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_tokens_per_vm: u32,
+
+    /// Client connections open at once; more are accepted and closed at
+    /// once (logged once per run of refusals).
+    #[arg(long, value_name = "N", default_value_t = 8192, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+
+    /// A client frame must be complete this long after its first byte
+    /// came; a connection that leaves one half-sent is closed.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    pub frame_timeout: Duration,
+
     /// How long a command waits for the agent's reply on ctl.
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
     pub ctl_timeout: Duration,

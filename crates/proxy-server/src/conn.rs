@@ -16,7 +16,7 @@ use proxy_proto::{
 };
 use serde::de::DeserializeOwned;
 use tokio::net::UnixStream;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit};
 use tracing::{debug, info, warn, Instrument};
 
 use crate::registry::{ConnId, ProxyError, SignalPlan, VmId};
@@ -60,8 +60,21 @@ enum Flow {
 /// Serve one client connection until it closes.
 pub async fn serve(shared: Arc<Shared>, stream: UnixStream, conn: ConnId) {
     let span = tracing::debug_span!("conn", conn = conn.0);
-    let _open = shared.metrics.conn_opened();
+    let _open = Open(shared.clone());
+    shared.metrics.conn_accepted();
     serve_inner(shared, stream, conn).instrument(span).await
+}
+
+/// One open connection, counted in `Shared::connections` (which the
+/// accept loop increments) until it ends, however it ends.
+struct Open(Arc<Shared>);
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0
+            .connections
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 async fn serve_inner(shared: Arc<Shared>, stream: UnixStream, conn: ConnId) {
@@ -91,7 +104,14 @@ async fn serve_inner(shared: Arc<Shared>, stream: UnixStream, conn: ConnId) {
     let mut shutdown = shared.shutdown.subscribe();
     let mut gone: Option<watch::Receiver<Gone>> = None;
     let mut drain = false;
+    // The memory budget the read buffer holds beyond its first MIN_READ
+    // bytes (a large frame, or large reads).
+    let mut held: Option<OwnedSemaphorePermit> = None;
+    // When the partial frame at the head of the buffer began to come.
+    let mut frame_since: Option<tokio::time::Instant> = None;
+    let frame_timeout = shared.config.frame_timeout;
     'conn: loop {
+        let mut decoded = false;
         loop {
             if let Some(raw) = RawHeader::peek(&buf) {
                 if raw.frame_type == 0 && raw.error_flag() {
@@ -102,14 +122,17 @@ async fn serve_inner(shared: Arc<Shared>, stream: UnixStream, conn: ConnId) {
                 }
             }
             match dec.decode(&mut buf) {
-                Ok(Some(frame)) => match c.handle(frame).await {
-                    Flow::Continue => {
-                        if gone.is_none() {
-                            gone = c.shim.as_ref().map(|s| s.vm.gone.subscribe());
+                Ok(Some(frame)) => {
+                    decoded = true;
+                    match c.handle(frame).await {
+                        Flow::Continue => {
+                            if gone.is_none() {
+                                gone = c.shim.as_ref().map(|s| s.vm.gone.subscribe());
+                            }
                         }
+                        Flow::Close => break 'conn,
                     }
-                    Flow::Close => break 'conn,
-                },
+                }
                 Ok(None) => break,
                 Err(e) => {
                     c.malformed(&buf, &e).await;
@@ -119,8 +142,14 @@ async fn serve_inner(shared: Arc<Shared>, stream: UnixStream, conn: ConnId) {
         }
         if buf.is_empty() {
             buf = BytesMut::new();
+            held = None;
+            frame_since = None;
+        } else if decoded || frame_since.is_none() {
+            frame_since = Some(tokio::time::Instant::now());
         }
+        let frame_deadline = frame_since.map(|t| t + frame_timeout);
         let mut started = false;
+        let mut timed_out = false;
         tokio::select! {
             r = r.readable() => {
                 if let Err(e) = r {
@@ -139,7 +168,12 @@ async fn serve_inner(shared: Arc<Shared>, stream: UnixStream, conn: ConnId) {
                     warn!(error = %e, "stdin cannot be delivered; closing");
                     break;
                 }
-            }
+            },
+            () = sleep_until(frame_deadline) => timed_out = true,
+        }
+        if timed_out {
+            c.incomplete(&buf, frame_timeout).await;
+            break;
         }
         if started {
             match c.flush_stdin().await {
@@ -152,6 +186,38 @@ async fn serve_inner(shared: Arc<Shared>, stream: UnixStream, conn: ConnId) {
             .map(|h| (h.header_len() + h.payload_len as usize).saturating_sub(buf.len()))
             .unwrap_or(0)
             .max(read_size);
+        // Beyond its first MIN_READ bytes the buffer draws from the memory
+        // budget; while none is left, this peer is not read (the rest of
+        // its frame waits in its socket), until its frame times out.
+        let need = (buf.len() + want).saturating_sub(MIN_READ);
+        let have = held.as_ref().map_or(0, |p| p.num_permits());
+        if need > have {
+            let more = u32::try_from(need - have).unwrap_or(u32::MAX);
+            let got = match shared.budget.clone().try_acquire_many_owned(more) {
+                Ok(p) => Some(p),
+                Err(_) => {
+                    debug!(
+                        bytes = more,
+                        "memory budget spent; not reading this client until some is free"
+                    );
+                    let got = tokio::select! {
+                        p = shared.budget.clone().acquire_many_owned(more) => p.ok(),
+                        _ = shutdown.wait_for(|s| *s) => break,
+                        () = sleep_until(frame_deadline) => None,
+                    };
+                    if got.is_none() {
+                        c.incomplete(&buf, frame_timeout).await;
+                        break;
+                    }
+                    got
+                }
+            };
+            match (&mut held, got) {
+                (Some(h), Some(p)) => h.merge(p),
+                (h @ None, Some(p)) => *h = Some(p),
+                (_, None) => break,
+            }
+        }
         buf.reserve(want);
         let room = buf.capacity() - buf.len();
         match r.try_read_buf(&mut buf) {
@@ -213,6 +279,14 @@ async fn serve_inner(shared: Arc<Shared>, stream: UnixStream, conn: ConnId) {
     debug!("client disconnected");
 }
 
+/// Sleep until `deadline`, or forever without one.
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
 async fn vm_gone(g: &mut Option<watch::Receiver<Gone>>) {
     match g {
         Some(g) => {
@@ -239,6 +313,8 @@ struct Conn {
 struct PendingStdin {
     data: std::collections::VecDeque<Bytes>,
     bytes: usize,
+    /// Its share of the memory budget.
+    budget: Option<OwnedSemaphorePermit>,
     /// When the oldest of it came: the process must start within
     /// `--process-timeout` of that.
     since: Option<tokio::time::Instant>,
@@ -266,6 +342,29 @@ impl Conn {
             Err(e) => {
                 debug!(command = cmd.name(), error = %e, "command refused");
                 self.send(Frame::error_response(cmd, &e.to_string())).await
+            }
+        }
+    }
+
+    /// A frame not completed in time: an error response where one can be
+    /// addressed (a command header), then the connection closes.
+    async fn incomplete(&self, buf: &[u8], timeout: Duration) {
+        let raw = RawHeader::peek(buf);
+        warn!(
+            have = buf.len(),
+            frame_len = raw.map(|h| h.header_len() + h.payload_len as usize),
+            "a client frame was not completed within {timeout:?}; closing the connection"
+        );
+        if let Some(raw) = raw {
+            if raw.frame_type == 0 {
+                if let Some(cmd) = Command::from_u8(raw.opcode) {
+                    let msg = format!(
+                        "incomplete frame: {} of {} bytes came within {timeout:?}",
+                        buf.len(),
+                        raw.header_len() + raw.payload_len as usize
+                    );
+                    self.send(Frame::error_response(cmd, &msg)).await;
+                }
             }
         }
     }
@@ -431,8 +530,9 @@ impl Conn {
         self.send(Frame::response(Command::ConnectShim, Bytes::new()))
             .await;
         let _ = self.tx.send(ToWriter::Attach(session.clone())).await;
+        session.claimed();
         session.shim.send_replace(true);
-        info!(token = %req.token, io_base = session.io_base, "shim connected");
+        info!(token = %crate::registry::token_prefix(&req.token), io_base = session.io_base, "shim connected");
         self.shim = Some(ShimRole {
             token: req.token,
             vm,
@@ -550,9 +650,17 @@ impl Conn {
         };
         if !self.stdin.data.is_empty() || !*shim.session.started.borrow() {
             let bound = self.shared.config.session_buffer as usize;
-            if self.stdin.bytes.saturating_add(data.len()) <= bound {
+            let budget = u32::try_from(data.len())
+                .ok()
+                .filter(|_| self.stdin.bytes.saturating_add(data.len()) <= bound)
+                .and_then(|n| self.shared.budget.clone().try_acquire_many_owned(n).ok());
+            if let Some(permit) = budget {
                 // Waits for the start in the bounded queue; the connection
                 // goes on being read.
+                match &mut self.stdin.budget {
+                    Some(b) => b.merge(permit),
+                    b @ None => *b = Some(permit),
+                }
                 self.stdin.bytes += data.len();
                 self.stdin.data.push_back(data);
                 self.stdin

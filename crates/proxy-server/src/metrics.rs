@@ -172,28 +172,15 @@ impl DurationHistogram {
 #[derive(Debug, Default)]
 pub struct Metrics {
     conns_accepted: AtomicU64,
-    conns_closed: AtomicU64,
     errors: [AtomicU64; ErrorKind::ALL.len()],
     ctl_results: [AtomicU64; CTL_RESULTS.len()],
     ctl_round_trip: DurationHistogram,
 }
 
-/// A client connection, counted open until dropped.
-#[derive(Debug)]
-pub struct OpenConn(Arc<Metrics>);
-
-impl Drop for OpenConn {
-    fn drop(&mut self) {
-        self.0.conns_closed.fetch_add(1, Ordering::Relaxed);
-    }
-}
-
 impl Metrics {
-    /// A client connection was accepted; it counts as open until the
-    /// guard drops.
-    pub fn conn_opened(self: &Arc<Self>) -> OpenConn {
+    /// A client connection was accepted (and is served).
+    pub fn conn_accepted(&self) {
         self.conns_accepted.fetch_add(1, Ordering::Relaxed);
-        OpenConn(self.clone())
     }
 
     /// Count one error.
@@ -257,6 +244,8 @@ pub struct Snapshot {
     session_buffer: u64,
     conns_accepted: u64,
     conns_open: u64,
+    memory_budget: u64,
+    memory_used: u64,
     errors: Vec<(&'static str, u64)>,
     ctl_results: Vec<(&'static str, u64)>,
     ctl_buckets: Vec<(f64, u64)>,
@@ -280,7 +269,6 @@ impl Snapshot {
                     .collect::<Vec<_>>(),
             )
         };
-        let bound = shared.config.session_buffer as usize;
         // Sessions and shims of every running VM, also one unregistered
         // whose agent still runs.
         let (mut all_sessions, mut all_shims) = (0, 0);
@@ -289,10 +277,7 @@ impl Snapshot {
             .filter(|(vm, _)| !vm.is_gone())
             .filter_map(|(vm, registered)| {
                 let sessions = vm.sessions();
-                let queued: Vec<u64> = sessions
-                    .iter()
-                    .map(|s| s.queued_bytes(bound) as u64)
-                    .collect();
+                let queued: Vec<u64> = sessions.iter().map(|s| s.queued_bytes() as u64).collect();
                 let f = VmFigures {
                     container_id: vm.container_id.clone(),
                     sessions: sessions.len() as u64,
@@ -313,10 +298,8 @@ impl Snapshot {
             .collect();
         per_vm.sort_by(|a, b| a.container_id.cmp(&b.container_id));
         let m = &shared.metrics;
-        // Closed before accepted: every connection closed was accepted
-        // first, so the difference is not negative (saturating, to be sure).
-        let closed = m.conns_closed.load(Ordering::Relaxed);
         let accepted = m.conns_accepted.load(Ordering::Relaxed);
+        let budget = (shared.config.memory_budget as usize).min(Semaphore::MAX_PERMITS);
         let (ctl_buckets, ctl_count, ctl_sum) = m.ctl_round_trip.snapshot();
         Self {
             vms,
@@ -324,9 +307,13 @@ impl Snapshot {
             sessions: all_sessions,
             shims: all_shims,
             // As the sessions apply it (room for one agent message at least).
-            session_buffer: bound.max(proxy_proto::hyper::MAX_MESSAGE_LEN) as u64,
+            session_buffer: (shared.config.session_buffer as usize)
+                .max(crate::vm::agent_message_bound(shared.config.max_frame_size))
+                as u64,
             conns_accepted: accepted,
-            conns_open: accepted.saturating_sub(closed),
+            conns_open: shared.connections.load(Ordering::Relaxed) as u64,
+            memory_budget: budget as u64,
+            memory_used: budget.saturating_sub(shared.budget.available_permits()) as u64,
             errors: ErrorKind::ALL
                 .iter()
                 .map(|k| (k.name(), m.errors[*k as usize].load(Ordering::Relaxed)))
@@ -488,6 +475,20 @@ impl Collector for Snapshot {
                 None,
             )?;
         }
+        gauge(
+            e,
+            "cc_proxy_memory_budget",
+            "The daemon-wide memory budget for queued output, frames being read and stdin waiting for its process (--memory-budget).",
+            bytes,
+            self.memory_budget,
+        )?;
+        gauge(
+            e,
+            "cc_proxy_memory_budget_used",
+            "Of the memory budget, bytes in use now.",
+            bytes,
+            self.memory_used,
+        )?;
         gauge(
             e,
             "cc_proxy_session_buffer",
@@ -965,6 +966,8 @@ mod tests {
             session_buffer: 4096,
             conns_accepted: 2,
             conns_open: 1,
+            memory_budget: 1 << 20,
+            memory_used: 0,
             errors: vec![("refused", 3)],
             ctl_results: vec![("ok", 1)],
             ctl_buckets: vec![(0.001, 1), (f64::INFINITY, 0)],

@@ -54,6 +54,20 @@ pub enum ProxyError {
         #[source]
         source: serde_json::Error,
     },
+    /// More tokens than the limits allow to live at once.
+    #[error(
+        "{asked} more tokens would pass the limit of {limit} live tokens in {scope} ({live} live)"
+    )]
+    TokenLimit {
+        /// Tokens asked for.
+        asked: u32,
+        /// Tokens alive now.
+        live: u32,
+        /// The limit.
+        limit: u32,
+        /// "the proxy" or "this VM".
+        scope: &'static str,
+    },
     /// More tokens asked for than one request may allocate.
     #[error("numIOStreams {0} is more than the {MAX_IO_STREAMS} one request may allocate")]
     TooManyStreams(u32),
@@ -240,6 +254,8 @@ struct VmEntry {
     /// UnregisterVM. Holds why it went, for the clients that ask.
     gone: Option<String>,
     next_io_base: u64,
+    /// Its tokens in `Registry::tokens`.
+    live_tokens: u32,
 }
 
 /// A newly allocated token.
@@ -289,12 +305,65 @@ pub struct Registry {
     by_container: HashMap<String, VmId>,
     tokens: HashMap<String, TokenEntry>,
     next_vm: u64,
+    limits: TokenLimits,
+}
+
+/// How many tokens may live at once: each is a session with its queues,
+/// so their number bounds memory too.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TokenLimits {
+    /// Per VM (`--max-tokens-per-vm`).
+    pub per_vm: u32,
+    /// In the whole daemon (`--max-tokens`).
+    pub total: u32,
+}
+
+impl Default for TokenLimits {
+    fn default() -> Self {
+        TokenLimits {
+            per_vm: MAX_IO_STREAMS,
+            total: 16384,
+        }
+    }
 }
 
 impl Registry {
     /// An empty registry.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An empty registry with these token limits.
+    pub fn with_limits(limits: TokenLimits) -> Self {
+        Registry {
+            limits,
+            ..Self::default()
+        }
+    }
+
+    /// Refuse `n` more tokens for `vm` if they would pass a limit.
+    fn check_token_limits(&self, vm: Option<VmId>, n: u32) -> Result<(), ProxyError> {
+        let live = u32::try_from(self.tokens.len()).unwrap_or(u32::MAX);
+        if live.saturating_add(n) > self.limits.total {
+            return Err(ProxyError::TokenLimit {
+                asked: n,
+                live,
+                limit: self.limits.total,
+                scope: "the proxy",
+            });
+        }
+        let on_vm = vm
+            .and_then(|v| self.vms.get(&v))
+            .map_or(0, |v| v.live_tokens);
+        if on_vm.saturating_add(n) > self.limits.per_vm {
+            return Err(ProxyError::TokenLimit {
+                asked: n,
+                live: on_vm,
+                limit: self.limits.per_vm,
+                scope: "this VM",
+            });
+        }
+        Ok(())
     }
 
     /// RegisterVM: validates and reserves the container id, allocates the
@@ -312,6 +381,7 @@ impl Registry {
         if self.by_container.contains_key(&req.container_id) {
             return Err(ProxyError::DuplicateContainer(req.container_id.clone()));
         }
+        self.check_token_limits(None, req.num_io_streams)?;
         self.next_vm += 1;
         let vm = VmId(self.next_vm);
         self.vms.insert(
@@ -322,6 +392,7 @@ impl Registry {
                 ready: false,
                 gone: None,
                 next_io_base: FIRST_IO_BASE,
+                live_tokens: 0,
             },
         );
         self.by_container.insert(req.container_id.clone(), vm);
@@ -347,6 +418,7 @@ impl Registry {
             return Err(ProxyError::TooManyStreams(req.num_io_streams));
         }
         let vm = self.attachable(&req.container_id)?;
+        self.check_token_limits(Some(vm), req.num_io_streams)?;
         let tokens = self.allocate(vm, req.num_io_streams, &mut new_token);
         Ok((vm, tokens))
     }
@@ -401,6 +473,7 @@ impl Registry {
             }
             let io_base = entry.next_io_base;
             entry.next_io_base += 2;
+            entry.live_tokens = entry.live_tokens.saturating_add(1);
             self.tokens.insert(
                 token.clone(),
                 TokenEntry {
@@ -450,6 +523,9 @@ impl Registry {
             .collect();
         for t in &gone {
             self.tokens.remove(t);
+        }
+        if let Some(v) = self.vms.get_mut(&vm) {
+            v.live_tokens = 0;
         }
         gone
     }
@@ -618,7 +694,13 @@ impl Registry {
     /// DisconnectShim: the token and its session are freed.
     pub fn disconnect_shim(&mut self, conn: ConnId, token: &str) -> Option<TokenEntry> {
         match self.tokens.get(token) {
-            Some(t) if t.claimed_by == Some(conn) => self.tokens.remove(token),
+            Some(t) if t.claimed_by == Some(conn) => {
+                let t = self.tokens.remove(token)?;
+                if let Some(v) = self.vms.get_mut(&t.vm) {
+                    v.live_tokens = v.live_tokens.saturating_sub(1);
+                }
+                Some(t)
+            }
             _ => None,
         }
     }
@@ -1021,6 +1103,49 @@ mod tests {
             r.plan_hyper(Some(a), &hyper("ping", &[], None)),
             Err(ProxyError::VmGone)
         ));
+    }
+
+    #[test]
+    fn regression_tokens_are_limited_per_vm_and_in_total() {
+        let mut r = Registry::with_limits(TokenLimits {
+            per_vm: 5,
+            total: 8,
+        });
+        let (a, _) = ready_vm(&mut r, "a", 3);
+        let mut g = tokgen();
+        let mut attach = |r: &mut Registry, id: &str, n| {
+            r.attach_vm(
+                &AttachVm {
+                    container_id: id.into(),
+                    num_io_streams: n,
+                },
+                || format!("x{}", g()),
+            )
+        };
+        let e = attach(&mut r, "a", 3).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "3 more tokens would pass the limit of 5 live tokens in this VM (3 live)"
+        );
+        let (_, t) = attach(&mut r, "a", 2).unwrap();
+        // A token given back (DisconnectShim) makes room again.
+        r.connect_shim(ConnId(9), &t[0].token).unwrap();
+        assert!(r.disconnect_shim(ConnId(9), &t[0].token).is_some());
+        attach(&mut r, "a", 1).unwrap();
+        // The daemon's total: 5 live, 3 more fit, 4 do not.
+        let e = r.register_vm(&reg("b", 4), || "y".into()).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("limit of 8 live tokens in the proxy"),
+            "{e}"
+        );
+        let (b, _) = ready_vm(&mut r, "b", 3);
+        assert!(attach(&mut r, "b", 1).is_err());
+        // A VM that goes gives its tokens back.
+        r.vm_gone(a, "gone");
+        attach(&mut r, "b", 2).unwrap();
+        assert_eq!(r.token_count(), 5);
+        let _ = b;
     }
 
     #[test]

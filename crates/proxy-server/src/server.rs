@@ -45,6 +45,10 @@ pub struct Shared {
     /// Pod mode: exit after UnregisterVM.
     pub pod_mode: bool,
     ksm: Option<Arc<Ksm>>,
+    /// The memory budget (`--memory-budget`).
+    pub budget: crate::session::Budget,
+    /// Client connections open now.
+    pub connections: std::sync::atomic::AtomicUsize,
     /// Daemon-wide counters for the metrics endpoint (docs/METRICS.md).
     pub metrics: Arc<crate::metrics::Metrics>,
 }
@@ -57,9 +61,19 @@ impl Shared {
         pod_mode: bool,
         ksm: Option<Arc<Ksm>>,
     ) -> Arc<Self> {
+        let registry = Registry::with_limits(crate::registry::TokenLimits {
+            per_vm: config.max_tokens_per_vm,
+            total: config.max_tokens,
+        });
+        let budget = crate::session::budget(config.memory_budget as usize);
         Arc::new(Self {
             config,
-            state: Mutex::new(State::default()),
+            state: Mutex::new(State {
+                registry,
+                vms: HashMap::new(),
+            }),
+            budget,
+            connections: std::sync::atomic::AtomicUsize::new(0),
             url: format!("unix://{}", socket_path.display()),
             next_conn: AtomicU64::new(0),
             shutdown: watch::channel(false).0,
@@ -121,7 +135,7 @@ impl Shared {
     ) -> Result<(), ProxyError> {
         let waited = self.config.ready_timeout;
         let deadline = Instant::now() + waited;
-        let opts = VmOptions::from_config(&self.config);
+        let opts = VmOptions::from_config(&self.config, self.budget.clone());
         let dial = crate::agent::Dial {
             deadline,
             dial_timeout: self.config.dial_timeout,
@@ -212,10 +226,9 @@ impl Shared {
             )
         };
         info!(vms, tokens, "stats");
-        let bound = self.config.session_buffer as usize;
         for vm in list {
             let sessions = vm.sessions();
-            let queued: usize = sessions.iter().map(|s| s.queued_bytes(bound)).sum();
+            let queued: usize = sessions.iter().map(|s| s.queued_bytes()).sum();
             info!(
                 vm = %vm.container_id,
                 sessions = sessions.len(),
@@ -390,6 +403,16 @@ fn activated_listener() -> io::Result<Option<UnixListener>> {
 /// Run the daemon until SIGTERM/SIGINT (or, in pod mode, UnregisterVM).
 pub async fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     let (path, pod_mode) = config.listen_path()?;
+    let least = u64::from(config.max_frame_size)
+        .saturating_add(12)
+        .saturating_mul(2);
+    if u64::from(config.memory_budget) < least {
+        return Err(format!(
+            "--memory-budget {} is too small for --max-frame-size {}: it must hold two frames of the largest size ({least} bytes)",
+            config.memory_budget, config.max_frame_size
+        )
+        .into());
+    }
     // Handlers first: a SIGTERM that arrives while we start still means
     // "stop cleanly".
     let signals = Signals::install();
@@ -517,31 +540,59 @@ fn spawn_ignored_signals(ignored: Vec<(&'static str, tokio::signal::unix::Signal
 
 /// Accept failures, logged when they start and summed up when they end,
 /// not once per failed attempt (running out of file descriptors makes
-/// every accept fail until some close).
+/// every accept fail until some close). A daemon flapping at the limit
+/// (one accept works, the next fails) logs at most one failure line and
+/// one summary per [`REPORT_EVERY`].
 #[derive(Debug, Default)]
 struct AcceptFailures {
+    /// Failing now: since when.
     since: Option<Instant>,
+    /// Failures not yet summed up, and since when they count.
     count: u64,
+    counting_since: Option<Instant>,
     last: String,
+    /// When a failure line and a summary line were last logged.
+    failure_logged: Option<Instant>,
+    summary_logged: Option<Instant>,
 }
 
+/// How often accept failures are logged at most.
+const REPORT_EVERY: Duration = Duration::from_secs(10);
+
 impl AcceptFailures {
-    /// An accept failed: returns whether to log it (the first of a run,
-    /// or a different error than the last).
-    fn failed(&mut self, e: &io::Error) -> bool {
+    /// An accept failed at `now`: returns whether to log it.
+    fn failed(&mut self, e: &io::Error, now: Instant) -> bool {
         self.count = self.count.saturating_add(1);
-        let text = e.to_string();
-        let new = self.since.is_none() || text != self.last;
-        self.since.get_or_insert_with(Instant::now);
-        self.last = text;
-        new
+        self.counting_since.get_or_insert(now);
+        self.since.get_or_insert(now);
+        self.last = e.to_string();
+        let log = self
+            .failure_logged
+            .is_none_or(|t| now.saturating_duration_since(t) >= REPORT_EVERY);
+        if log {
+            self.failure_logged = Some(now);
+        }
+        log
     }
 
-    /// An accept succeeded: the summary of the run of failures it ends.
-    fn recovered(&mut self) -> Option<(u64, Duration, String)> {
-        let since = self.since.take()?;
+    /// An accept succeeded at `now`: the summary to log, if the failures
+    /// just ended and no summary was logged lately (the failures are
+    /// counted on into the next summary otherwise).
+    fn recovered(&mut self, now: Instant) -> Option<(u64, Duration, String)> {
+        self.since.take()?;
+        if self
+            .summary_logged
+            .is_some_and(|t| now.saturating_duration_since(t) < REPORT_EVERY)
+        {
+            return None;
+        }
+        self.summary_logged = Some(now);
         let n = std::mem::take(&mut self.count);
-        Some((n, since.elapsed(), std::mem::take(&mut self.last)))
+        let over = self
+            .counting_since
+            .take()
+            .map_or(Duration::ZERO, |t| now.saturating_duration_since(t));
+        Some((n, over, self.last.clone()))
     }
 }
 
@@ -559,13 +610,26 @@ pub async fn serve(shared: Arc<Shared>, listener: UnixListener, signals: Signals
     let mut stats = shared.config.stats_interval.map(tokio::time::interval);
     let tasks = tokio_util::task::TaskTracker::new();
     let mut failures = AcceptFailures::default();
+    let mut refused = AcceptFailures::default();
     loop {
         tokio::select! {
             r = listener.accept() => match r {
                 Ok((stream, _)) => {
-                    if let Some((n, took, error)) = failures.recovered() {
+                    if let Some((n, took, error)) = failures.recovered(Instant::now()) {
                         info!(failed_accepts = n, over = ?took, last_error = %error, "accepting connections again");
                     }
+                    let open = shared.connections.load(Ordering::Relaxed);
+                    if open >= shared.config.max_connections as usize {
+                        if refused.failed(&io::Error::other("the connection limit is reached"), Instant::now()) {
+                            warn!(open, limit = shared.config.max_connections, "connection limit reached; new connections are closed at once until some end");
+                        }
+                        drop(stream);
+                        continue;
+                    }
+                    if let Some((n, took, _)) = refused.recovered(Instant::now()) {
+                        info!(refused = n, over = ?took, "below the connection limit again");
+                    }
+                    shared.connections.fetch_add(1, Ordering::Relaxed);
                     let s = shared.clone();
                     let conn = s.next_conn();
                     tasks.spawn(crate::panics::CatchPanic::new(
@@ -574,7 +638,7 @@ pub async fn serve(shared: Arc<Shared>, listener: UnixListener, signals: Signals
                     ));
                 }
                 Err(e) => {
-                    if failures.failed(&e) {
+                    if failures.failed(&e, Instant::now()) {
                         error!(error = %e, "accept failed; retrying every 50ms, the failures are summed up when accepting works again");
                     }
                     // Connections already open are served meanwhile.
@@ -654,21 +718,26 @@ mod tests {
     #[test]
     fn accept_failures_are_logged_when_they_start_and_summed_up_when_they_end() {
         let emfile = || io::Error::from_raw_os_error(libc::EMFILE);
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
         let mut f = AcceptFailures::default();
-        assert!(f.recovered().is_none(), "nothing to sum up");
-        assert!(f.failed(&emfile()), "the first failure is logged");
-        for _ in 0..99 {
-            assert!(!f.failed(&emfile()), "the same failure again is not");
+        assert!(f.recovered(at(0)).is_none(), "nothing to sum up");
+        assert!(f.failed(&emfile(), at(0)), "the first failure is logged");
+        for i in 1..100 {
+            assert!(!f.failed(&emfile(), at(i * 50)), "later ones are not");
         }
-        assert!(
-            f.failed(&io::Error::from_raw_os_error(libc::ENFILE)),
-            "another error is"
-        );
-        let (n, _, last) = f.recovered().unwrap();
-        assert_eq!(n, 101);
-        assert!(last.contains("Too many open files in system"), "{last}");
-        assert!(f.recovered().is_none());
-        assert!(f.failed(&emfile()), "a new run is logged again");
+        let (n, over, last) = f.recovered(at(5000)).unwrap();
+        assert_eq!((n, over), (100, Duration::from_millis(5000)));
+        assert!(last.contains("Too many open files"), "{last}");
+        // Flapping at the limit: no more lines for REPORT_EVERY, counted on.
+        for i in 0..20 {
+            assert!(!f.failed(&emfile(), at(5100 + i * 100)));
+            assert!(f.recovered(at(5150 + i * 100)).is_none());
+        }
+        // Ten seconds on, the next failure and the next summary are logged.
+        assert!(f.failed(&emfile(), at(10_050)));
+        let (n, _, _) = f.recovered(at(15_200)).unwrap();
+        assert_eq!(n, 21, "the flapping failures were counted into it");
     }
 
     #[test]

@@ -108,6 +108,22 @@ impl OutputQueue {
     }
 }
 
+/// What a session that no shim ever claimed may queue: no process can
+/// have been started with its token (a Hyper with a token waits for the
+/// token's shim), so its output is an agent's mistake, and more is dropped
+/// rather than held.
+pub const UNCLAIMED_BOUND: usize = 64 * 1024;
+
+/// The daemon-wide memory budget (`--memory-budget`): every session's
+/// queued output, every client frame being read and every stdin waiting
+/// for its process draw from it, and wait when it is spent.
+pub type Budget = Arc<Semaphore>;
+
+/// A budget of `bytes`.
+pub fn budget(bytes: usize) -> Budget {
+    Arc::new(Semaphore::new(bytes.min(Semaphore::MAX_PERMITS)))
+}
+
 /// A session at run time.
 #[derive(Debug)]
 pub struct Session {
@@ -118,6 +134,15 @@ pub struct Session {
     tx: mpsc::UnboundedSender<Output>,
     queue: Mutex<Option<OutputQueue>>,
     budget: Arc<Semaphore>,
+    /// The session's bound (`budget`'s permits when nothing is queued).
+    capacity: usize,
+    /// The daemon's budget, and how much of it this session's queue holds.
+    global: Budget,
+    global_held: AtomicU64,
+    /// A shim claimed the token at least once.
+    claimed: AtomicBool,
+    /// Output dropped because nobody ever claimed the session.
+    pub bytes_dropped_unclaimed: AtomicU64,
     /// The VM's io flow.
     pub flow: Arc<IoFlow>,
     /// Whether a shim holds the token.
@@ -136,6 +161,19 @@ pub struct Session {
 impl Session {
     /// A session whose output queue holds at most `bound` bytes.
     pub fn new(token: String, io_base: u64, bound: usize, flow: Arc<IoFlow>) -> Arc<Self> {
+        Self::with_budget(token, io_base, bound, flow, budget(usize::MAX))
+    }
+
+    /// A session whose output queue holds at most `bound` bytes, drawn
+    /// from `global` too.
+    pub fn with_budget(
+        token: String,
+        io_base: u64,
+        bound: usize,
+        flow: Arc<IoFlow>,
+        global: Budget,
+    ) -> Arc<Self> {
+        let capacity = bound.max(proxy_proto::hyper::MAX_MESSAGE_LEN);
         let (tx, rx) = mpsc::unbounded_channel();
         Arc::new(Self {
             token,
@@ -145,9 +183,12 @@ impl Session {
                 front: VecDeque::new(),
                 rx,
             })),
-            budget: Arc::new(Semaphore::new(
-                bound.max(proxy_proto::hyper::MAX_MESSAGE_LEN),
-            )),
+            budget: Arc::new(Semaphore::new(capacity)),
+            capacity,
+            global,
+            global_held: AtomicU64::new(0),
+            claimed: AtomicBool::new(false),
+            bytes_dropped_unclaimed: AtomicU64::new(0),
             flow,
             shim: watch::channel(false).0,
             started: watch::channel(false).0,
@@ -157,34 +198,87 @@ impl Session {
         })
     }
 
-    /// Queue output, waiting while the queue is full (back-pressure on the
-    /// caller, the VM's io reader). Returns false if the session is gone.
+    /// Queue output, waiting while the queue or the daemon's budget is
+    /// full (back-pressure on the caller, the VM's io reader). Returns
+    /// false if the session is gone.
     pub async fn push(&self, item: Output) -> bool {
         let item = match self.try_push(item) {
             Ok(pushed) => return pushed,
             Err(item) => item,
         };
-        match self.budget.acquire_many(item.cost()).await {
+        let cost = item.cost();
+        match self.budget.acquire_many(cost).await {
             Ok(permit) => permit.forget(),
             Err(_) => return false,
         }
+        match self.global.acquire_many(cost).await {
+            Ok(g) => g.forget(),
+            Err(_) => return false,
+        }
+        self.global_held
+            .fetch_add(u64::from(cost), Ordering::Relaxed);
         self.queue_now(item)
     }
 
-    /// Queue output if the queue has room for it now; otherwise hand it
-    /// back (`Err`) for [`push`](Self::push) to wait with. `Ok(false)` if
-    /// the session is gone.
+    /// Queue output if the queue and the budget have room for it now;
+    /// otherwise hand it back (`Err`) for [`push`](Self::push) to wait
+    /// with. `Ok(false)` if the session is gone. Output for a session that
+    /// no shim ever claimed beyond [`UNCLAIMED_BOUND`] is dropped (and
+    /// counted): `Ok(true)`.
     pub fn try_push(&self, item: Output) -> Result<bool, Output> {
-        match self.budget.try_acquire_many(item.cost()) {
+        let cost = item.cost();
+        if !self.claimed.load(Ordering::Relaxed)
+            && self.queued_bytes().saturating_add(cost as usize) > UNCLAIMED_BOUND
+        {
+            return Ok(self.drop_unclaimed(&item));
+        }
+        match self.budget.try_acquire_many(cost) {
             Ok(permit) => permit.forget(),
             Err(tokio::sync::TryAcquireError::Closed) => return Ok(false),
             Err(tokio::sync::TryAcquireError::NoPermits) => return Err(item),
         }
+        match self.global.try_acquire_many(cost) {
+            Ok(permit) => permit.forget(),
+            Err(_) => {
+                self.budget.add_permits(cost as usize);
+                return Err(item);
+            }
+        }
+        self.global_held
+            .fetch_add(u64::from(cost), Ordering::Relaxed);
         Ok(self.queue_now(item))
+    }
+
+    fn drop_unclaimed(&self, item: &Output) -> bool {
+        if self.budget.is_closed() {
+            return false;
+        }
+        let n = match item {
+            Output::Stdout(b) | Output::Stderr(b) => b.len() as u64,
+            Output::Exited(_) => 0,
+        };
+        if self.bytes_dropped_unclaimed.fetch_add(n, Ordering::Relaxed) == 0 {
+            tracing::warn!(
+                io_base = self.io_base,
+                "the agent sends output for a session no shim has claimed; beyond {UNCLAIMED_BOUND} bytes it is dropped"
+            );
+        }
+        true
+    }
+
+    /// A shim claimed the token: from now on its output is queued up to
+    /// the session's whole bound.
+    pub fn claimed(&self) {
+        self.claimed.store(true, Ordering::Relaxed);
     }
 
     /// Queue `item`, whose permits are taken.
     fn queue_now(&self, item: Output) -> bool {
+        if self.budget.is_closed() {
+            // Closed while the permits were awaited: give them back.
+            self.release(item.cost() as usize);
+            return false;
+        }
         if let Output::Stdout(b) | Output::Stderr(b) = &item {
             self.bytes_out.fetch_add(b.len() as u64, Ordering::Relaxed);
         }
@@ -201,13 +295,21 @@ impl Session {
     pub fn release(&self, n: usize) {
         if n > 0 {
             self.budget.add_permits(n);
+            let n64 = n as u64;
+            let held = self
+                .global_held
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |h| {
+                    Some(h.saturating_sub(n64))
+                })
+                .unwrap_or(0);
+            self.global
+                .add_permits(usize::try_from(held.min(n64)).unwrap_or(0));
         }
     }
 
     /// Bytes of output queued and not yet written to a shim.
-    pub fn queued_bytes(&self, bound: usize) -> usize {
-        bound
-            .max(proxy_proto::hyper::MAX_MESSAGE_LEN)
+    pub fn queued_bytes(&self) -> usize {
+        self.capacity
             .saturating_sub(self.budget.available_permits())
     }
 
@@ -226,6 +328,19 @@ impl Session {
     /// The session ends (token freed or VM gone): wake and refuse producers.
     pub fn close(&self) {
         self.budget.close();
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        // Output still queued dies with the session: its share of the
+        // daemon's budget goes back.
+        let held = *self.global_held.get_mut();
+        self.global.add_permits(
+            usize::try_from(held)
+                .unwrap_or(usize::MAX)
+                .min(Semaphore::MAX_PERMITS),
+        );
     }
 }
 

@@ -19,7 +19,7 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn, Instrument};
 
 use crate::registry::{ProxyError, VmId};
-use crate::session::{IoFlow, Output, Session};
+use crate::session::{Budget, IoFlow, Output, Session};
 use crate::wire::Batch;
 
 /// Read half of an agent channel.
@@ -82,6 +82,7 @@ pub struct Vm {
     /// Messages sent to the agent on io.
     pub msgs_to_agent: AtomicU64,
     session_bound: usize,
+    budget: Budget,
     io_flow: Arc<IoFlow>,
 }
 
@@ -95,7 +96,7 @@ impl std::fmt::Debug for CtlRequest {
 }
 
 /// Limits and timeouts of a VM's tasks.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct VmOptions {
     /// Per ctl transaction.
     pub ctl_timeout: Duration,
@@ -106,15 +107,20 @@ pub struct VmOptions {
     /// most [`MAX_MESSAGE_LEN`] bytes, but an agent may write more: only a
     /// message above this bound is garbage.
     pub max_agent_message: usize,
+    /// The daemon's memory budget, which session queues draw from.
+    pub budget: Budget,
 }
 
 impl VmOptions {
     /// The options the daemon's configuration gives.
-    pub fn from_config(c: &crate::config::Config) -> Self {
+    pub fn from_config(c: &crate::config::Config, budget: Budget) -> Self {
+        let max_agent_message = agent_message_bound(c.max_frame_size);
         VmOptions {
             ctl_timeout: c.ctl_timeout,
-            session_bound: c.session_buffer as usize,
-            max_agent_message: agent_message_bound(c.max_frame_size),
+            // One message of the largest size must fit in a queue.
+            session_bound: (c.session_buffer as usize).max(max_agent_message),
+            max_agent_message,
+            budget,
         }
     }
 }
@@ -230,8 +236,10 @@ impl Vm {
             msgs_from_agent: AtomicU64::new(0),
             msgs_to_agent: AtomicU64::new(0),
             session_bound: opts.session_bound,
+            budget: opts.budget.clone(),
             io_flow: Arc::default(),
         });
+        let max_agent_message = opts.max_agent_message;
         let span = tracing::info_span!("vm", vm = %container_id);
         let ctl = ctl_task(
             vm.clone(),
@@ -243,7 +251,7 @@ impl Vm {
             events.clone(),
         );
         vm.spawn_task("ctl", &events, ctl.instrument(span.clone()));
-        let reader = io_reader(vm.clone(), ch.io_r, opts.max_agent_message, events.clone());
+        let reader = io_reader(vm.clone(), ch.io_r, max_agent_message, events.clone());
         vm.spawn_task("io reader", &events, reader.instrument(span.clone()));
         let writer = io_writer(vm.clone(), ch.io_w, io_rx, events.clone());
         vm.spawn_task("io writer", &events, writer.instrument(span));
@@ -270,7 +278,13 @@ impl Vm {
 
     /// Create the session of a new token.
     pub fn add_session(&self, token: String, io_base: u64) -> Arc<Session> {
-        let s = Session::new(token, io_base, self.session_bound, self.io_flow.clone());
+        let s = Session::with_budget(
+            token,
+            io_base,
+            self.session_bound,
+            self.io_flow.clone(),
+            self.budget.clone(),
+        );
         if let Ok(mut m) = self.sessions.lock() {
             m.insert(io_base, s.clone());
         }
@@ -858,6 +872,7 @@ mod tests {
                 ctl_timeout,
                 session_bound: 1 << 20,
                 max_agent_message: agent_message_bound(4 << 20),
+                budget: crate::session::budget(usize::MAX),
             },
             rec.clone(),
         );
@@ -1103,6 +1118,7 @@ mod tests {
                 ctl_timeout: Duration::from_secs(5),
                 session_bound: 1 << 20,
                 max_agent_message: MAX_MESSAGE_LEN,
+                budget: crate::session::budget(usize::MAX),
             },
             rec.clone(),
         );

@@ -174,7 +174,11 @@ async fn a_known_workload_gives_exact_figures() {
         ("cc_proxy_sessions", 0.0),
         ("cc_proxy_shims_connected", 0.0),
         ("cc_proxy_ctl_round_trip_seconds_count", 0.0),
-        ("cc_proxy_session_buffer_bytes", 4194304.0),
+        // --session-buffer (4 MiB), raised to one largest agent message
+        // (--max-frame-size 4 MiB and its 12-byte header).
+        ("cc_proxy_session_buffer_bytes", 4194316.0),
+        ("cc_proxy_memory_budget_bytes", 268435456.0),
+        ("cc_proxy_memory_budget_used_bytes", 0.0),
     ] {
         assert_eq!(base.get(name), want, "{name} at start:\n{}", base.text);
     }
@@ -243,6 +247,7 @@ async fn a_known_workload_gives_exact_figures() {
                 "cc_proxy_vm_output_queued_bytes{{container_id=\"{id}\"}}"
             )) == Some(q as f64)
             && s.try_get("cc_proxy_connections_open") == Some(2.0)
+            && s.try_get("cc_proxy_memory_budget_used_bytes") == Some(q as f64)
     })
     .await;
     let exact = [
@@ -252,6 +257,8 @@ async fn a_known_workload_gives_exact_figures() {
         ("cc_proxy_shims_connected", 1.0),
         ("cc_proxy_connections_accepted_total", accepted + 3.0),
         ("cc_proxy_connections_open", 2.0),
+        // What is held: the output queued for the session without a shim.
+        ("cc_proxy_memory_budget_used_bytes", q as f64),
         (
             "cc_proxy_ctl_transactions_total{result=\"ok\"}",
             1.0, // newcontainer
@@ -407,9 +414,12 @@ async fn the_responder_answers_only_get_of_metrics_and_bounds_requests() {
         msock.to_str().expect("UTF-8"),
         "--session-buffer",
         "4096",
+        "--max-frame-size",
+        "8192",
     ])
     .await;
-    // The bound as sessions apply it: room for one agent message at least.
+    // The bound as sessions apply it: room for one agent message at least
+    // (8192 + 12, but never below hyperstart's 10240).
     assert_eq!(
         scrape(&msock).await.get("cc_proxy_session_buffer_bytes"),
         10240.0

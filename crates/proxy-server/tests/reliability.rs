@@ -248,3 +248,132 @@ async fn regression_stdout_is_never_duplicated_across_shim_reconnects() {
     }
     p.assert_running();
 }
+
+/// The daemon's peak resident memory so far (VmHWM), in bytes.
+fn peak_rss(p: &proxy_test_support::ProxyProcess) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", p.pid())).unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    kb * 1024
+}
+
+const MIB: u64 = 1 << 20;
+
+#[tokio::test]
+async fn regression_slow_large_frames_stay_within_the_memory_budget_and_time_out() {
+    let mut p = common::proxy_with(&["--memory-budget", "32MiB", "--frame-timeout", "2s"]).await;
+    let before = peak_rss(&p);
+    // 64 clients each send a 4 MiB Hyper frame's first 3 MiB, then stall.
+    let mut clients = Vec::new();
+    for _ in 0..64 {
+        let mut c = p.client().await;
+        clients.push(tokio::spawn(async move {
+            let mut wire = common::header(2, 3, 0, 3, 4 << 20).to_vec();
+            wire.resize(12 + (3 << 20), b' ');
+            // The daemon stops reading once the budget is spent: this
+            // write may never finish, and fails when the daemon closes.
+            let _ = c.try_send_raw(&wire).await;
+            c.expect_closed().await
+        }));
+    }
+    p.wait_for_log("memory budget spent", Duration::from_secs(20))
+        .await;
+    // Every half-sent frame is timed out with an error response.
+    for c in clients {
+        let frames = c.await.unwrap();
+        let msgs: Vec<String> = frames
+            .iter()
+            .map(|f| proxy_test_support::error_msg(&f.payload))
+            .collect();
+        assert!(
+            msgs.len() == 1 && msgs[0].starts_with("incomplete frame: "),
+            "{msgs:?}"
+        );
+    }
+    let peak = peak_rss(&p);
+    assert!(
+        peak < before + 32 * MIB + 64 * MIB,
+        "peak RSS {} MiB (from {} MiB) with a 32 MiB budget",
+        peak / MIB,
+        before / MIB
+    );
+    p.assert_running();
+    assert_serves_fresh_vm(&p).await;
+}
+
+#[tokio::test]
+async fn regression_output_for_unclaimed_sessions_is_not_hoarded() {
+    let mut p = proxy().await;
+    let mut vm = Vm::register(&p, 64).await;
+    let before = peak_rss(&p);
+    let writer = vm.agent.io_writer_task().await;
+    // 1 MiB to each of the 64 sessions no shim has claimed (seqs 3, 5, …).
+    let chunk = vec![b'x'; 1 << 20];
+    for i in 0..64u64 {
+        writer.send_io(3 + 2 * i, &chunk);
+    }
+    writer.flushed(Duration::from_secs(30)).await;
+    // The daemon read it all (the agent's writes finished): measure.
+    assert_vm_answers(&mut vm).await;
+    let grew = peak_rss(&p).saturating_sub(before);
+    assert!(
+        grew < 24 * MIB,
+        "64 MiB for unclaimed sessions grew the daemon by {} MiB",
+        grew / MIB
+    );
+    p.wait_for_log("no shim has claimed", Duration::from_secs(10))
+        .await;
+    assert_vm_answers(&mut vm).await;
+    p.assert_running();
+}
+
+#[tokio::test]
+async fn regression_tokens_and_connections_are_limited() {
+    let mut p = common::proxy_with(&[
+        "--max-tokens",
+        "10000",
+        "--max-tokens-per-vm",
+        "20000",
+        "--max-connections",
+        "12",
+    ])
+    .await;
+    let mut vm = Vm::register(&p, 0).await;
+    let mut c = p.client().await;
+    c.attach_vm(&vm.id, 4096).await.unwrap();
+    c.attach_vm(&vm.id, 4096).await.unwrap();
+    let msg = c.attach_vm(&vm.id, 4096).await.unwrap_err();
+    assert!(msg.contains("limit of 10000 live tokens"), "{msg}");
+    // Two connections are open (the runtime's and c); ten more fit.
+    let mut open = Vec::new();
+    for _ in 0..10 {
+        let mut o = p.client().await;
+        assert!(o.attach_vm("nobody", 0).await.is_err(), "served");
+        open.push(o);
+    }
+    let mut over = p.client().await;
+    over.expect_closed().await;
+    p.wait_for_log("connection limit reached", Duration::from_secs(10))
+        .await;
+    // One ends: a new one is served again.
+    drop(open.pop());
+    let mut again = None;
+    for _ in 0..100 {
+        let mut o = p.client().await;
+        match o.recv_within(Duration::from_millis(50)).await {
+            proxy_test_support::Recv::Closed => continue,
+            _ => {
+                again = Some(o);
+                break;
+            }
+        }
+    }
+    let mut again = again.expect("a connection is served once another ended");
+    assert!(again.attach_vm("nobody", 0).await.is_err());
+    assert_vm_answers(&mut vm).await;
+    p.assert_running();
+}

@@ -11,7 +11,7 @@ use super::cpio::Cpio;
 use crate::util;
 
 /// The modules the agent loads, in load order (see `docs/E2E.md`).
-pub const MODULES: [&str; 9] = [
+pub const MODULES: [&str; 10] = [
     "virtio_ring",
     "virtio",
     "virtio_pci_legacy_dev",
@@ -21,6 +21,9 @@ pub const MODULES: [&str; 9] = [
     "vsock",
     "vmw_vsock_virtio_transport_common",
     "vmw_vsock_virtio_transport",
+    // CID 1: the guest's own AF_VSOCK round trip (after vsock and
+    // vmw_vsock_virtio_transport_common, which it depends on).
+    "vsock_loopback",
 ];
 
 /// Applets linked in the initramfs (the agent also runs

@@ -26,7 +26,11 @@ impl Proxy {
         let mut cmd = Process::new(bin);
         cmd.arg("-socket-path")
             .arg(&socket)
+            // A guest under TCG on a busy host may take well over the
+            // default 10 s to listen on its vsock ports: dialling (hybrid
+            // vsock retries until it does) gets as long as READY.
             .args(["-log", "debug", "-ksm", "off", "--ready-timeout", "120s"])
+            .args(["--dial-timeout", "120s"])
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err);

@@ -16,6 +16,12 @@ const MEM_MB: u32 = 512;
 pub const CTL_PORT: u32 = 1024;
 /// See [`CTL_PORT`].
 pub const IO_PORT: u32 = 1025;
+/// Guest vsock port of the agent's AF_VSOCK loopback round trip (kernel
+/// command line `agent.vsock_loopback=`), run in every guest before the
+/// agent opens its channels.
+pub const LOOPBACK_PORT: u32 = 1040;
+/// The agent's console line with the round trip's result.
+pub const LOOPBACK_MARKER: &str = "vsock-loopback:";
 
 /// How the agent's channels reach the host.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,7 +66,8 @@ impl Vm {
         let console = log_dir.join(format!("{}-console.log", flavour.name()));
         let log = |p: &Path| File::create(p).map_err(|e| format!("{}: {e}", p.display()));
 
-        let mut append = String::from("console=ttyS0 quiet panic=-1");
+        let mut append =
+            format!("console=ttyS0 quiet panic=-1 agent.vsock_loopback={LOOPBACK_PORT}");
         let mut qemu = Command::new(&assets.qemu);
         qemu.args(["-accel", "tcg", "-M", "q35", "-m"])
             .arg(MEM_MB.to_string())
@@ -178,6 +185,40 @@ impl Vm {
         }
     }
 
+    /// Wait until QEMU (or the vsock backend) has created the unix sockets
+    /// the agent's channels are reached through, as a runtime waits for its
+    /// hypervisor before RegisterVM: `cc-proxy` takes a missing socket as an
+    /// error at once (docs/PROTOCOL.md §3). Only the files are awaited —
+    /// connecting to probe would take the guest's end of a virtio-serial
+    /// port for a moment, and what the agent wrote then would be lost.
+    pub fn wait_for_sockets(&mut self, timeout: Duration) -> Result<(), String> {
+        use std::os::unix::fs::FileTypeExt;
+        let paths = match self.flavour {
+            Flavour::VirtioSerial => vec![
+                self.sock_dir.join("ctl.sock"),
+                self.sock_dir.join("io.sock"),
+            ],
+            Flavour::HybridVsock => vec![self.sock_dir.join("vsock.sock")],
+        };
+        let deadline = Instant::now() + timeout;
+        for p in &paths {
+            loop {
+                let is_socket = fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_socket());
+                if is_socket {
+                    break;
+                }
+                if let Ok(Some(s)) = self.qemu.try_wait() {
+                    return Err(format!("QEMU exited ({s}) before creating {}", p.display()));
+                }
+                if Instant::now() > deadline {
+                    return Err(format!("{} not created within {timeout:?}", p.display()));
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        Ok(())
+    }
+
     /// Connect to the agent's ctl and io channels, retrying until `deadline`.
     pub fn connect(&mut self, deadline: Instant) -> Result<(UnixStream, UnixStream), String> {
         let qemu = &mut self.qemu;
@@ -211,6 +252,40 @@ impl Vm {
             }
             if Instant::now() > deadline {
                 return Err(format!("QEMU still running after {timeout:?}"));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The agent's AF_VSOCK loopback result: waits up to `timeout` for its
+    /// console line; `Ok` with the line if it says ok, `Err` if it says
+    /// FAILED, if there is none (the round trip did not run) or if QEMU
+    /// exited first.
+    pub fn vsock_loopback_result(&mut self, timeout: Duration) -> Result<String, String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let console = fs::read(&self.console)
+                .map(|b| String::from_utf8_lossy(&b).into_owned())
+                .unwrap_or_default();
+            if let Some(line) = console.lines().find(|l| l.contains(LOOPBACK_MARKER)) {
+                let line = line.trim().to_string();
+                let verdict = line
+                    .split_once(LOOPBACK_MARKER)
+                    .map_or("", |(_, rest)| rest.trim_start());
+                return if verdict.starts_with("ok") {
+                    Ok(line)
+                } else {
+                    Err(line)
+                };
+            }
+            let exited = matches!(self.qemu.try_wait(), Ok(Some(_)));
+            if exited || Instant::now() > deadline {
+                return Err(format!(
+                    "the guest did not run the AF_VSOCK loopback round trip: no `{LOOPBACK_MARKER}` \
+                     line on its console {} after {timeout:?}{}",
+                    self.console.display(),
+                    if exited { " (QEMU exited)" } else { "" }
+                ));
             }
             std::thread::sleep(Duration::from_millis(50));
         }

@@ -238,7 +238,7 @@ const VM_COLUMNS: [(&str, &str, &str); 8] = [
 ];
 
 /// The daemon-wide figures: series, text label, JSON key.
-const DAEMON: [(&str, &str, &str); 7] = [
+const DAEMON: [(&str, &str, &str); 9] = [
     ("cc_proxy_vms", "VMs", "vms"),
     ("cc_proxy_tokens", "tokens", "tokens"),
     ("cc_proxy_sessions", "sessions", "sessions"),
@@ -261,6 +261,16 @@ const DAEMON: [(&str, &str, &str); 7] = [
         "cc_proxy_session_buffer_bytes",
         "session buffer (bytes)",
         "session_buffer_bytes",
+    ),
+    (
+        "cc_proxy_memory_budget_bytes",
+        "memory budget (bytes)",
+        "memory_budget_bytes",
+    ),
+    (
+        "cc_proxy_memory_budget_used_bytes",
+        "memory budget used",
+        "memory_budget_used_bytes",
     ),
 ];
 
