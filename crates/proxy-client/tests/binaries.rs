@@ -341,3 +341,143 @@ async fn cc_proxy_shim_on_a_terminal_sends_its_size_and_uses_raw_mode() {
         .local_flags
         .contains(LocalFlags::ICANON));
 }
+
+/// `cc-proxy-ctl stats` reads the daemon's metrics endpoint and shows
+/// its figures as a table, or as JSON with `--json`.
+#[tokio::test]
+async fn cc_proxy_ctl_stats_shows_the_metrics_endpoints_figures() {
+    let dir = proxy_test_support::TempDir::new();
+    let msock = dir.socket("metrics.sock").display().to_string();
+    let p = proxy_test_support::ProxyProcess::builder(common::cc_proxy())
+        .args(["--metrics-socket", &msock, "--metrics-addr", "127.0.0.1:0"])
+        .start()
+        .await;
+    let mut vm = Vm::register(&p, 2).await;
+    // One ctl transaction, answered.
+    let (r, ()) = tokio::join!(vm.client.hyper("ping", &[], None), async {
+        vm.agent.expect_ctl(Code::Ping).await;
+        vm.agent.reply_ack(b"").await;
+    });
+    r.unwrap();
+    // Output for the first session, which no shim reads: it stays queued.
+    vm.agent.send_io(3, vec![1u8; 300]).await;
+    vm.agent.send_io(4, vec![2u8; 20]).await;
+
+    let stats = ["stats", "--metrics-socket", msock.as_str()];
+    let json_stats = ["--json", "stats", "--metrics-socket", msock.as_str()];
+    let mut v = serde_json::Value::Null;
+    for _ in 0..500 {
+        let (code, out, err) = ctl(&json_stats).await;
+        assert_eq!(code, 0, "{err}");
+        v = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+        if v["vm"][0]["output_queued_bytes"] == 320 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for (key, want) in [
+        ("vms", 1),
+        ("tokens", 2),
+        ("sessions", 2),
+        ("shims_connected", 0),
+        ("connections_open", 1),
+        // 4 MiB, raised to one largest agent message (4 MiB + header).
+        ("session_buffer_bytes", (4 << 20) + 12),
+        ("memory_budget_bytes", 256 << 20),
+        ("memory_budget_used_bytes", 320),
+    ] {
+        assert_eq!(v[key], want, "{key} in {v}");
+    }
+    assert_eq!(v["ctl"]["transactions"]["ok"], 1, "{v}");
+    assert_eq!(v["ctl"]["round_trips"], 1, "{v}");
+    assert!(
+        v["errors"].as_object().unwrap().values().all(|n| n == 0),
+        "{v}"
+    );
+    assert_eq!(v["vm"].as_array().map(Vec::len), Some(1), "{v}");
+    let want = serde_json::json!({
+        "container_id": vm.id,
+        "sessions": 2,
+        "shims_connected": 0,
+        "io_from_agent_bytes": 320,
+        "io_from_agent_messages": 2,
+        "io_to_agent_bytes": 0,
+        "io_to_agent_messages": 0,
+        "output_queued_bytes": 320,
+        "output_queued_max_session_bytes": 320,
+    });
+    assert_eq!(v["vm"][0], want, "{v}");
+
+    // The same as a table.
+    let (code, out, err) = ctl(&stats).await;
+    assert_eq!(code, 0, "{err}");
+    let line = |label: &str| {
+        out.lines()
+            .find(|l| l.starts_with(label))
+            .unwrap_or_else(|| panic!("no {label:?} line in:\n{out}"))
+            .to_owned()
+    };
+    assert_eq!(line("VMs "), format!("{:<24}1", "VMs"), "{out}");
+    assert_eq!(line("tokens "), format!("{:<24}2", "tokens"), "{out}");
+    assert_eq!(line("errors "), format!("{:<24}none", "errors"), "{out}");
+    assert!(
+        line("ctl transactions ").contains("(ok 1, agent_error 0, timeout 0, failed 0)"),
+        "{out}"
+    );
+    let header_line = line("CONTAINER");
+    let header: Vec<&str> = header_line
+        .split("  ")
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+        .collect();
+    assert_eq!(
+        header,
+        [
+            "CONTAINER",
+            "SESSIONS",
+            "SHIMS",
+            "BYTES FROM AGENT",
+            "MSGS FROM AGENT",
+            "BYTES TO AGENT",
+            "MSGS TO AGENT",
+            "QUEUED",
+            "FULLEST SESSION"
+        ],
+        "{out}"
+    );
+    let row: Vec<String> = line(&vm.id).split_whitespace().map(str::to_owned).collect();
+    assert_eq!(
+        row,
+        [vm.id.as_str(), "2", "0", "320", "2", "0", "0", "320", "320"],
+        "{out}"
+    );
+
+    // Over TCP: the same figures.
+    let needle = "metrics on http://";
+    p.wait_for_log(needle, Duration::from_secs(10)).await;
+    let log = p.log();
+    let addr = log
+        .split(needle)
+        .nth(1)
+        .and_then(|rest| rest.split('/').next())
+        .expect("the metrics address in the log")
+        .to_owned();
+    let (code, out, err) = ctl(&["--json", "stats", "--metrics-addr", &addr]).await;
+    assert_eq!(code, 0, "{err}");
+    let over_tcp: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(over_tcp, v, "over TCP and over the unix socket");
+
+    // Where the endpoint is must be said, and must be reachable.
+    let (code, _, err) = ctl(&["stats"]).await;
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("--metrics-addr") && err.contains("--metrics-socket"),
+        "{err}"
+    );
+    let (code, _, err) = ctl(&["stats", "--metrics-socket", "/nonexistent/m.sock"]).await;
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("cannot connect to the metrics endpoint at /nonexistent/m.sock"),
+        "{err}"
+    );
+}

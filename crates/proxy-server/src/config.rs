@@ -146,6 +146,15 @@ pub struct Config {
     /// interval; SIGUSR1 logs one at any time.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub stats_interval: Option<Duration>,
+
+    /// Serve Prometheus metrics over HTTP on this TCP address
+    /// (GET /metrics), e.g. 127.0.0.1:9101; see docs/METRICS.md.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
+
+    /// Serve the same metrics over HTTP on this unix socket.
+    #[arg(long, value_name = "PATH")]
+    pub metrics_socket: Option<PathBuf>,
 }
 
 impl Config {

@@ -61,6 +61,7 @@ enum Flow {
 pub async fn serve(shared: Arc<Shared>, stream: UnixStream, conn: ConnId) {
     let span = tracing::debug_span!("conn", conn = conn.0);
     let _open = Open(shared.clone());
+    shared.metrics.conn_accepted();
     serve_inner(shared, stream, conn).instrument(span).await
 }
 
@@ -337,6 +338,9 @@ impl Conn {
     }
 
     async fn respond(&self, cmd: Command, r: Result<Bytes, ProxyError>) {
+        if let Err(e) = &r {
+            self.shared.metrics.error_response(e);
+        }
         match r {
             Ok(p) => self.send(Frame::response(cmd, p)).await,
             Err(e) => {
@@ -377,6 +381,9 @@ impl Conn {
     /// (a command header), then the connection closes.
     async fn malformed(&self, buf: &[u8], e: &FrameError) {
         warn!(error = %e, "malformed frame; closing the connection");
+        self.shared
+            .metrics
+            .error(crate::metrics::ErrorKind::BadFrame);
         if let Some(raw) = RawHeader::peek(buf) {
             if raw.frame_type == 0 {
                 if let Some(cmd) = Command::from_u8(raw.opcode) {
@@ -401,10 +408,16 @@ impl Conn {
                     stream = s.name(),
                     "clients may not send this stream; closing"
                 );
+                self.shared
+                    .metrics
+                    .error(crate::metrics::ErrorKind::BadFrame);
                 Flow::Close
             }
             other => {
                 warn!(kind = ?other, "clients may only send commands and streams; closing");
+                self.shared
+                    .metrics
+                    .error(crate::metrics::ErrorKind::BadFrame);
                 Flow::Close
             }
         }

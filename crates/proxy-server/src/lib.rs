@@ -13,6 +13,7 @@
 //! - [`conn`]: per client connection a reader (frames → rules) and a
 //!   writer (responses and session output, vectored writes).
 //! - [`server`]: the listening socket, shared state, shutdown.
+//! - [`metrics`]: the opt-in Prometheus endpoint (docs/METRICS.md).
 //! - [`config`], [`ksm`], [`logging`]: the command line, KSM throttling,
 //!   tracing setup; [`notify`]: systemd readiness; [`redact`]: tokens in
 //!   logs.
@@ -56,6 +57,7 @@ pub mod config;
 pub mod conn;
 pub mod ksm;
 pub mod logging;
+pub mod metrics;
 pub mod notify;
 pub mod panics;
 pub mod redact;

@@ -540,6 +540,11 @@ impl Registry {
         self.vms.get(&vm).map(|v| v.container_id.as_str())
     }
 
+    /// Whether the VM is registered (not yet unregistered).
+    pub fn vm_registered(&self, vm: VmId) -> bool {
+        self.vms.get(&vm).is_some_and(|v| v.registered)
+    }
+
     /// Number of VMs known (registered or not yet torn down).
     pub fn vm_count(&self) -> usize {
         self.vms.len()

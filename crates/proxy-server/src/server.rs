@@ -49,6 +49,8 @@ pub struct Shared {
     pub budget: crate::session::Budget,
     /// Client connections open now.
     pub connections: std::sync::atomic::AtomicUsize,
+    /// Daemon-wide counters for the metrics endpoint (docs/METRICS.md).
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl Shared {
@@ -77,6 +79,7 @@ impl Shared {
             shutdown: watch::channel(false).0,
             pod_mode,
             ksm,
+            metrics: Arc::default(),
         })
     }
 
@@ -260,6 +263,11 @@ impl VmEvents for Events {
             s.state().registry.process_exited(token);
         }
     }
+
+    fn metrics(&self) -> Option<Arc<crate::metrics::Metrics>> {
+        let s = self.0.upgrade()?;
+        crate::metrics::enabled(&s).then(|| s.metrics.clone())
+    }
 }
 
 /// A token as the reference makes them: 32 random bytes, base64url.
@@ -435,9 +443,22 @@ pub async fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     };
     let ksm = Ksm::start(config.ksm, &config.ksm_sysfs);
     let shared = Shared::new(config, &path, pod_mode, ksm.clone());
+    let metrics = match crate::metrics::start(&shared) {
+        Ok(m) => m,
+        Err(e) => {
+            if let Some(k) = &ksm {
+                k.restore();
+            }
+            if !activated {
+                let _ = std::fs::remove_file(&path);
+            }
+            return Err(e.into());
+        }
+    };
     info!(socket = %path.display(), pod_mode, activated, "cc-proxy listening");
     crate::notify::ready(&path);
     serve(shared.clone(), listener, signals).await;
+    drop(metrics);
     if let Some(k) = ksm {
         k.restore();
     }

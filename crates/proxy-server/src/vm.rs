@@ -77,6 +77,10 @@ pub struct Vm {
     pub bytes_from_agent: AtomicU64,
     /// Bytes sent to the agent on io.
     pub bytes_to_agent: AtomicU64,
+    /// Messages received from the agent on io.
+    pub msgs_from_agent: AtomicU64,
+    /// Messages sent to the agent on io.
+    pub msgs_to_agent: AtomicU64,
     session_bound: usize,
     budget: Budget,
     io_flow: Arc<IoFlow>,
@@ -202,6 +206,11 @@ pub trait VmEvents: Send + Sync + 'static {
     fn vm_failed(&self, vm: VmId, reason: String);
     /// The exit code of `token`'s process arrived.
     fn process_exited(&self, vm: VmId, token: &str, code: u8);
+    /// Where to count ctl round trips and agent garbage, if anywhere
+    /// (asked once per task).
+    fn metrics(&self) -> Option<Arc<crate::metrics::Metrics>> {
+        None
+    }
 }
 
 impl Vm {
@@ -224,6 +233,8 @@ impl Vm {
             gone: watch::channel(Gone::No).0,
             bytes_from_agent: AtomicU64::new(0),
             bytes_to_agent: AtomicU64::new(0),
+            msgs_from_agent: AtomicU64::new(0),
+            msgs_to_agent: AtomicU64::new(0),
             session_bound: opts.session_bound,
             budget: opts.budget.clone(),
             io_flow: Arc::default(),
@@ -393,6 +404,7 @@ async fn ctl_task(
     let timeout = opts.ctl_timeout;
     let mut dec = CtlDecoder::new(opts.max_agent_message);
     let mut gone = vm.gone.subscribe();
+    let metrics = events.metrics();
     // Replies still owed for transactions that timed out: discarded when
     // they come, so later replies match their requests.
     let mut stale = 0usize;
@@ -410,6 +422,9 @@ async fn ctl_task(
                 Ok(Some(m)) => idle_message(&m, &mut stale),
                 Ok(None) => break,
                 Err(e) => {
+                    if let Some(m) = &metrics {
+                        m.error(crate::metrics::ErrorKind::AgentGarbage);
+                    }
                     let reason = format!("the agent sent garbage on ctl: {e}");
                     events.vm_failed(vm.id, reason.clone());
                     return fail_pending(&mut rx, &reason).await;
@@ -445,6 +460,7 @@ async fn ctl_task(
             ))));
             break reason;
         }
+        let sent = metrics.as_ref().map(|_| Instant::now());
         let deadline = Instant::now() + timeout;
         let result = loop {
             match dec.decode(&mut buf) {
@@ -492,12 +508,18 @@ async fn ctl_task(
                     }
                 }
                 Err(e) => {
+                    if let Some(m) = &metrics {
+                        m.error(crate::metrics::ErrorKind::AgentGarbage);
+                    }
                     break Err(ProxyError::AgentIo(format!(
                         "the agent sent garbage on ctl while {code} was waiting for its reply: {e}"
-                    )))
+                    )));
                 }
             }
         };
+        if let (Some(m), Some(sent)) = (&metrics, sent) {
+            m.ctl_done(sent.elapsed(), &result);
+        }
         let fatal = matches!(&result, Err(ProxyError::AgentIo(_)));
         let reason = match &result {
             Err(e) if fatal => Some(e.to_string()),
@@ -578,8 +600,10 @@ async fn io_reader(vm: Arc<Vm>, mut r: AgentRead, max_message: usize, events: Ar
     // one's lock per message; a session closed since is evicted when a
     // push fails.
     let mut routes: SeqMap<Route> = SeqMap::default();
-    // Bytes decoded and not yet counted in the VM's stats.
+    // Bytes (and messages) decoded and not yet counted in the VM's stats.
     let mut uncounted = 0u64;
+    let mut uncounted_msgs = 0u64;
+    let metrics = events.metrics();
     let flow = vm.io_flow.clone();
     // Read since the writers were last woken; the read was large; how often
     // consecutive messages changed sessions in it.
@@ -597,9 +621,15 @@ async fn io_reader(vm: Arc<Vm>, mut r: AgentRead, max_message: usize, events: Ar
             let m = match dec.decode(&mut buf) {
                 Ok(Some(m)) => m,
                 Ok(None) => break,
-                Err(e) => break 'outer format!("the agent sent garbage on io: {e}"),
+                Err(e) => {
+                    if let Some(m) = &metrics {
+                        m.error(crate::metrics::ErrorKind::AgentGarbage);
+                    }
+                    break 'outer format!("the agent sent garbage on io: {e}");
+                }
             };
             uncounted += m.data.len() as u64;
+            uncounted_msgs += 1;
             let seq = m.seq;
             if seq == NULL_SEQ || seq == NULL_SEQ + 1 {
                 continue; // the null session: discarded
@@ -673,6 +703,11 @@ async fn io_reader(vm: Arc<Vm>, mut r: AgentRead, max_message: usize, events: Ar
             vm.bytes_from_agent.fetch_add(uncounted, Ordering::Relaxed);
             uncounted = 0;
         }
+        if uncounted_msgs > 0 {
+            vm.msgs_from_agent
+                .fetch_add(uncounted_msgs, Ordering::Relaxed);
+            uncounted_msgs = 0;
+        }
         if fresh {
             fresh = false;
             // Writers wait only while streaming, and every other place
@@ -731,8 +766,10 @@ async fn io_writer(
             _ = gone.changed() => return,
         };
         let mut n = 0u64;
+        let mut msgs = 0u64;
         let mut add = |m: IoOut, batch: &mut Batch| {
             n += m.data.len() as u64;
+            msgs += 1;
             batch.push_small(&m.header);
             batch.push(m.data);
         };
@@ -748,6 +785,7 @@ async fn io_writer(
             return;
         }
         vm.bytes_to_agent.fetch_add(n, Ordering::Relaxed);
+        vm.msgs_to_agent.fetch_add(msgs, Ordering::Relaxed);
     }
 }
 

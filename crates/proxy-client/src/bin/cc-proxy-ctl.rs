@@ -6,6 +6,7 @@
 //! cc-proxy-ctl hyper --vm pod-1 startpod '{"hostname":"pod-1"}'
 //! cc-proxy-ctl --json attach pod-1 --tokens 1
 //! cc-proxy-ctl unregister pod-1
+//! cc-proxy-ctl stats --metrics-socket /run/cc-proxy/metrics.sock
 //! ```
 
 use std::process::ExitCode;
@@ -13,6 +14,9 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use proxy_client::blocking::Client;
 use proxy_client::{Error, Token, VmIo, VmSpec};
+
+#[path = "cc-proxy-ctl/stats.rs"]
+mod stats;
 
 /// The daemon's default socket.
 const DEFAULT_SOCKET: &str = "/run/cc-proxy/proxy.sock";
@@ -87,17 +91,26 @@ enum Cmd {
         /// The command's data, as JSON.
         data: Option<String>,
     },
+    /// Show the daemon's figures (VMs, sessions, bytes, queues, errors, ctl
+    /// round trips) from its metrics endpoint: give the address the daemon
+    /// was started with (`cc-proxy --metrics-addr` or `--metrics-socket`);
+    /// the proxy socket is not used. See docs/METRICS.md.
+    Stats(stats::StatsArgs),
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    match run(&args) {
+    let result = match &args.cmd {
+        // From the metrics endpoint, not the proxy socket.
+        Cmd::Stats(s) => stats::run(s, args.json),
+        // The proxy's own words; the wire command behind them (the
+        // AttachVM of `hyper --vm`) is no concern of the user's.
+        _ => run(&args).map_err(|e| e.proxy_msg().map_or_else(|| e.to_string(), str::to_owned)),
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             let what = args.cmd.describe();
-            // The proxy's own words; the wire command behind them (the
-            // AttachVM of `hyper --vm`) is no concern of the user's.
-            let e = e.proxy_msg().map_or_else(|| e.to_string(), str::to_owned);
             if args.json {
                 // Where the answers go, so a script reads one JSON object
                 // whatever happened.
@@ -121,6 +134,7 @@ impl Cmd {
             Cmd::Attach { container_id, .. } => format!("attach {container_id}"),
             Cmd::Unregister { container_id } => format!("unregister {container_id}"),
             Cmd::Hyper { vm, name, .. } => format!("hyper {name} on VM {vm}"),
+            Cmd::Stats(_) => "stats".into(),
         }
     }
 }
@@ -168,6 +182,8 @@ fn run(args: &Args) -> Result<(), Error> {
             let reply = client.hyper(name, &tokens, data.as_deref())?;
             print_reply(args.json, name, &reply);
         }
+        // Served by `main` without the proxy socket.
+        Cmd::Stats(_) => {}
     }
     Ok(())
 }
