@@ -5,7 +5,7 @@ use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const BIN: &str = env!("CARGO_BIN_EXE_cc-proxy");
 
@@ -55,17 +55,14 @@ fn term_and_wait(child: &mut Child) -> std::process::ExitStatus {
         nix::sys::signal::Signal::SIGTERM,
     )
     .unwrap();
-    let t = Instant::now();
-    loop {
+    // Up to 500 polls 20 ms apart: a hang fails, a slow machine does not.
+    for _ in 0..500 {
         if let Some(st) = child.try_wait().unwrap() {
             return st;
         }
-        assert!(
-            t.elapsed() < Duration::from_secs(10),
-            "no exit after SIGTERM"
-        );
         std::thread::sleep(Duration::from_millis(20));
     }
+    panic!("no exit after SIGTERM");
 }
 
 #[test]

@@ -38,9 +38,10 @@ async fn an_agent_that_never_sends_ready_fails_register_vm_in_time() {
 
 #[tokio::test]
 async fn an_agent_that_closes_before_ready_fails_register_vm_at_once() {
-    // The proxy may retry unreachable sockets (a hypervisor still starting)
-    // until the READY timeout: keep it short for the vanished agent below.
-    let mut p = proxy_with(&["--ready-timeout", "3s"]).await;
+    // A READY timeout far beyond the client's patience: a proxy that
+    // waited for it instead of failing at once leaves the client without
+    // an answer.
+    let mut p = proxy_with(&["--ready-timeout", "120s"]).await;
     let mut other = Vm::register(&p, 0).await;
     let agent = MockAgent::builder()
         .ready(ReadyMode::CloseOnConnect)
@@ -48,15 +49,9 @@ async fn an_agent_that_closes_before_ready_fails_register_vm_at_once() {
         .await;
     let id = unique_id("dying");
     let mut c = p.client().await;
-    let t0 = Instant::now();
+    c.set_timeout(Duration::from_secs(20));
     let msg = c.register_agent(&id, &agent, 1).await.unwrap_err();
-    // At once, not at the READY timeout.
-    assert!(
-        t0.elapsed() < Duration::from_millis(1500),
-        "{:?}",
-        t0.elapsed()
-    );
-    assert!(!msg.is_empty());
+    assert!(msg.contains("before sending READY"), "{msg}");
     assert!(
         c.attach_vm(&id, 0).await.is_err(),
         "nothing stays registered"
@@ -67,7 +62,10 @@ async fn an_agent_that_closes_before_ready_fails_register_vm_at_once() {
     let (ctl, io) = (gone.ctl_path().to_owned(), gone.io_path().to_owned());
     gone.vanish();
     let msg = c.register_vm(&id, &ctl, &io, 0).await.unwrap_err();
-    assert!(!msg.is_empty());
+    assert!(
+        msg.contains("cannot reach the agent's ctl channel"),
+        "{msg}"
+    );
     assert_vm_answers(&mut other).await;
     p.assert_running();
     assert_serves_fresh_vm(&p).await;
@@ -114,20 +112,18 @@ async fn an_agent_that_never_answers_times_out_and_the_vm_stays_usable() {
     });
     let msg = r.unwrap_err();
     assert!(msg.contains("ping") || msg.contains("reply"), "{msg}");
-    // The late reply must not be taken for the next command's reply.
+    // The late reply must not be taken for the next command's reply (it
+    // comes first on ctl, so the proxy reads it first and discards it).
     vm.agent.reply_ack(b"late").await;
-    tokio::time::sleep(Duration::from_millis(50)).await;
     let (r, ()) = tokio::join!(vm.runtime.hyper("version", &[], None), async {
-        match vm.agent.recv_ctl().await {
-            Some(m) if m.code == Code::Version as u32 => vm.agent.reply_ack(b"v2").await,
-            // A proxy that gave up on the VM after the timeout may close ctl.
-            Some(m) => panic!("unexpected {m:?}"),
-            None => {}
-        }
+        vm.agent.expect_ctl(Code::Version).await;
+        vm.agent.reply_ack(b"v2").await;
     });
-    if let Ok(reply) = r {
-        assert_eq!(&reply[..], b"v2", "no stale reply");
-    }
+    assert_eq!(
+        &r.expect("a timeout leaves the VM usable")[..],
+        b"v2",
+        "no stale reply"
+    );
     p.assert_running();
     assert_serves_fresh_vm(&p).await;
 }
@@ -146,19 +142,20 @@ async fn garbage_on_ctl_fails_the_pending_command_not_the_proxy() {
             .await;
     });
     assert!(r.is_err(), "a garbage reply is an error: {r:?}");
-    // Never a hang afterwards.
-    let r =
-        tokio::time::timeout(Duration::from_secs(10), vm.runtime.hyper("ping", &[], None)).await;
-    if let Ok(Ok(_)) = r {
-        panic!("a VM whose ctl framing is lost cannot answer");
-    }
+    // Never a hang afterwards, and no answer: its ctl framing is lost.
+    let r = tokio::time::timeout(Duration::from_secs(10), vm.runtime.hyper("ping", &[], None))
+        .await
+        .expect("no hang after a garbage reply");
+    assert!(
+        r.is_err(),
+        "a VM whose ctl framing is lost cannot answer: {r:?}"
+    );
 
-    // Garbage while idle: a length far over 10240.
+    // Garbage while idle: a length far over the limit.
     let mut vm2 = Vm::register(&p, 0).await;
     vm2.agent
         .send_garbage_ctl(&[0, 0, 0, 9, 0x7f, 0xff, 0xff, 0xff])
         .await;
-    tokio::time::sleep(Duration::from_millis(50)).await;
     let r = tokio::time::timeout(
         Duration::from_secs(10),
         vm2.runtime.hyper("ping", &[], None),

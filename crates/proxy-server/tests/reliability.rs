@@ -343,11 +343,16 @@ async fn regression_tokens_and_connections_are_limited() {
     ])
     .await;
     let mut vm = Vm::register(&p, 0).await;
+    let before = peak_rss(&p);
     let mut c = p.client().await;
     c.attach_vm(&vm.id, 4096).await.unwrap();
     c.attach_vm(&vm.id, 4096).await.unwrap();
-    let msg = c.attach_vm(&vm.id, 4096).await.unwrap_err();
-    assert!(msg.contains("limit of 10000 live tokens"), "{msg}");
+    for _ in 0..100 {
+        let msg = c.attach_vm(&vm.id, 4096).await.unwrap_err();
+        assert!(msg.contains("limit of 10000 live tokens"), "{msg}");
+    }
+    let grew = peak_rss(&p).saturating_sub(before);
+    assert!(grew < 64 * MIB, "8192 tokens took {} MiB", grew / MIB);
     // Two connections are open (the runtime's and c); ten more fit.
     let mut open = Vec::new();
     for _ in 0..10 {

@@ -219,9 +219,7 @@ async fn too_slow_reply_times_out_saying_how_long() {
     });
     // The handshake timeout fires first.
     let opts = quick().with_handshake_timeout(Duration::from_millis(200));
-    let start = Instant::now();
     let err = connect(&hv(&path, 5), &opts).await.unwrap_err();
-    assert!(start.elapsed() < Duration::from_secs(2));
     assert!(
         matches!(err, ConnectError::HandshakeTimeout { .. }),
         "{err:?}"
