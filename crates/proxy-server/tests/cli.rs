@@ -19,7 +19,7 @@ fn tempdir(tag: &str) -> PathBuf {
 /// Wait until the daemon logs that it listens (connectability alone can
 /// mislead: a socket bound by the test can be held open by a child another
 /// test forked at that moment).
-fn wait_for_socket(p: &Path, child: &mut Child) {
+fn wait_for_socket(p: &Path, child: &mut Child) -> String {
     use std::io::BufRead;
     let mut err = std::io::BufReader::new(child.stderr.take().expect("stderr piped"));
     let mut seen = String::new();
@@ -38,6 +38,8 @@ fn wait_for_socket(p: &Path, child: &mut Child) {
     }
     UnixStream::connect(p).expect("the daemon accepts connections");
     std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
+    // The "cc-proxy listening" line.
+    seen.lines().last().unwrap_or_default().to_owned()
 }
 
 fn spawn(args: &[&str]) -> Child {
@@ -187,8 +189,14 @@ fn socket_activation_uses_fd_3() {
     }
     let mut child = cmd.spawn().unwrap();
     drop(listener);
-    wait_for_socket(&sock, &mut child);
+    let listening = wait_for_socket(&sock, &mut child);
     assert!(!d.join("unused.sock").exists(), "the passed socket is used");
+    // ... and its path, not -socket-path's, is the one handed to shims.
+    assert!(
+        listening.contains(&format!("socket={}", sock.display()))
+            && listening.contains("activated=true"),
+        "{listening}"
+    );
     assert!(term_and_wait(&mut child).success());
     // The activated socket belongs to the service manager: not removed.
     assert!(sock.exists());
