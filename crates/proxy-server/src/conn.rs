@@ -107,8 +107,12 @@ async fn serve_inner(shared: Arc<Shared>, stream: UnixStream, conn: ConnId) {
     // The memory budget the read buffer holds beyond its first MIN_READ
     // bytes (a large frame, or large reads).
     let mut held: Option<OwnedSemaphorePermit> = None;
-    // When the partial frame at the head of the buffer began to come.
+    // When the partial frame at the head of the buffer began to come, and
+    // the timer that ends it. The timer is boxed (only connections that
+    // ever had a partial frame pay for one) and moved only when it fires
+    // before its frame is due, like the ctl timer: not once per read.
     let mut frame_since: Option<tokio::time::Instant> = None;
+    let mut frame_timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
     let frame_timeout = shared.config.frame_timeout;
     'conn: loop {
         let mut decoded = false;
@@ -148,6 +152,9 @@ async fn serve_inner(shared: Arc<Shared>, stream: UnixStream, conn: ConnId) {
             frame_since = Some(tokio::time::Instant::now());
         }
         let frame_deadline = frame_since.map(|t| t + frame_timeout);
+        if let (Some(d), None) = (frame_deadline, &frame_timer) {
+            frame_timer = Some(Box::pin(tokio::time::sleep_until(d)));
+        }
         let mut started = false;
         let mut timed_out = false;
         tokio::select! {
@@ -162,7 +169,7 @@ async fn serve_inner(shared: Arc<Shared>, stream: UnixStream, conn: ConnId) {
                 drain = true;
                 break;
             }
-            r = c.process_started(), if !c.stdin.data.is_empty() => match r {
+            r = poll_boxed(&mut c.stdin.wait), if c.stdin.wait.is_some() => match r {
                 Ok(()) => started = true,
                 Err(e) => {
                     // The error names the token: shortened.
@@ -173,7 +180,12 @@ async fn serve_inner(shared: Arc<Shared>, stream: UnixStream, conn: ConnId) {
                     break;
                 }
             },
-            () = sleep_until(frame_deadline) => timed_out = true,
+            () = poll_timer(&mut frame_timer), if frame_deadline.is_some() => {
+                match (frame_deadline, frame_timer.as_mut()) {
+                    (Some(d), Some(t)) if tokio::time::Instant::now() < d => t.as_mut().reset(d),
+                    _ => timed_out = true,
+                }
+            }
         }
         if timed_out {
             c.incomplete(&buf, frame_timeout).await;
@@ -204,11 +216,19 @@ async fn serve_inner(shared: Arc<Shared>, stream: UnixStream, conn: ConnId) {
                         bytes = more,
                         "memory budget spent; not reading this client until some is free"
                     );
-                    let got = tokio::select! {
-                        p = shared.budget.clone().acquire_many_owned(more) => p.ok(),
-                        _ = shutdown.wait_for(|s| *s) => break,
-                        () = sleep_until(frame_deadline) => None,
-                    };
+                    // Boxed: a rare wait, kept out of every connection's
+                    // task.
+                    let budget = shared.budget.clone();
+                    let mut stop = shared.shutdown.subscribe();
+                    let got = Box::pin(async move {
+                        tokio::select! {
+                            p = budget.acquire_many_owned(more) => Ok(p.ok()),
+                            _ = stop.wait_for(|s| *s) => Err(()),
+                            () = sleep_until(frame_deadline) => Ok(None),
+                        }
+                    })
+                    .await;
+                    let Ok(got) = got else { break };
                     if got.is_none() {
                         c.incomplete(&buf, frame_timeout).await;
                         break;
@@ -283,6 +303,35 @@ async fn serve_inner(shared: Arc<Shared>, stream: UnixStream, conn: ConnId) {
     debug!("client disconnected");
 }
 
+/// Await a boxed future if there is one (a select branch that costs the
+/// task a pointer, not the future).
+async fn poll_boxed<T>(f: &mut Option<SyncFuture<T>>) -> T {
+    match f {
+        // `get_mut` takes no lock: the mutex is only there to make the
+        // future `Sync`, as `&Conn` is held across awaits.
+        Some(f) => {
+            f.get_mut()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_mut()
+                .await
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// A boxed future that a shared reference may be held to.
+type SyncFuture<T> = std::sync::Mutex<BoxFuture<T>>;
+
+/// Await a boxed timer if there is one.
+async fn poll_timer(t: &mut Option<std::pin::Pin<Box<tokio::time::Sleep>>>) {
+    match t {
+        Some(t) => t.as_mut().await,
+        None => std::future::pending().await,
+    }
+}
+
+type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>;
+
 /// Sleep until `deadline`, or forever without one.
 async fn sleep_until(deadline: Option<tokio::time::Instant>) {
     match deadline {
@@ -309,14 +358,26 @@ struct Conn {
     stdin: PendingStdin,
 }
 
+impl std::fmt::Debug for PendingStdin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PendingStdin")
+            .field("messages", &self.data.len())
+            .field("bytes", &self.bytes)
+            .field("since", &self.since)
+            .finish_non_exhaustive()
+    }
+}
+
 /// Stdin that came before its process started. It waits here, bounded by
 /// `--session-buffer`, while the connection keeps being read (a signal or
 /// DisconnectShim behind it is served at once), and goes to the agent, in
 /// order, once the process starts.
-#[derive(Debug, Default)]
+#[derive(Default)]
 struct PendingStdin {
     data: std::collections::VecDeque<Bytes>,
     bytes: usize,
+    /// The wait for the process to start, while stdin waits for it.
+    wait: Option<SyncFuture<Result<(), ProxyError>>>,
     /// Its share of the memory budget.
     budget: Option<OwnedSemaphorePermit>,
     /// When the oldest of it came: the process must start within
@@ -686,9 +747,17 @@ impl Conn {
                 }
                 self.stdin.bytes += data.len();
                 self.stdin.data.push_back(data);
-                self.stdin
+                let since = *self
+                    .stdin
                     .since
                     .get_or_insert_with(tokio::time::Instant::now);
+                if self.stdin.wait.is_none() {
+                    self.stdin.wait = Some(std::sync::Mutex::new(Box::pin(started_within(
+                        shim.session.clone(),
+                        since,
+                        self.shared.config.process_timeout,
+                    ))));
+                }
                 return Flow::Continue;
             }
             // The queue is full: this connection waits for the start (the
@@ -789,6 +858,26 @@ impl Conn {
             }
         }
         Flow::Continue
+    }
+}
+
+/// Wait until `session`'s process starts, at most `t` after `since`.
+async fn started_within(
+    session: Arc<Session>,
+    since: tokio::time::Instant,
+    t: Duration,
+) -> Result<(), ProxyError> {
+    let mut rx = session.started.subscribe();
+    let started = tokio::time::timeout_at(since + t, rx.wait_for(|v| *v))
+        .await
+        .map(|r| r.is_ok());
+    match started {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(ProxyError::VmGone),
+        Err(_) => Err(ProxyError::Timeout {
+            waited_for: format!("the process of token {:?} to start", session.token),
+            after: t,
+        }),
     }
 }
 
