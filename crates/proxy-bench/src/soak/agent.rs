@@ -90,7 +90,11 @@ pub async fn accept(
     vm: Arc<VmState>,
     epoch: u64,
 ) -> Result<AgentCtl, String> {
-    let (ctl, _) = l.ctl.accept().await.map_err(|e| format!("accept ctl: {e}"))?;
+    let (ctl, _) = l
+        .ctl
+        .accept()
+        .await
+        .map_err(|e| format!("accept ctl: {e}"))?;
     let (io, _) = l.io.accept().await.map_err(|e| format!("accept io: {e}"))?;
     let (mut ctl, ctl_h) = with_handle(ctl).map_err(|e| format!("ctl: {e}"))?;
     let (io, io_h) = with_handle(io).map_err(|e| format!("io: {e}"))?;
@@ -105,7 +109,13 @@ pub async fn accept(
     let (io_tx, io_rx) = mpsc::channel::<Bytes>(64);
     let seqs: Arc<Mutex<HashMap<u64, Arc<Sess>>>> = Arc::default();
     tokio::spawn(io_writer(io_w, io_rx));
-    tokio::spawn(io_reader(io_r, seqs.clone(), soak.clone(), vm.clone(), epoch));
+    tokio::spawn(io_reader(
+        io_r,
+        seqs.clone(),
+        soak.clone(),
+        vm.clone(),
+        epoch,
+    ));
     tokio::spawn(ctl_loop(ctl, io_tx.clone(), seqs, soak, vm, epoch));
     Ok(AgentCtl {
         ctl: ctl_h,
@@ -150,13 +160,18 @@ async fn io_reader(
                             s.stdin_recv.lock().expect("stdin").feed(&m.data);
                         }
                         None => soak.check(vm.excused(epoch), || {
-                            format!("{}: io message for seq {} that no process has", vm.cid, m.seq)
+                            format!(
+                                "{}: io message for seq {} that no process has",
+                                vm.cid, m.seq
+                            )
                         }),
                     }
                 }
                 Ok(None) => break,
                 Err(e) => {
-                    soak.check(false, || format!("{}: the daemon's io framing: {e}", vm.cid));
+                    soak.check(false, || {
+                        format!("{}: the daemon's io framing: {e}", vm.cid)
+                    });
                     return;
                 }
             }
@@ -201,7 +216,9 @@ async fn ctl_loop(
                 continue;
             }
             Err(e) => {
-                soak.check(false, || format!("{}: the daemon's ctl framing: {e}", vm.cid));
+                soak.check(false, || {
+                    format!("{}: the daemon's ctl framing: {e}", vm.cid)
+                });
                 return;
             }
         };
@@ -255,17 +272,29 @@ async fn start_process(
     let sess = soak.sessions.lock().expect("sessions").get(&sid).cloned();
     let (Some(sess), Some(stdio), Some(stderr)) = (sess, p["stdio"].as_u64(), p["stderr"].as_u64())
     else {
-        soak.check(false, || format!("{}: a process the soak did not start: {json}", vm.cid));
+        soak.check(false, || {
+            format!("{}: a process the soak did not start: {json}", vm.cid)
+        });
         return write_ctl(s, Code::Error, Bytes::from_static(b"unknown process")).await;
     };
     soak.check(stdio >= 3 && stdio % 2 == 1 && stderr == stdio + 1, || {
-        format!("{}: process relocated to stdio {stdio}, stderr {stderr}", vm.cid)
+        format!(
+            "{}: process relocated to stdio {stdio}, stderr {stderr}",
+            vm.cid
+        )
     });
     seqs.lock().expect("seqs").insert(stdio, sess.clone());
     if !write_ctl(s, Code::Ack, Bytes::new()).await {
         return false;
     }
-    tokio::spawn(run_process(sess, stdio, io_tx.clone(), soak.clone(), vm.clone(), epoch));
+    tokio::spawn(run_process(
+        sess,
+        stdio,
+        io_tx.clone(),
+        soak.clone(),
+        vm.clone(),
+        epoch,
+    ));
     true
 }
 

@@ -229,7 +229,11 @@ mod tests {
         c.feed(&data[160..240]);
         assert_eq!((c.lost, c.gaps, c.failure.is_none()), (80, 1, true));
         c.feed(&data[320..400]);
-        assert!(c.failure.as_deref().unwrap().contains("without a reconnect"));
+        assert!(c
+            .failure
+            .as_deref()
+            .unwrap()
+            .contains("without a reconnect"));
 
         let mut d = RecvCheck::new(7, Which::Stdout);
         d.feed(&data[..80]);

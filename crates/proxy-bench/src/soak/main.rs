@@ -254,7 +254,11 @@ impl Soak {
         self.check(ok, || {
             format!(
                 "{what}: expected {}, got {}",
-                if want_ok { "success" } else { "an error response" },
+                if want_ok {
+                    "success"
+                } else {
+                    "an error response"
+                },
                 match r {
                     Ok(Ok(p)) => format!("success {}", String::from_utf8_lossy(p)),
                     Ok(Err(m)) => format!("error {m:?}"),
@@ -495,10 +499,16 @@ async fn run(args: Args) -> Result<bool, String> {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         soak.check(end_fds <= idle_fds, || {
-            format!("{end_fds} fds open after every VM and connection is gone ({idle_fds} when idle)")
+            format!(
+                "{end_fds} fds open after every VM and connection is gone ({idle_fds} when idle)"
+            )
         });
     }
-    let end_rss = if crashed.is_none() { daemon::rss_kib(pid).unwrap_or(0) } else { 0 };
+    let end_rss = if crashed.is_none() {
+        daemon::rss_kib(pid).unwrap_or(0)
+    } else {
+        0
+    };
     let exit = if crashed.is_none() {
         Some(d.shutdown())
     } else {
@@ -508,7 +518,9 @@ async fn run(args: Args) -> Result<bool, String> {
         soak.check(false, || format!("the daemon crashed: {e}"));
     }
     match &exit {
-        Some(Ok(s)) => soak.check(s.success(), || format!("cc-proxy exited with {s} after SIGTERM")),
+        Some(Ok(s)) => soak.check(s.success(), || {
+            format!("cc-proxy exited with {s} after SIGTERM")
+        }),
         Some(Err(e)) => soak.check(false, || e.clone()),
         None => {}
     }
@@ -522,10 +534,25 @@ async fn run(args: Args) -> Result<bool, String> {
     let passed = soak.passed.load(Ordering::Relaxed);
     let failed = soak.failed.load(Ordering::Relaxed);
     let failures = soak.failures.lock().expect("failures").clone();
-    let summary = report::summary(&args, &soak.stats, passed, failed, &failures, &samples, &growth, idle_fds, end_fds, end_rss, start.elapsed());
+    let summary = report::summary(
+        &args,
+        &soak.stats,
+        passed,
+        failed,
+        &failures,
+        &samples,
+        &growth,
+        idle_fds,
+        end_fds,
+        end_rss,
+        start.elapsed(),
+    );
     let path = args.out.join("summary.json");
-    std::fs::write(&path, serde_json::to_string_pretty(&summary).map_err(|e| e.to_string())? + "\n")
-        .map_err(|e| format!("{}: {e}", path.display()))?;
+    std::fs::write(
+        &path,
+        serde_json::to_string_pretty(&summary).map_err(|e| e.to_string())? + "\n",
+    )
+    .map_err(|e| format!("{}: {e}", path.display()))?;
     if args.report {
         let svg = report::svg(&samples);
         let p = args.docs.join("soak.svg");

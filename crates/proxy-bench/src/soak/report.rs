@@ -65,7 +65,11 @@ pub fn growth(samples: &[Sample]) -> Growth {
 pub fn write_csv(path: &Path, samples: &[Sample]) -> Result<(), String> {
     let mut s = String::from("t_s,rss_kib,fds,commands,bytes_checked\n");
     for x in samples {
-        let _ = writeln!(s, "{:.1},{},{},{},{}", x.t, x.rss_kib, x.fds, x.commands, x.bytes);
+        let _ = writeln!(
+            s,
+            "{:.1},{},{},{},{}",
+            x.t, x.rss_kib, x.fds, x.commands, x.bytes
+        );
     }
     std::fs::write(path, s).map_err(|e| format!("{}: {e}", path.display()))
 }
@@ -144,7 +148,12 @@ pub fn svg(samples: &[Sample]) -> String {
     let pw = w - l - r;
     let ph = h - t - b;
     let t_max = samples.last().map_or(1.0, |s| s.t).max(1.0);
-    let rss_max = nice(samples.iter().map(|s| s.rss_kib as f64 / 1024.0).fold(1.0, f64::max));
+    let rss_max = nice(
+        samples
+            .iter()
+            .map(|s| s.rss_kib as f64 / 1024.0)
+            .fold(1.0, f64::max),
+    );
     let fd_max = nice(samples.iter().map(|s| s.fds as f64).fold(1.0, f64::max));
     let x = |tv: f64| l + pw * tv / t_max;
     let y = |v: f64, max: f64| t + ph * (1.0 - v / max);
@@ -203,8 +212,16 @@ pub fn svg(samples: &[Sample]) -> String {
         t + ph / 2.0
     );
     for (color, f, max) in [
-        ("#1f77b4", (|s: &Sample| s.rss_kib as f64 / 1024.0) as fn(&Sample) -> f64, rss_max),
-        ("#d62728", (|s: &Sample| s.fds as f64) as fn(&Sample) -> f64, fd_max),
+        (
+            "#1f77b4",
+            (|s: &Sample| s.rss_kib as f64 / 1024.0) as fn(&Sample) -> f64,
+            rss_max,
+        ),
+        (
+            "#d62728",
+            (|s: &Sample| s.fds as f64) as fn(&Sample) -> f64,
+            fd_max,
+        ),
     ] {
         let pts: Vec<String> = samples
             .iter()

@@ -158,11 +158,15 @@ impl Shim<'_> {
         let c = Conn::open(self.soak, &self.recv, &self.pause, self.ev_tx.clone()).await?;
         self.conn = Some(c);
         self.ended = false;
-        self.send(&wire::command(Command::ConnectShim, &json!({ "token": self.token })))
-            .await?;
+        self.send(&wire::command(
+            Command::ConnectShim,
+            &json!({ "token": self.token }),
+        ))
+        .await?;
         let r = self.response(Command::ConnectShim).await;
         let excused = self.excused();
-        self.soak.reply(&format!("{}: ConnectShim", self.vm.cid), &r, true, excused);
+        self.soak
+            .reply(&format!("{}: ConnectShim", self.vm.cid), &r, true, excused);
         match r {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(m)) => Err(m),
@@ -182,7 +186,10 @@ impl Shim<'_> {
         match tokio::time::timeout(REPLY_TIMEOUT * 2, self.ev.recv()).await {
             Ok(Some(e)) => Ok(e),
             Ok(None) => Err("the reader is gone".into()),
-            Err(_) => Err(format!("nothing from the daemon within {:?}", REPLY_TIMEOUT * 2)),
+            Err(_) => Err(format!(
+                "nothing from the daemon within {:?}",
+                REPLY_TIMEOUT * 2
+            )),
         }
     }
 
@@ -192,7 +199,11 @@ impl Shim<'_> {
             match self.event().await? {
                 Ev::Response(c, r) if c == cmd => return Ok(r),
                 Ev::Response(c, _) => {
-                    return Err(format!("a {} response while waiting for {}", c.name(), cmd.name()))
+                    return Err(format!(
+                        "a {} response while waiting for {}",
+                        c.name(),
+                        cmd.name()
+                    ))
                 }
                 Ev::Exited(code) => self.exited = Some(code),
                 Ev::End(why) => {
@@ -229,14 +240,23 @@ impl Shim<'_> {
 
 /// One process: token, ConnectShim, Hyper, stdin/signals/pauses/
 /// reconnects, EOF, the exit code, the checks, DisconnectShim.
-async fn session(soak: &Arc<Soak>, vm: &Arc<VmState>, epoch: u64, first: Option<String>, rng: &mut Rng) {
+async fn session(
+    soak: &Arc<Soak>,
+    vm: &Arc<VmState>,
+    epoch: u64,
+    first: Option<String>,
+    rng: &mut Rng,
+) {
     let sid = soak.new_sid();
     let out_len = 8 * pick_len(rng, 64 * 1024);
     let err_len = 8 * pick_len(rng, 4 * 1024);
     let in_len = 8 * pick_len(rng, 16 * 1024);
     let code = rng.below(256) as u8;
     let sess = Arc::new(Sess::new(sid, out_len, err_len, code));
-    soak.sessions.lock().expect("sessions").insert(sid, sess.clone());
+    soak.sessions
+        .lock()
+        .expect("sessions")
+        .insert(sid, sess.clone());
     let ok = session_inner(soak, vm, epoch, first, rng, &sess, in_len).await;
     soak.sessions.lock().expect("sessions").remove(&sid);
     if ok {
@@ -277,14 +297,21 @@ async fn session_inner(
     };
     let want = u32::from(first.is_none());
     let r = rt
-        .call(Command::AttachVm, &json!({ "containerId": vm.cid, "numIOStreams": want }))
+        .call(
+            Command::AttachVm,
+            &json!({ "containerId": vm.cid, "numIOStreams": want }),
+        )
         .await;
     soak.reply(&format!("{}: AttachVM", vm.cid), &r, true, excused());
     let Ok(Ok(p)) = r else { return false };
     let v: serde_json::Value = serde_json::from_slice(&p).unwrap_or_default();
     let got: Vec<String> = v["io"]["tokens"]
         .as_array()
-        .map(|a| a.iter().filter_map(|t| t.as_str().map(str::to_owned)).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(|t| t.as_str().map(str::to_owned))
+                .collect()
+        })
         .unwrap_or_default();
     soak.check(got.len() == want as usize || excused(), || {
         format!("{}: AttachVM for {want} tokens gave {v}", vm.cid)
@@ -335,7 +362,11 @@ async fn session_inner(
     }
     {
         let _g = vm.gate.read().await;
-        let name = if rng.pct(50) { "execcmd" } else { "newcontainer" };
+        let name = if rng.pct(50) {
+            "execcmd"
+        } else {
+            "newcontainer"
+        };
         let r = rt
             .call(
                 Command::Hyper,
@@ -384,7 +415,11 @@ async fn session_inner(
                 }
             };
             soak.stats.signals.add(1);
-            if shim.send(&wire::command(Command::Signal, &p)).await.is_err() {
+            if shim
+                .send(&wire::command(Command::Signal, &p))
+                .await
+                .is_err()
+            {
                 return aborted(soak, &shim, "Signal");
             }
             let r = shim.response(Command::Signal).await;
@@ -415,7 +450,9 @@ async fn session_inner(
         match shim.event().await {
             Ok(Ev::Exited(c)) => break c,
             Ok(Ev::Response(c, r)) => {
-                soak.check(false, || format!("{}: an unasked {} response {r:?}", vm.cid, c.name()));
+                soak.check(false, || {
+                    format!("{}: an unasked {} response {r:?}", vm.cid, c.name())
+                });
                 return false;
             }
             Ok(Ev::End(why)) => {
@@ -430,13 +467,18 @@ async fn session_inner(
                 return false;
             }
             Err(e) => {
-                soak.check(excused(), || format!("{}: session {}: {e}", vm.cid, sess.sid));
+                soak.check(excused(), || {
+                    format!("{}: session {}: {e}", vm.cid, sess.sid)
+                });
                 return false;
             }
         }
     };
     soak.check(code == sess.code, || {
-        format!("{}: session {} exit code {code}, want {}", vm.cid, sess.sid, sess.code)
+        format!(
+            "{}: session {} exit code {code}, want {}",
+            vm.cid, sess.sid, sess.code
+        )
     });
     // The exit code comes after all output: the streams are complete.
     // Give the reader a moment to finish the frames before the exit.
@@ -455,14 +497,21 @@ async fn session_inner(
     let in_sent = in_h.finish();
     for (c, sent_digest) in [(&out, out_sent), (&err, err_sent), (&stdin, in_sent)] {
         soak.stats.duplicated_bytes.add(c.duplicated);
-        soak.check(c.failure.is_none(), || c.failure.clone().unwrap_or_default());
+        soak.check(c.failure.is_none(), || {
+            c.failure.clone().unwrap_or_default()
+        });
         soak.check(c.next <= sent_digest.len, || {
-            format!("{}: session {}: stream at {} of {} bytes", vm.cid, sess.sid, c.next, sent_digest.len)
+            format!(
+                "{}: session {}: stream at {} of {} bytes",
+                vm.cid, sess.sid, c.next, sent_digest.len
+            )
         });
         // Lost at a reconnect: a gap, or the tail (in the dead socket,
         // with nothing after it).
         let tail = sent_digest.len.saturating_sub(c.next);
-        soak.stats.lost_bytes.add(c.lost + if reconnected > 0 { tail } else { 0 });
+        soak.stats
+            .lost_bytes
+            .add(c.lost + if reconnected > 0 { tail } else { 0 });
         if reconnected == 0 || (c.gaps == 0 && tail == 0) {
             // Nothing lost: every byte arrived, and the hashes agree.
             soak.check(c.hash.finish() == sent_digest, || {
@@ -471,18 +520,29 @@ async fn session_inner(
                     vm.cid,
                     sess.sid,
                     c.hash.finish(),
-                    if reconnected > 0 { " after a reconnect" } else { "" }
+                    if reconnected > 0 {
+                        " after a reconnect"
+                    } else {
+                        ""
+                    }
                 )
             });
         }
     }
     // Done: usually DisconnectShim (the daemon closes, no response).
     if rng.pct(85) {
-        if shim.send(&wire::command(Command::DisconnectShim, &json!({}))).await.is_ok() {
+        if shim
+            .send(&wire::command(Command::DisconnectShim, &json!({})))
+            .await
+            .is_ok()
+        {
             soak.stats.commands.add(1);
             let r = shim.event().await;
             soak.check(matches!(r, Ok(Ev::End(None))) || excused(), || {
-                format!("{}: after DisconnectShim, {r:?} instead of the connection closing", vm.cid)
+                format!(
+                    "{}: after DisconnectShim, {r:?} instead of the connection closing",
+                    vm.cid
+                )
             });
         }
     }
@@ -495,7 +555,10 @@ async fn session_inner(
 /// The session ended early: fine if its VM is being faulted.
 fn aborted(soak: &Soak, shim: &Shim<'_>, at: &str) -> bool {
     soak.check(shim.excused(), || {
-        format!("{}: session cut at {at} with no fault of its VM", shim.vm.cid)
+        format!(
+            "{}: session cut at {at} with no fault of its VM",
+            shim.vm.cid
+        )
     });
     false
 }

@@ -24,13 +24,7 @@ enum Fault {
 }
 
 /// Drive VM `i` until the soak stops, then shut it down cleanly.
-pub async fn drive(
-    soak: Arc<Soak>,
-    i: usize,
-    dir: PathBuf,
-    slots: usize,
-    seed: u64,
-) {
+pub async fn drive(soak: Arc<Soak>, i: usize, dir: PathBuf, slots: usize, seed: u64) {
     let mut rng = Rng::new(seed);
     let vm = Arc::new(VmState {
         cid: format!("soak-vm-{i}"),
@@ -47,7 +41,9 @@ pub async fn drive(
     ) {
         (Ok(ctl), Ok(io)) => Listeners { ctl, io },
         (a, b) => {
-            soak.check(false, || format!("{}: bind: {:?} {:?}", vm.cid, a.err(), b.err()));
+            soak.check(false, || {
+                format!("{}: bind: {:?} {:?}", vm.cid, a.err(), b.err())
+            });
             return;
         }
     };
@@ -55,7 +51,9 @@ pub async fn drive(
     for s in 0..slots {
         let (soak, vm) = (soak.clone(), vm.clone());
         let seed = rng.next();
-        slot_tasks.push(tokio::spawn(async move { crate::shim::slot(soak, vm, s, seed).await }));
+        slot_tasks.push(tokio::spawn(async move {
+            crate::shim::slot(soak, vm, s, seed).await
+        }));
     }
     let mut epoch = 0u64;
     'life: while !soak.stopping() {
@@ -74,7 +72,12 @@ pub async fn drive(
                     // A duplicate RegisterVM is refused; the VM is unharmed.
                     let r = call_fresh(&soak, Command::RegisterVm, &register_req(&vm, 1)).await;
                     soak.stats.negatives.add(1);
-                    soak.reply(&format!("{}: duplicate RegisterVM", vm.cid), &r, false, false);
+                    soak.reply(
+                        &format!("{}: duplicate RegisterVM", vm.cid),
+                        &r,
+                        false,
+                        false,
+                    );
                 }
                 probe(&soak, &vm, &mut rt, epoch, &mut rng).await;
             }
@@ -90,7 +93,9 @@ pub async fn drive(
                 _ => Fault::GarbageIo,
             };
             match fault {
-                Fault::Late | Fault::Error => staged_reply(&soak, &vm, &mut rt, fault, &mut rng).await,
+                Fault::Late | Fault::Error => {
+                    staged_reply(&soak, &vm, &mut rt, fault, &mut rng).await
+                }
                 _ => {
                     kill(&soak, &vm, &mut rt, &agent, fault).await;
                     continue 'life;
@@ -104,8 +109,15 @@ pub async fn drive(
         }
         vm.dying.store(true, Ordering::SeqCst);
         agent.power_off();
-        let r = rt.call(Command::UnregisterVm, &json!({ "containerId": vm.cid })).await;
-        soak.reply(&format!("{}: UnregisterVM at the end", vm.cid), &r, true, false);
+        let r = rt
+            .call(Command::UnregisterVm, &json!({ "containerId": vm.cid }))
+            .await;
+        soak.reply(
+            &format!("{}: UnregisterVM at the end", vm.cid),
+            &r,
+            true,
+            false,
+        );
         vm.epoch.send_replace(0);
         return;
     }
@@ -155,7 +167,9 @@ async fn register(
             return None;
         }
         Err(_) => {
-            soak.check(false, || format!("{}: the daemon did not dial the agent", vm.cid));
+            soak.check(false, || {
+                format!("{}: the daemon did not dial the agent", vm.cid)
+            });
             return None;
         }
     };
@@ -166,14 +180,28 @@ async fn register(
     let v: serde_json::Value = serde_json::from_slice(&payload).unwrap_or_default();
     let tokens: Vec<String> = v["io"]["tokens"]
         .as_array()
-        .map(|a| a.iter().filter_map(|t| t.as_str().map(str::to_owned)).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(|t| t.as_str().map(str::to_owned))
+                .collect()
+        })
         .unwrap_or_default();
-    soak.check(tokens.len() == slots && v["io"]["url"] == soak.url.as_str(), || {
-        format!("{}: RegisterVM response {v}: want {slots} tokens and URL {}", vm.cid, soak.url)
-    });
+    soak.check(
+        tokens.len() == slots && v["io"]["URL"] == soak.url.as_str(),
+        || {
+            format!(
+                "{}: RegisterVM response {v}: want {slots} tokens and URL {}",
+                vm.cid, soak.url
+            )
+        },
+    );
     soak.check(
         tokens.iter().all(|t| !t.is_empty())
-            && tokens.iter().collect::<std::collections::HashSet<_>>().len() == tokens.len(),
+            && tokens
+                .iter()
+                .collect::<std::collections::HashSet<_>>()
+                .len()
+                == tokens.len(),
         || format!("{}: RegisterVM tokens are not distinct: {tokens:?}", vm.cid),
     );
     {
@@ -192,42 +220,75 @@ async fn register(
 async fn probe(soak: &Arc<Soak>, vm: &Arc<VmState>, rt: &mut Rt, epoch: u64, rng: &mut Rng) {
     let _g = vm.gate.read().await;
     if rng.pct(20) {
-        let r = rt.call(Command::Hyper, &json!({ "hyperName": "ping", "tokens": [] })).await;
-        soak.reply(&format!("{}: Hyper ping", vm.cid), &r, true, vm.excused(epoch));
+        let r = rt
+            .call(
+                Command::Hyper,
+                &json!({ "hyperName": "ping", "tokens": [] }),
+            )
+            .await;
+        soak.reply(
+            &format!("{}: Hyper ping", vm.cid),
+            &r,
+            true,
+            vm.excused(epoch),
+        );
         return;
     }
     if rng.pct(15) {
         // A runtime attaching without tokens, then asking the agent.
         let r = async {
             let mut c = Rt::connect(&soak.socket).await?;
-            let a = c.call(Command::AttachVm, &json!({ "containerId": vm.cid })).await?;
+            let a = c
+                .call(Command::AttachVm, &json!({ "containerId": vm.cid }))
+                .await?;
             if let Err(m) = a {
                 return Ok(Err(m));
             }
-            c.call(Command::Hyper, &json!({ "hyperName": "ping", "tokens": [] })).await
+            c.call(
+                Command::Hyper,
+                &json!({ "hyperName": "ping", "tokens": [] }),
+            )
+            .await
         }
         .await;
-        soak.reply(&format!("{}: AttachVM + Hyper ping", vm.cid), &r, true, vm.excused(epoch));
+        soak.reply(
+            &format!("{}: AttachVM + Hyper ping", vm.cid),
+            &r,
+            true,
+            vm.excused(epoch),
+        );
         return;
     }
     let marker = format!("probe-{}", rng.next());
     let data = json!({ "container": marker, "format": "json" });
     let r = rt
-        .call(Command::Hyper, &json!({ "hyperName": "pscontainer", "tokens": [], "data": data }))
+        .call(
+            Command::Hyper,
+            &json!({ "hyperName": "pscontainer", "tokens": [], "data": data }),
+        )
         .await;
     let excused = vm.excused(epoch);
     soak.reply(&format!("{}: Hyper pscontainer", vm.cid), &r, true, excused);
     if let Ok(Ok(p)) = &r {
         let got: serde_json::Value = serde_json::from_slice(p).unwrap_or_default();
         soak.check(got == data || excused, || {
-            format!("{}: Hyper reply {got} is not the agent's answer to {data}", vm.cid)
+            format!(
+                "{}: Hyper reply {got} is not the agent's answer to {data}",
+                vm.cid
+            )
         });
     }
 }
 
 /// An agent answering later than --ctl-timeout, or with ERROR: the
 /// command fails, and the next one gets its own reply.
-async fn staged_reply(soak: &Arc<Soak>, vm: &Arc<VmState>, rt: &mut Rt, fault: Fault, rng: &mut Rng) {
+async fn staged_reply(
+    soak: &Arc<Soak>,
+    vm: &Arc<VmState>,
+    rt: &mut Rt,
+    fault: Fault,
+    rng: &mut Rng,
+) {
     let _g = vm.gate.write().await;
     let n = rng.next();
     let (marker, counter) = match fault {
@@ -242,27 +303,50 @@ async fn staged_reply(soak: &Arc<Soak>, vm: &Arc<VmState>, rt: &mut Rt, fault: F
             &json!({ "hyperName": "pscontainer", "tokens": [], "data": { "container": marker } }),
         )
         .await;
-    soak.reply(&format!("{}: Hyper to a {fault:?} agent", vm.cid), &r, false, false);
+    soak.reply(
+        &format!("{}: Hyper to a {fault:?} agent", vm.cid),
+        &r,
+        false,
+        false,
+    );
     if let Ok(Err(msg)) = &r {
         match fault {
             Fault::Late => soak.check(t.elapsed() >= crate::CTL_TIMEOUT / 2, || {
-                format!("{}: a late reply failed after {:?} only: {msg}", vm.cid, t.elapsed())
+                format!(
+                    "{}: a late reply failed after {:?} only: {msg}",
+                    vm.cid,
+                    t.elapsed()
+                )
             }),
             _ => soak.check(msg.contains(&format!("soak-agent-error {n}")), || {
-                format!("{}: the agent's ERROR is not in the response: {msg:?}", vm.cid)
+                format!(
+                    "{}: the agent's ERROR is not in the response: {msg:?}",
+                    vm.cid
+                )
             }),
         }
     }
     // The next command gets its own reply, not the late one.
     let data = json!({ "container": format!("after-{n}") });
     let r = rt
-        .call(Command::Hyper, &json!({ "hyperName": "pscontainer", "tokens": [], "data": data }))
+        .call(
+            Command::Hyper,
+            &json!({ "hyperName": "pscontainer", "tokens": [], "data": data }),
+        )
         .await;
-    soak.reply(&format!("{}: Hyper after a {fault:?} reply", vm.cid), &r, true, false);
+    soak.reply(
+        &format!("{}: Hyper after a {fault:?} reply", vm.cid),
+        &r,
+        true,
+        false,
+    );
     if let Ok(Ok(p)) = &r {
         let got: serde_json::Value = serde_json::from_slice(p).unwrap_or_default();
         soak.check(got == data, || {
-            format!("{}: after a {fault:?} reply, the reply {got} is not the answer to {data}", vm.cid)
+            format!(
+                "{}: after a {fault:?} reply, the reply {got} is not the answer to {data}",
+                vm.cid
+            )
         });
     }
 }
@@ -294,7 +378,12 @@ async fn kill(soak: &Arc<Soak>, vm: &Arc<VmState>, rt: &mut Rt, agent: &AgentCtl
     let t = Instant::now();
     let mut down = false;
     while t.elapsed() < Duration::from_secs(5) {
-        let r = rt.call(Command::Hyper, &json!({ "hyperName": "ping", "tokens": [] })).await;
+        let r = rt
+            .call(
+                Command::Hyper,
+                &json!({ "hyperName": "ping", "tokens": [] }),
+            )
+            .await;
         soak.stats.commands.add(1);
         if !matches!(r, Ok(Ok(_))) {
             down = true;
@@ -302,17 +391,40 @@ async fn kill(soak: &Arc<Soak>, vm: &Arc<VmState>, rt: &mut Rt, agent: &AgentCtl
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    soak.check(down, || format!("{}: still answering 5 s after {fault:?}", vm.cid));
-    let r = call_fresh(soak, Command::AttachVm, &json!({ "containerId": vm.cid, "numIOStreams": 1 })).await;
-    soak.reply(&format!("{}: AttachVM after {fault:?}", vm.cid), &r, false, false);
+    soak.check(down, || {
+        format!("{}: still answering 5 s after {fault:?}", vm.cid)
+    });
+    let r = call_fresh(
+        soak,
+        Command::AttachVm,
+        &json!({ "containerId": vm.cid, "numIOStreams": 1 }),
+    )
+    .await;
+    soak.reply(
+        &format!("{}: AttachVM after {fault:?}", vm.cid),
+        &r,
+        false,
+        false,
+    );
     agent.power_off();
-    let r = rt.call(Command::UnregisterVm, &json!({ "containerId": vm.cid })).await;
-    soak.reply(&format!("{}: UnregisterVM after {fault:?}", vm.cid), &r, true, false);
+    let r = rt
+        .call(Command::UnregisterVm, &json!({ "containerId": vm.cid }))
+        .await;
+    soak.reply(
+        &format!("{}: UnregisterVM after {fault:?}", vm.cid),
+        &r,
+        true,
+        false,
+    );
     vm.epoch.send_replace(0);
 }
 
 /// One command on a fresh connection.
-pub async fn call_fresh(soak: &Soak, cmd: Command, p: &serde_json::Value) -> Result<wire::Reply, String> {
+pub async fn call_fresh(
+    soak: &Soak,
+    cmd: Command,
+    p: &serde_json::Value,
+) -> Result<wire::Reply, String> {
     let mut c = Rt::connect(&soak.socket).await?;
     c.call(cmd, p).await
 }
@@ -325,16 +437,36 @@ pub async fn negatives(soak: Arc<Soak>, seed: u64, deadline: Instant) {
         soak.stats.negatives.add(1);
         let nobody = format!("soak-nobody-{}", rng.next());
         let (what, cmd, p) = match rng.below(6) {
-            0 => ("UnregisterVM of an unknown VM", Command::UnregisterVm, json!({ "containerId": nobody })),
-            1 => ("AttachVM of an unknown VM", Command::AttachVm, json!({ "containerId": nobody })),
-            2 => ("ConnectShim with an unknown token", Command::ConnectShim, json!({ "token": nobody })),
+            0 => (
+                "UnregisterVM of an unknown VM",
+                Command::UnregisterVm,
+                json!({ "containerId": nobody }),
+            ),
+            1 => (
+                "AttachVM of an unknown VM",
+                Command::AttachVm,
+                json!({ "containerId": nobody }),
+            ),
+            2 => (
+                "ConnectShim with an unknown token",
+                Command::ConnectShim,
+                json!({ "token": nobody }),
+            ),
             3 => (
                 "Hyper on an unattached connection",
                 Command::Hyper,
                 json!({ "hyperName": "ping", "tokens": [] }),
             ),
-            4 => ("Signal from a non-shim", Command::Signal, json!({ "signalNumber": 15 })),
-            _ => ("DisconnectShim from a non-shim", Command::DisconnectShim, json!({})),
+            4 => (
+                "Signal from a non-shim",
+                Command::Signal,
+                json!({ "signalNumber": 15 }),
+            ),
+            _ => (
+                "DisconnectShim from a non-shim",
+                Command::DisconnectShim,
+                json!({}),
+            ),
         };
         let r = call_fresh(&soak, cmd, &p).await;
         soak.reply(what, &r, false, false);

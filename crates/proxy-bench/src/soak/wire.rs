@@ -100,7 +100,11 @@ impl Rt {
 
     /// Send `cmd` and wait for its response. The outer error is the
     /// connection failing or the daemon breaking the protocol.
-    pub async fn call(&mut self, cmd: Command, payload: &serde_json::Value) -> Result<Reply, String> {
+    pub async fn call(
+        &mut self,
+        cmd: Command,
+        payload: &serde_json::Value,
+    ) -> Result<Reply, String> {
         self.wr
             .write_all(&command(cmd, payload))
             .await
@@ -109,14 +113,20 @@ impl Rt {
             .await
             .map_err(|_| format!("no {} response within {REPLY_TIMEOUT:?}", cmd.name()))??;
         match r {
-            None => Err(format!("the daemon closed the connection instead of answering {}", cmd.name())),
+            None => Err(format!(
+                "the daemon closed the connection instead of answering {}",
+                cmd.name()
+            )),
             Some(f) => match f.kind {
                 FrameKind::Response { command, error } if command == cmd => Ok(if error {
                     Err(error_msg(&f.payload))
                 } else {
                     Ok(f.payload.to_vec())
                 }),
-                other => Err(format!("{other:?} on a runtime connection while waiting for {}", cmd.name())),
+                other => Err(format!(
+                    "{other:?} on a runtime connection while waiting for {}",
+                    cmd.name()
+                )),
             },
         }
     }
