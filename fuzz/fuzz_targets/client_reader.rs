@@ -32,6 +32,11 @@ const MAX_INPUT: usize = 64 * 1024;
 fn rt() -> &'static Runtime {
     static RT: OnceLock<Runtime> = OnceLock::new();
     RT.get_or_init(|| {
+        // SAFETY: SIGPIPE ignored (as Rust's own `main` does, which
+        // libFuzzer's replaces), once, before any socket is written.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+        }
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()

@@ -26,7 +26,7 @@
 //! After each chunk the daemon runs until it is quiet (bounded). At the end
 //! every socket is closed and the VM unregistered. Every 64th iteration a
 //! fresh VM must register and answer a Hyper `ping`; every 512th, after
-//! the daemon's timers (50 ms) have run out, no VM or token may remain.
+//! the daemon's timers (300 ms) have run out, no VM or token may remain.
 //! A panic in any daemon task aborts (libFuzzer's panic hook).
 #![no_main]
 
@@ -50,8 +50,12 @@ use tokio::runtime::Runtime;
 
 /// How long a step the harness waits for (registration, a ping) may take.
 const STEP: Duration = Duration::from_secs(5);
-/// The daemon's timeouts: short, so that waits end within an iteration.
-const SHORT: &str = "50ms";
+/// The daemon's waits for what the input controls (the agent's replies,
+/// a shim, a process start): short, so that nothing lingers long after its
+/// iteration. Iterations never wait for them.
+const SHORT: &str = "300ms";
+/// How long every such wait is over after.
+const SHORT_OVER: Duration = Duration::from_millis(600);
 
 struct World {
     rt: Runtime,
@@ -63,6 +67,7 @@ struct World {
 fn world() -> &'static World {
     static W: OnceLock<World> = OnceLock::new();
     W.get_or_init(|| {
+        ignore_sigpipe();
         let dir = std::env::temp_dir().join(format!("proxy-fuzz-daemon-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("temp dir");
@@ -73,10 +78,12 @@ fn world() -> &'static World {
             sock.to_str().expect("utf-8 temp dir"),
             "--ksm",
             "initial",
+            // READY comes from the harness itself, at once; a loaded machine
+            // must not make it late.
             "--ready-timeout",
-            SHORT,
+            "5s",
             "--dial-timeout",
-            SHORT,
+            "50ms",
             "--ctl-timeout",
             SHORT,
             "--shim-timeout",
@@ -101,6 +108,16 @@ fn world() -> &'static World {
             next: AtomicU64::new(0),
         }
     })
+}
+
+/// As the daemon's own `main` (Rust's runtime) does: a write to a closed
+/// socket is an EPIPE error, not a signal. libFuzzer's C `main` does not.
+fn ignore_sigpipe() {
+    // SAFETY: setting SIGPIPE's disposition to SIG_IGN, once, before any
+    // thread of ours writes to a socket; no handler code is involved.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+    }
 }
 
 /// A client connection served by the daemon; our end.
@@ -398,11 +415,17 @@ async fn iteration(w: &World, data: &[u8]) {
     let _ = response(&mut c, Command::UnregisterVm).await;
 
     if n % 64 == 63 {
-        serves_fresh_vm(w, n).await;
+        // A ping's ACK later than --ctl-timeout on a loaded machine is not
+        // a finding: try again; anything else is.
+        let mut attempt = 0;
+        while !serves_fresh_vm(w, n, attempt).await {
+            attempt += 1;
+            assert!(attempt < 5, "five pings of fresh VMs timed out");
+        }
     }
     if n % 512 == 511 {
-        // Every daemon wait is 50 ms at most: let them all run out.
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        // Let every daemon wait run out.
+        tokio::time::sleep(SHORT_OVER).await;
         let st = shared.state();
         assert_eq!(st.registry.vm_count(), 0, "VMs left after their iteration");
         assert_eq!(
@@ -415,8 +438,9 @@ async fn iteration(w: &World, data: &[u8]) {
 }
 
 /// The daemon is alive and serves: RegisterVM, Hyper ping, UnregisterVM.
-async fn serves_fresh_vm(w: &World, n: u64) {
-    let cid = format!("fresh{n}");
+/// False if the ping timed out (the harness was too slow to ACK).
+async fn serves_fresh_vm(w: &World, n: u64, attempt: u32) -> bool {
+    let cid = format!("fresh{n}-{attempt}");
     let (mut rt, mut agent, _tokens) = register(&w.shared, &w.dir, &cid, 1).await;
     let p = serde_json::json!({ "hyperName": "ping", "tokens": [] }).to_string();
     rt.write_all(&command(Command::Hyper, p))
@@ -439,7 +463,8 @@ async fn serves_fresh_vm(w: &World, n: u64) {
     assert_eq!(got.code(), Some(Code::Ping));
     ctl_s.write_all(&ctl(Code::Ack, b"")).await.expect("ACK");
     let (error, payload) = response(&mut rt, Command::Hyper).await;
-    assert!(!error, "ping failed: {}", String::from_utf8_lossy(&payload));
+    let msg = String::from_utf8_lossy(&payload).into_owned();
+    assert!(!error || msg.contains("timed out"), "ping failed: {msg}");
     drop(agent);
     let p = serde_json::json!({ "containerId": cid }).to_string();
     rt.write_all(&command(Command::UnregisterVm, p))
@@ -451,6 +476,7 @@ async fn serves_fresh_vm(w: &World, n: u64) {
         "UnregisterVM failed: {}",
         String::from_utf8_lossy(&payload)
     );
+    !msg.contains("timed out")
 }
 
 fuzz_target!(|data: &[u8]| {

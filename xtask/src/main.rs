@@ -66,6 +66,7 @@ verbs:
   fuzz [--seconds N] [TARGET...]
                      run each fuzz target (or those named) for N s, default 30
   soak [--minutes N | --seconds N] [--report] [--vms N] [--shims-per-vm N] [--seed N]
+       [--reconnect-percent N]
                      the release cc-proxy under random commands, reconnects and
                      agent faults, every byte checked; target/soak/summary.json
                      (--report: docs/soak.svg)

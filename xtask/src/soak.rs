@@ -11,7 +11,7 @@
 //! itself stays a small debug build that only runs commands.
 //!
 //! Other arguments are passed to `proxy-soak` (`--vms N`, `--shims-per-vm
-//! N`, `--seed N`). It writes `<target>/soak/samples.csv` and
+//! N`, `--seed N`, `--reconnect-percent N`). It writes `<target>/soak/samples.csv` and
 //! `summary.json`; `--report` also writes `docs/soak.svg`. Its last line
 //! is `soak: N passed, M failed`; any failure is a non-zero exit.
 
@@ -36,7 +36,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
                 pass.push(v.clone());
             }
             "--report" => pass.push(a.clone()),
-            "--vms" | "--shims-per-vm" | "--seed" => {
+            "--vms" | "--shims-per-vm" | "--seed" | "--reconnect-percent" => {
                 let v = it.next().ok_or_else(|| format!("{a} needs a value"))?;
                 pass.push(a.clone());
                 pass.push(v.clone());

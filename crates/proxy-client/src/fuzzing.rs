@@ -99,6 +99,12 @@ pub async fn read_from_proxy(
         answers.push(c.await.map_err(std::io::Error::other)?);
     }
     feeder.await.map_err(std::io::Error::other)?;
+    // A runtime's reader ends on its own after EOF: wait for it (bounded;
+    // still open after that is the caller's finding).
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !conn.is_closed() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
     Ok(ReaderOutcome {
         answers,
         events,

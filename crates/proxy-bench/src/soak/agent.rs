@@ -153,7 +153,7 @@ async fn io_reader(
                     let sess = seqs.lock().expect("seqs").get(&m.seq).cloned();
                     match sess {
                         Some(s) if m.data.is_empty() => {
-                            let _ = s.stdin_eof.send(true);
+                            s.stdin_eof.send_replace(true);
                         }
                         Some(s) => {
                             soak.stats.stdin_received.add(m.data.len() as u64);

@@ -65,13 +65,15 @@ use hash::Xxh64;
 
 const USAGE: &str = "usage: proxy-soak --cc-proxy PATH (--minutes N | --seconds N)
                   [--vms N] [--shims-per-vm N] [--seed N] [--out DIR]
-                  [--report] [--docs DIR]
+                  [--reconnect-percent N] [--report] [--docs DIR]
 
   --cc-proxy PATH   the daemon binary (release build)
   --minutes N       how long to run (or --seconds N); default 1 minute
   --vms N           VMs (default 20)
   --shims-per-vm N  shim slots per VM (default 10)
   --seed N          the random seed (default: from the clock; printed)
+  --reconnect-percent N
+                    sessions whose shim reconnects mid-stream (default 15)
   --out DIR         samples.csv and summary.json (default target/soak)
   --report          also write DOCS/soak.svg
   --docs DIR        where --report writes (default docs)";
@@ -89,6 +91,7 @@ struct Args {
     out: PathBuf,
     report: bool,
     docs: PathBuf,
+    reconnect_pct: u64,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -104,6 +107,7 @@ fn parse_args() -> Result<Args, String> {
         out: PathBuf::from("target/soak"),
         report: false,
         docs: PathBuf::from("docs"),
+        reconnect_pct: 15,
     };
     let mut it = std::env::args().skip(1);
     let num = |v: Option<String>, what: &str| -> Result<u64, String> {
@@ -119,6 +123,9 @@ fn parse_args() -> Result<Args, String> {
             "--vms" => a.vms = num(it.next(), "--vms")?.max(1) as usize,
             "--shims-per-vm" => a.slots = num(it.next(), "--shims-per-vm")?.max(1) as usize,
             "--seed" => a.seed = num(it.next(), "--seed")?,
+            "--reconnect-percent" => {
+                a.reconnect_pct = num(it.next(), "--reconnect-percent")?.min(100)
+            }
             "--out" => a.out = it.next().ok_or("--out needs a directory")?.into(),
             "--report" => a.report = true,
             "--docs" => a.docs = it.next().ok_or("--docs needs a directory")?.into(),
@@ -222,6 +229,8 @@ pub struct Soak {
     next_sid: AtomicU32,
     /// How late a late agent answers.
     pub late: Duration,
+    /// Percent of sessions whose shim reconnects mid-stream.
+    pub reconnect_pct: u64,
 }
 
 impl Soak {
@@ -405,6 +414,7 @@ async fn run(args: Args) -> Result<bool, String> {
         sessions: Mutex::new(HashMap::new()),
         next_sid: AtomicU32::new(1),
         late: CTL_TIMEOUT + Duration::from_millis(400),
+        reconnect_pct: args.reconnect_pct,
     });
     eprintln!(
         "soak: {} VMs × {} shims for {:?}, seed {}, daemon pid {pid}",
@@ -466,6 +476,14 @@ async fn run(args: Args) -> Result<bool, String> {
         }
         if Instant::now() >= deadline {
             soak.stop.store(true, Ordering::SeqCst);
+            let late = (Instant::now() - deadline).as_secs();
+            if late > 0 && late % 10 == 0 {
+                eprintln!(
+                    "soak: winding down: {} VM drivers and {} sessions still running",
+                    vms.iter().filter(|h| !h.is_finished()).count(),
+                    soak.sessions.lock().expect("sessions").len()
+                );
+            }
             if all_done(&vms) && chaos.is_finished() {
                 break;
             }

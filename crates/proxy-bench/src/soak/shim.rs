@@ -182,12 +182,12 @@ impl Shim<'_> {
     }
 
     /// The next event that is not output (output is checked by the reader).
-    async fn event(&mut self) -> Result<Ev, String> {
+    async fn event(&mut self, step: &str) -> Result<Ev, String> {
         match tokio::time::timeout(REPLY_TIMEOUT * 2, self.ev.recv()).await {
             Ok(Some(e)) => Ok(e),
             Ok(None) => Err("the reader is gone".into()),
             Err(_) => Err(format!(
-                "nothing from the daemon within {:?}",
+                "nothing from the daemon within {:?} while waiting for {step}",
                 REPLY_TIMEOUT * 2
             )),
         }
@@ -196,7 +196,7 @@ impl Shim<'_> {
     /// Wait for the response to `cmd`; an exit code on the way is kept.
     async fn response(&mut self, cmd: Command) -> Result<wire::Reply, String> {
         loop {
-            match self.event().await? {
+            match self.event(cmd.name()).await? {
                 Ev::Response(c, r) if c == cmd => return Ok(r),
                 Ev::Response(c, _) => {
                     return Err(format!(
@@ -360,24 +360,28 @@ async fn session_inner(
             return aborted(soak, &shim, "early stdin");
         }
     }
+    // newcontainer names its container (`id`): signals become
+    // KILLCONTAINER. An execcmd process has no container id of its own:
+    // only SIGWINCH reaches it, other signals are refused.
+    let by_exec = rng.pct(50);
     {
         let _g = vm.gate.read().await;
-        let name = if rng.pct(50) {
-            "execcmd"
+        let process = json!({ "args": ["soak", sess.sid.to_string()], "terminal": false });
+        let (name, data) = if by_exec {
+            (
+                "execcmd",
+                json!({ "container": format!("ctr-{}", sess.sid), "process": process }),
+            )
         } else {
-            "newcontainer"
+            (
+                "newcontainer",
+                json!({ "id": format!("ctr-{}", sess.sid), "process": process }),
+            )
         };
         let r = rt
             .call(
                 Command::Hyper,
-                &json!({
-                    "hyperName": name,
-                    "tokens": [shim.token],
-                    "data": {
-                        "container": format!("ctr-{}", sess.sid),
-                        "process": { "args": ["soak", sess.sid.to_string()], "terminal": false },
-                    },
-                }),
+                &json!({ "hyperName": name, "tokens": [shim.token], "data": data }),
             )
             .await;
         soak.reply(&format!("{}: Hyper {name}", vm.cid), &r, true, excused());
@@ -387,7 +391,11 @@ async fn session_inner(
     }
     drop(rt);
 
-    let reconnects = if rng.pct(15) { 1 + rng.below(2) } else { 0 };
+    let reconnects = if rng.pct(soak.reconnect_pct) {
+        1 + rng.below(2)
+    } else {
+        0
+    };
     let mut reconnected = 0;
     let mut pieces = 0u64;
     while in_off < in_len || pieces == 0 {
@@ -406,7 +414,8 @@ async fn session_inner(
         }
         if rng.pct(5) {
             let _g = vm.gate.read().await;
-            let p = if rng.pct(50) {
+            let winch = rng.pct(50);
+            let p = if winch {
                 json!({ "signalNumber": 28, "rows": 1 + rng.below(200), "columns": 1 + rng.below(300) })
             } else {
                 {
@@ -423,8 +432,14 @@ async fn session_inner(
                 return aborted(soak, &shim, "Signal");
             }
             let r = shim.response(Command::Signal).await;
-            soak.reply(&format!("{}: Signal {p}", vm.cid), &r, true, excused());
-            if !matches!(r, Ok(Ok(_))) {
+            let want_ok = winch || !by_exec;
+            let what = format!(
+                "{}: Signal {p} to an {} process",
+                vm.cid,
+                if by_exec { "execcmd" } else { "newcontainer" }
+            );
+            soak.reply(&what, &r, want_ok, excused());
+            if r.is_err() || (want_ok && !matches!(r, Ok(Ok(_)))) {
                 return aborted(soak, &shim, "Signal");
             }
         }
@@ -447,7 +462,7 @@ async fn session_inner(
         if let Some(c) = shim.exited.take() {
             break c;
         }
-        match shim.event().await {
+        match shim.event("the exit code").await {
             Ok(Ev::Exited(c)) => break c,
             Ok(Ev::Response(c, r)) => {
                 soak.check(false, || {
@@ -512,7 +527,7 @@ async fn session_inner(
         soak.stats
             .lost_bytes
             .add(c.lost + if reconnected > 0 { tail } else { 0 });
-        if reconnected == 0 || (c.gaps == 0 && tail == 0) {
+        if c.duplicated == 0 && (reconnected == 0 || (c.gaps == 0 && tail == 0)) {
             // Nothing lost: every byte arrived, and the hashes agree.
             soak.check(c.hash.finish() == sent_digest, || {
                 format!(
@@ -537,7 +552,7 @@ async fn session_inner(
             .is_ok()
         {
             soak.stats.commands.add(1);
-            let r = shim.event().await;
+            let r = shim.event("the close after DisconnectShim").await;
             soak.check(matches!(r, Ok(Ev::End(None))) || excused(), || {
                 format!(
                     "{}: after DisconnectShim, {r:?} instead of the connection closing",
