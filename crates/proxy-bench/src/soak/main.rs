@@ -154,7 +154,7 @@ impl Rng {
         Self(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
     }
 
-    pub fn next(&mut self) -> u64 {
+    pub fn u64(&mut self) -> u64 {
         let mut x = self.0;
         x ^= x >> 12;
         x ^= x << 25;
@@ -165,7 +165,7 @@ impl Rng {
 
     /// Uniform in `0..n` (`n` ≥ 1).
     pub fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
+        self.u64() % n.max(1)
     }
 
     /// True with probability `p` percent.
@@ -223,6 +223,8 @@ pub struct Soak {
     passed: AtomicU64,
     failed: AtomicU64,
     failures: Mutex<Vec<String>>,
+    /// Every failure by kind (its message with the numbers taken out).
+    kinds: Mutex<std::collections::BTreeMap<String, u64>>,
     stop: AtomicBool,
     /// Sessions by id, for the agents.
     pub sessions: Mutex<HashMap<u32, Arc<Sess>>>,
@@ -242,6 +244,12 @@ impl Soak {
         }
         let n = self.failed.fetch_add(1, Ordering::Relaxed);
         let msg = what();
+        let kind: String = msg
+            .split(|c: char| c.is_ascii_digit())
+            .filter(|p| !p.is_empty())
+            .collect::<Vec<_>>()
+            .join("N");
+        *self.kinds.lock().expect("kinds").entry(kind).or_default() += 1;
         if n < 20 {
             eprintln!("soak: FAILED: {msg}");
         }
@@ -410,6 +418,7 @@ async fn run(args: Args) -> Result<bool, String> {
         passed: AtomicU64::new(0),
         failed: AtomicU64::new(0),
         failures: Mutex::new(Vec::new()),
+        kinds: Mutex::new(Default::default()),
         stop: AtomicBool::new(false),
         sessions: Mutex::new(HashMap::new()),
         next_sid: AtomicU32::new(1),
@@ -552,8 +561,10 @@ async fn run(args: Args) -> Result<bool, String> {
     let passed = soak.passed.load(Ordering::Relaxed);
     let failed = soak.failed.load(Ordering::Relaxed);
     let failures = soak.failures.lock().expect("failures").clone();
+    let kinds = soak.kinds.lock().expect("kinds").clone();
     let summary = report::summary(
         &args,
+        &kinds,
         &soak.stats,
         passed,
         failed,
@@ -601,6 +612,9 @@ async fn run(args: Args) -> Result<bool, String> {
     );
     for f in failures.iter().take(20) {
         println!("soak: failure: {f}");
+    }
+    for (k, n) in &kinds {
+        println!("soak: {n} × {k}");
     }
     println!("soak: {passed} passed, {failed} failed");
     drop(dir);

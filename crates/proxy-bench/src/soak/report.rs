@@ -77,6 +77,7 @@ pub fn write_csv(path: &Path, samples: &[Sample]) -> Result<(), String> {
 #[allow(clippy::too_many_arguments)]
 pub fn summary(
     args: &Args,
+    kinds: &std::collections::BTreeMap<String, u64>,
     st: &Stats,
     passed: u64,
     failed: u64,
@@ -97,6 +98,7 @@ pub fn summary(
         "passed": passed,
         "failed": failed,
         "failures": failures,
+        "failure_kinds": kinds,
         "commands": st.commands.get(),
         "negative_commands": st.negatives.get(),
         "registrations": st.registrations.get(),

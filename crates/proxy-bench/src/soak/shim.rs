@@ -458,12 +458,11 @@ async fn session_inner(
     if shim.send(&wire::stdin(&[])).await.is_err() {
         return aborted(soak, &shim, "EOF");
     }
-    let code = loop {
-        if let Some(c) = shim.exited.take() {
-            break c;
-        }
-        match shim.event("the exit code").await {
-            Ok(Ev::Exited(c)) => break c,
+    let early = shim.exited.take();
+    let code = match early {
+        Some(c) => c,
+        None => match shim.event("the exit code").await {
+            Ok(Ev::Exited(c)) => c,
             Ok(Ev::Response(c, r)) => {
                 soak.check(false, || {
                     format!("{}: an unasked {} response {r:?}", vm.cid, c.name())
@@ -487,7 +486,7 @@ async fn session_inner(
                 });
                 return false;
             }
-        }
+        },
     };
     soak.check(code == sess.code, || {
         format!(
@@ -545,21 +544,20 @@ async fn session_inner(
         }
     }
     // Done: usually DisconnectShim (the daemon closes, no response).
-    if rng.pct(85) {
-        if shim
+    if rng.pct(85)
+        && shim
             .send(&wire::command(Command::DisconnectShim, &json!({})))
             .await
             .is_ok()
-        {
-            soak.stats.commands.add(1);
-            let r = shim.event("the close after DisconnectShim").await;
-            soak.check(matches!(r, Ok(Ev::End(None))) || excused(), || {
-                format!(
-                    "{}: after DisconnectShim, {r:?} instead of the connection closing",
-                    vm.cid
-                )
-            });
-        }
+    {
+        soak.stats.commands.add(1);
+        let r = shim.event("the close after DisconnectShim").await;
+        soak.check(matches!(r, Ok(Ev::End(None))) || excused(), || {
+            format!(
+                "{}: after DisconnectShim, {r:?} instead of the connection closing",
+                vm.cid
+            )
+        });
     }
     if let Some(c) = shim.conn.take() {
         c.cut().await;

@@ -50,7 +50,7 @@ pub async fn drive(soak: Arc<Soak>, i: usize, dir: PathBuf, slots: usize, seed: 
     let mut slot_tasks = Vec::new();
     for s in 0..slots {
         let (soak, vm) = (soak.clone(), vm.clone());
-        let seed = rng.next();
+        let seed = rng.u64();
         slot_tasks.push(tokio::spawn(async move {
             crate::shim::slot(soak, vm, s, seed).await
         }));
@@ -259,7 +259,7 @@ async fn probe(soak: &Arc<Soak>, vm: &Arc<VmState>, rt: &mut Rt, epoch: u64, rng
         );
         return;
     }
-    let marker = format!("probe-{}", rng.next());
+    let marker = format!("probe-{}", rng.u64());
     let data = json!({ "container": marker, "format": "json" });
     let r = rt
         .call(
@@ -290,7 +290,7 @@ async fn staged_reply(
     rng: &mut Rng,
 ) {
     let _g = vm.gate.write().await;
-    let n = rng.next();
+    let n = rng.u64();
     let (marker, counter) = match fault {
         Fault::Late => (format!("late-{n}"), &soak.stats.fault_late),
         _ => (format!("err-{n}"), &soak.stats.fault_error),
@@ -435,7 +435,7 @@ pub async fn negatives(soak: Arc<Soak>, seed: u64, deadline: Instant) {
     while Instant::now() < deadline && !soak.stopping() {
         tokio::time::sleep(Duration::from_millis(100 + rng.below(400))).await;
         soak.stats.negatives.add(1);
-        let nobody = format!("soak-nobody-{}", rng.next());
+        let nobody = format!("soak-nobody-{}", rng.u64());
         let (what, cmd, p) = match rng.below(6) {
             0 => (
                 "UnregisterVM of an unknown VM",
