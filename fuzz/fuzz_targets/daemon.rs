@@ -26,7 +26,8 @@
 //! After each chunk the daemon runs until it is quiet (bounded). At the end
 //! every socket is closed and the VM unregistered. Every 64th iteration a
 //! fresh VM must register and answer a Hyper `ping`; every 512th, after
-//! the daemon's timers (300 ms) have run out, no VM or token may remain.
+//! the daemon's timers (300 ms) have run out, no VM, token or task may
+//! remain.
 //! A panic in any daemon task aborts (libFuzzer's panic hook).
 #![no_main]
 
@@ -434,6 +435,13 @@ async fn iteration(w: &World, data: &[u8]) {
             "tokens left after their iteration"
         );
         assert!(st.vms.is_empty(), "VM tasks left after their iteration");
+        drop(st);
+        // Every connection is closed and every wait over: the daemon's
+        // tasks are gone too (a few may be finishing their last poll).
+        let tasks = tokio::runtime::Handle::current()
+            .metrics()
+            .num_alive_tasks();
+        assert!(tasks <= 16, "{tasks} tasks alive after their iterations");
     }
 }
 

@@ -103,7 +103,7 @@ pub async fn read_from_proxy(
     // still open after that is the caller's finding).
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
     while !conn.is_closed() && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        tokio::task::yield_now().await;
     }
     Ok(ReaderOutcome {
         answers,
