@@ -590,7 +590,7 @@ async fn run(args: Args) -> Result<bool, String> {
     }
     let st = &soak.stats;
     println!(
-        "soak: {} commands, {} sessions ({} cut by faults), {} reconnects, {} MiB out / {} MiB in checked, {} bytes lost at reconnects, {} duplicated",
+        "soak: {} commands, {failed} failed; {} sessions ({} cut by faults), {} reconnects, {} MiB out / {} MiB in checked, {} bytes lost at reconnects, {} duplicated",
         st.commands.get(),
         st.sessions_done.get(),
         st.sessions_aborted.get(),
