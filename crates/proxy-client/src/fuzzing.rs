@@ -98,16 +98,58 @@ pub async fn read_from_proxy(
     for c in calls {
         answers.push(c.await.map_err(std::io::Error::other)?);
     }
-    feeder.await.map_err(std::io::Error::other)?;
-    // A runtime's reader ends on its own after EOF: wait for it (bounded;
-    // still open after that is the caller's finding).
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
-    while !conn.is_closed() && tokio::time::Instant::now() < deadline {
+    // The reader ends at EOF (once the feeder is done) or at the first
+    // violation — after which nobody reads, and the feeder may be stuck on
+    // a full socket: it is stopped then. Still open 5 s after the feeder
+    // is done is the caller's finding.
+    let mut deadline = None;
+    while !conn.is_closed() {
+        if feeder.is_finished() {
+            let d = *deadline.get_or_insert_with(|| {
+                tokio::time::Instant::now() + std::time::Duration::from_secs(5)
+            });
+            if tokio::time::Instant::now() >= d {
+                break;
+            }
+        }
         tokio::task::yield_now().await;
     }
+    feeder.abort();
+    let _ = feeder.await;
     Ok(ReaderOutcome {
         answers,
         events,
         closed: conn.is_closed(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Found by the fuzzer: a reader that stops at a malformed header
+    /// must not leave the feeder (hundreds of 1-byte writes, each taking a
+    /// socket buffer slot) blocked forever.
+    #[tokio::test]
+    async fn a_reader_that_stops_early_does_not_block_the_feeder() {
+        let mut stream = vec![6u8, 0, 0, 0, 50, 0, 50, 0, 6, 0, 0, 0];
+        stream.resize(4096, 0);
+        let chunks: Vec<&[u8]> = stream.chunks(1).collect();
+        for shim in [true, false] {
+            let r = tokio::time::timeout(
+                std::time::Duration::from_secs(10),
+                read_from_proxy(&chunks, &[], shim, 8, 2),
+            )
+            .await
+            .expect("no hang")
+            .expect("socket pair");
+            assert!(r.closed);
+            if shim {
+                assert!(matches!(
+                    r.events.last(),
+                    Some(Err(crate::Error::Protocol(_)))
+                ));
+            }
+        }
+    }
 }
