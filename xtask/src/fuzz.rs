@@ -6,7 +6,9 @@
 //! nightly toolchain is installed, else the stable one with
 //! `RUSTC_BOOTSTRAP=1`. A crash leaves its input in
 //! `fuzz/artifacts/<target>/`; turn it into a `regression_<what>` test in
-//! proxy-proto.
+//! proxy-proto (decoders), proxy-server's tests (`daemon`: the whole daemon
+//! in process, fed by several clients and a fake agent) or proxy-client's
+//! (`client_reader`: the client's connection reader).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -14,12 +16,14 @@ use std::process::{Command, Stdio};
 use crate::util;
 
 /// Every target in `fuzz/fuzz_targets/`, in the order they run.
-pub const TARGETS: [&str; 5] = [
+pub const TARGETS: [&str; 7] = [
     "frame_decoder",
     "ctl_decoder",
     "io_decoder",
     "relocate",
     "payloads",
+    "daemon",
+    "client_reader",
 ];
 
 const DEFAULT_SECONDS: u64 = 30;

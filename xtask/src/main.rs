@@ -5,14 +5,18 @@
 //!   the `no_std` builds of `proxy-proto`, the quickstart (`demo`), the
 //!   systemd units (`systemd-analyze verify`, socket activation), `dist`
 //!   (with `CI=true` or `--install-deb`: install the .deb, run the demo
-//!   with it, purge it), then `e2e` (real QEMU guests) and `bench --quick`
-//!   (`--no-e2e`, `--no-bench`, `--no-dist` skip those).
+//!   with it, purge it), then `e2e` (real QEMU guests), `bench --quick`,
+//!   a 45 s `soak` and 30 s of each fuzz target (`--no-e2e`, `--no-bench`,
+//!   `--no-dist`, `--no-soak`, `--no-fuzz` skip those).
 //! - `demo`  — the quickstart: daemon, host-mode agent, `echo hello` through
 //!   `cc-proxy-shim`, teardown.
 //! - `dist`  — static release binaries, man pages, completions, the .deb.
 //! - `e2e`   — boot QEMU guests with `proxy-agent` as `/init` and drive the
 //!   release `cc-proxy` through `proxy-client` and `cc-proxy-shim`.
 //! - `bench` — the release `cc-proxy` against direct sockets.
+//! - `soak`  — the release `cc-proxy` for N minutes under a random mix of
+//!   every command, reconnects, slow readers and agent faults; every reply
+//!   and byte checked, RSS and fds sampled (`ci` runs 45 s of it).
 //! - `fuzz`  — each cargo-fuzz target in `fuzz/` for a bounded time
 //!   (`--seconds N`, default 30); installs cargo-fuzz if it is missing.
 //!
@@ -26,6 +30,7 @@ mod demo;
 mod dist;
 mod e2e;
 mod fuzz;
+mod soak;
 mod util;
 
 fn main() -> ExitCode {
@@ -44,6 +49,7 @@ fn main() -> ExitCode {
         "dist" => dist::run(rest).map(drop),
         "e2e" => e2e::run(rest),
         "fuzz" => fuzz::run(rest),
+        "soak" => soak::run(rest),
         "-h" | "--help" | "help" => {
             println!("{}", USAGE);
             Ok(())
@@ -72,14 +78,19 @@ verbs:
                      completions and target/debian/cc-proxy_*.deb (cargo-deb);
                      --check: then what CI checks (units, socket activation,
                      install the .deb, demo with it, purge it)
-  ci [--no-e2e] [--no-bench] [--no-dist] [--install-deb]
+  ci [--no-e2e] [--no-bench] [--no-dist] [--no-soak] [--no-fuzz] [--install-deb]
                      fmt check, clippy -D warnings, all tests, no_std build,
                      the demo, the systemd units (verify, socket activation),
                      dist (and, with CI=true or --install-deb, install the
-                     .deb, run the demo with it, purge it), then e2e and
-                     bench --quick
+                     .deb, run the demo with it, purge it), then e2e,
+                     bench --quick, soak --seconds 45 and fuzz --seconds 30
   fuzz [--seconds N] [TARGET...]
                      run each fuzz target (or those named) for N s, default 30
+  soak [--minutes N | --seconds N] [--report] [--vms N] [--shims-per-vm N] [--seed N]
+       [--reconnect-percent N]
+                     the release cc-proxy under random commands, reconnects and
+                     agent faults, every byte checked; target/soak/summary.json
+                     (--report: docs/soak.svg)
   e2e [--only virtio-serial|hybrid-vsock]
                      boot real guests (QEMU, TCG) with proxy-agent as /init and
                      drive them; provisions what it needs under target/e2e/";
@@ -97,12 +108,16 @@ fn ci(args: &[String]) -> Result<(), String> {
     let mut bench = true;
     let mut dist = true;
     let mut install_deb = std::env::var("CI").as_deref() == Ok("true");
+    let mut soak = true;
+    let mut fuzz = true;
     for a in args {
         match a.as_str() {
             "--no-e2e" => e2e = false,
             "--no-bench" => bench = false,
             "--no-dist" => dist = false,
             "--install-deb" => install_deb = true,
+            "--no-soak" => soak = false,
+            "--no-fuzz" => fuzz = false,
             other => return Err(format!("ci: unknown argument `{other}`")),
         }
     }
@@ -152,6 +167,16 @@ fn ci(args: &[String]) -> Result<(), String> {
         // Figures are not judged here (a shared CI machine is noisy); a
         // wrong byte fails, and the bench must keep building and running.
         bench::run(&["--quick".to_string()])?;
+    }
+    if soak {
+        // 45 s of every command and fault: a wrong reply or byte, a crash
+        // or a leak fails CI; the long runs are `cargo xtask soak --minutes 30`.
+        soak::run(&["--seconds".to_string(), "45".to_string()])?;
+    }
+    if fuzz {
+        // Every target, 30 s each: the decoders, the whole daemon and the
+        // client's reader; the long runs are `cargo xtask fuzz --seconds 600`.
+        fuzz::run(&["--seconds".to_string(), "30".to_string()])?;
     }
     Ok(())
 }

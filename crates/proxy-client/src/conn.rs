@@ -152,7 +152,6 @@ impl Conn {
         Ok(Self::from_stream_counting(stream, events, received))
     }
 
-    #[cfg(test)]
     pub(crate) fn from_stream(stream: UnixStream, events: Option<mpsc::Sender<EventItem>>) -> Self {
         Self::from_stream_counting(stream, events, None)
     }

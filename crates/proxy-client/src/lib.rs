@@ -114,6 +114,8 @@ pub mod blocking;
 mod client;
 mod conn;
 mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 mod shim;
 
 pub use addr::{ProxyAddr, MAX_SOCKET_PATH_LEN};
