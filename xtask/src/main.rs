@@ -6,7 +6,7 @@
 //!   systemd units (`systemd-analyze verify`, socket activation), `dist`
 //!   (with `CI=true` or `--install-deb`: install the .deb, run the demo
 //!   with it, purge it), then `e2e` (real QEMU guests), `bench --quick`,
-//!   a 45 s `soak` and 30 s of each fuzz target (`--no-e2e`, `--no-bench`,
+//!   a 60 s `soak` and 30 s of each fuzz target (`--no-e2e`, `--no-bench`,
 //!   `--no-dist`, `--no-soak`, `--no-fuzz` skip those).
 //! - `demo`  — the quickstart: daemon, host-mode agent, `echo hello` through
 //!   `cc-proxy-shim`, teardown.
@@ -16,7 +16,7 @@
 //! - `bench` — the release `cc-proxy` against direct sockets.
 //! - `soak`  — the release `cc-proxy` for N minutes under a random mix of
 //!   every command, reconnects, slow readers and agent faults; every reply
-//!   and byte checked, RSS and fds sampled (`ci` runs 45 s of it).
+//!   and byte checked, RSS and fds sampled (`ci` runs 60 s of it).
 //! - `fuzz`  — each cargo-fuzz target in `fuzz/` for a bounded time
 //!   (`--seconds N`, default 30); installs cargo-fuzz if it is missing.
 //!
@@ -83,7 +83,7 @@ verbs:
                      the demo, the systemd units (verify, socket activation),
                      dist (and, with CI=true or --install-deb, install the
                      .deb, run the demo with it, purge it), then e2e,
-                     bench --quick, soak --seconds 45 and fuzz --seconds 30
+                     bench --quick, soak --seconds 60 and fuzz --seconds 30
   fuzz [--seconds N] [TARGET...]
                      run each fuzz target (or those named) for N s, default 30
   soak [--minutes N | --seconds N] [--report] [--vms N] [--shims-per-vm N] [--seed N]
@@ -169,9 +169,9 @@ fn ci(args: &[String]) -> Result<(), String> {
         bench::run(&["--quick".to_string()])?;
     }
     if soak {
-        // 45 s of every command and fault: a wrong reply or byte, a crash
+        // 60 s of every command and fault: a wrong reply or byte, a crash
         // or a leak fails CI; the long runs are `cargo xtask soak --minutes 30`.
-        soak::run(&["--seconds".to_string(), "45".to_string()])?;
+        soak::run(&["--seconds".to_string(), "60".to_string()])?;
     }
     if fuzz {
         // Every target, 30 s each: the decoders, the whole daemon and the
