@@ -509,7 +509,8 @@ async fn session_inner(
     let mut in_h = crate::hash::Xxh64::new(0);
     std::mem::swap(&mut in_h, &mut in_hash);
     let in_sent = in_h.finish();
-    for (c, sent_digest) in [(&out, out_sent), (&err, err_sent), (&stdin, in_sent)] {
+    for (mut c, sent_digest) in [(out, out_sent), (err, err_sent), (stdin, in_sent)] {
+        c.finish(sent_digest.len);
         soak.stats.duplicated_bytes.add(c.duplicated);
         soak.check(c.failure.is_none(), || {
             c.failure.clone().unwrap_or_default()
