@@ -678,6 +678,7 @@ async fn io_reader(vm: Arc<Vm>, mut r: AgentRead, max_message: usize, events: Ar
             } else {
                 Output::Stderr(m.data)
             };
+            let exited = matches!(item, Output::Exited(_));
             // Room in the queue (the usual case): no waiting, and no
             // teardown watch to set up and take down per message.
             let session = &route.session;
@@ -695,7 +696,11 @@ async fn io_reader(vm: Arc<Vm>, mut r: AgentRead, max_message: usize, events: Ar
                     }
                 }
             };
-            if !pushed {
+            // A session gone, or whose process exited (nothing more comes
+            // for it): out of the local map, which so holds only sessions
+            // with output still coming, however many processes a
+            // long-lived VM runs.
+            if !pushed || exited {
                 routes.remove(&base);
             }
         }
@@ -1073,6 +1078,22 @@ mod tests {
         let mut oq = other.take_queue().unwrap();
         assert!(matches!(oq.next().await, Some(Output::Stderr(b)) if &b[..] == b"other"));
         assert_eq!(rec.exited.lock().unwrap()[0], ("t".to_string(), 7));
+    }
+
+    #[tokio::test]
+    async fn regression_the_io_reader_lets_go_of_a_session_once_its_process_exited() {
+        // A long-lived VM runs many processes: the io reader must not keep
+        // every session it ever routed to.
+        let (vm, mut agent, _) = vm(Duration::from_secs(5));
+        let s = vm.add_session("t".into(), 3);
+        agent.send_io(3, b"out").await;
+        agent.send_io(3, b"").await;
+        agent.send_io(3, &[0]).await;
+        let mut q = s.take_queue().unwrap();
+        assert!(matches!(q.next().await, Some(Output::Stdout(_))));
+        assert!(matches!(q.next().await, Some(Output::Exited(0))));
+        // Held by this test and the VM's session map only.
+        assert_eq!(Arc::strong_count(&s), 2);
     }
 
     #[tokio::test]
