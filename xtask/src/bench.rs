@@ -12,23 +12,10 @@ use std::process::Command;
 use crate::util;
 
 pub fn run(args: &[String]) -> Result<(), String> {
-    let cargo = util::cargo();
-    // The daemon as it is best shipped: a static (static-pie) release
-    // binary, which needs no libc on the host and maps less memory (no
-    // shared libc, libm, ld.so pages in its RSS).
-    let cc_proxy = util::build_static("proxy-server", "cc-proxy")?;
-    util::run(Command::new(&cargo).args([
-        "build",
-        "--release",
-        "-p",
-        "proxy-bench",
-        "--bin",
-        "proxy-bench",
-    ]))?;
-    let release = util::target_dir().join("release");
+    let (cc_proxy, bench) = util::build_daemon_and_bench_bin("proxy-bench")?;
     let root = crate::root();
     util::run(
-        Command::new(release.join("proxy-bench"))
+        Command::new(&bench)
             .arg("--cc-proxy")
             .arg(&cc_proxy)
             .arg("--out")

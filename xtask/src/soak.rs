@@ -47,22 +47,9 @@ pub fn run(args: &[String]) -> Result<(), String> {
     if !timed {
         pass.extend(["--minutes".to_string(), "1".to_string()]);
     }
-    let cargo = util::cargo();
-    // The release daemon exactly as e2e and the bench build it (static,
-    // its own --target): in `ci` that build is already done, which keeps
-    // CI within its budget on two cores.
-    let cc_proxy = util::build_static("proxy-server", "cc-proxy")?;
-    util::run(Command::new(&cargo).args([
-        "build",
-        "--release",
-        "-p",
-        "proxy-bench",
-        "--bin",
-        "proxy-soak",
-    ]))?;
-    let release = util::target_dir().join("release");
+    let (cc_proxy, soak) = util::build_daemon_and_bench_bin("proxy-soak")?;
     util::run(
-        Command::new(release.join("proxy-soak"))
+        Command::new(soak)
             .arg("--cc-proxy")
             .arg(&cc_proxy)
             .arg("--out")

@@ -71,3 +71,16 @@ pub fn build_static(package: &str, bin: &str) -> Result<PathBuf, String> {
         ]))?;
     Ok(target_dir().join(STATIC_TARGET).join("release").join(bin))
 }
+
+/// The static release `cc-proxy` (as e2e builds it) and the release
+/// `proxy-bench` binary `bin` (`proxy-bench` or `proxy-soak`): what the
+/// bench and the soak run. Returns their paths.
+pub fn build_daemon_and_bench_bin(bin: &str) -> Result<(PathBuf, PathBuf), String> {
+    // The daemon as it is best shipped: a static (static-pie) release
+    // binary, which needs no libc on the host and maps less memory (no
+    // shared libc, libm, ld.so pages in its RSS); in `ci` it is already
+    // built by then.
+    let cc_proxy = build_static("proxy-server", "cc-proxy")?;
+    run(Command::new(cargo()).args(["build", "--release", "-p", "proxy-bench", "--bin", bin]))?;
+    Ok((cc_proxy, target_dir().join("release").join(bin)))
+}
