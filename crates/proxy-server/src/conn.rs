@@ -884,7 +884,10 @@ async fn started_within(
 fn json<T: serde::Serialize>(v: &T) -> Result<Bytes, ProxyError> {
     serde_json::to_vec(v)
         .map(Bytes::from)
-        .map_err(|e| ProxyError::AgentIo(format!("encoding a response: {e}")))
+        .map_err(|source| ProxyError::Encode {
+            what: "a response",
+            source,
+        })
 }
 
 async fn wait_true(

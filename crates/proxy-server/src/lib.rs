@@ -55,6 +55,7 @@
 pub mod agent;
 pub mod config;
 pub mod conn;
+pub mod rules;
 pub mod ksm;
 pub mod logging;
 pub mod metrics;

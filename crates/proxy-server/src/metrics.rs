@@ -113,10 +113,16 @@ impl ErrorKind {
             ProxyError::MissingField(_)
             | ProxyError::InvalidPayload { .. }
             | ProxyError::AgentAddr { .. } => ErrorKind::InvalidPayload,
-            ProxyError::VmGone | ProxyError::AgentGone { .. } => ErrorKind::VmGone,
+            ProxyError::VmGone | ProxyError::AgentGone { .. } | ProxyError::VmTornDown { .. } => {
+                ErrorKind::VmGone
+            }
             ProxyError::Timeout { .. } => ErrorKind::Timeout,
             ProxyError::Agent { .. } => ErrorKind::AgentError,
-            ProxyError::AgentIo(_) | ProxyError::AgentDial { .. } => ErrorKind::AgentIo,
+            ProxyError::AgentClosed { .. }
+            | ProxyError::AgentRead { .. }
+            | ProxyError::AgentWrite { .. }
+            | ProxyError::AgentGarbage { .. }
+            | ProxyError::AgentDial { .. } => ErrorKind::AgentIo,
             ProxyError::ShuttingDown => ErrorKind::ShuttingDown,
             // Every other variant is a rule saying no.
             _ => ErrorKind::Refused,

@@ -179,9 +179,64 @@ pub enum ProxyError {
         /// The agent's ERROR payload.
         msg: String,
     },
-    /// Reaching the agent failed.
-    #[error("{0}")]
-    AgentIo(String),
+    /// The agent closed one of its channels.
+    #[error("the agent closed the {channel} channel{during}")]
+    AgentClosed {
+        /// The channel.
+        channel: Channel,
+        /// What was going on.
+        during: During,
+    },
+    /// Reading an agent channel failed.
+    #[error("reading {channel}{during}: {source}")]
+    AgentRead {
+        /// The channel.
+        channel: Channel,
+        /// What was going on.
+        during: During,
+        /// What the socket said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Writing to an agent channel failed.
+    #[error("writing {what} to {channel}: {source}")]
+    AgentWrite {
+        /// The channel.
+        channel: Channel,
+        /// What was written: a ctl command's name, or "stdin".
+        what: &'static str,
+        /// What the socket said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The agent sent bytes that are not its framing.
+    #[error("the agent sent garbage on {channel}{during}: {source}")]
+    AgentGarbage {
+        /// The channel.
+        channel: Channel,
+        /// What was going on.
+        during: During,
+        /// What the decoder found.
+        #[source]
+        source: proxy_proto::HyperError,
+    },
+    /// The VM was torn down (for `reason`) while this request needed it.
+    #[error("the VM is gone{during}: {reason}")]
+    VmTornDown {
+        /// What was going on.
+        during: During,
+        /// Why the VM went.
+        reason: String,
+    },
+    /// Encoding a JSON payload failed (a bug: our own types always encode).
+    #[error("encoding {what}: {source}")]
+    Encode {
+        /// What was encoded.
+        what: &'static str,
+        /// The encoder's complaint.
+        #[source]
+        source: serde_json::Error,
+    },
     /// An agent channel's address does not parse.
     #[error("the {channel} address is invalid: {source}")]
     AgentAddr {
@@ -203,6 +258,90 @@ pub enum ProxyError {
     /// The daemon is shutting down.
     #[error("the proxy is shutting down")]
     ShuttingDown,
+}
+
+/// How far a failure reaches: what it takes down with it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// This request failed; everything else goes on.
+    Request,
+    /// The VM is unusable (its agent failed or it was torn down): the VM
+    /// is torn down, its clients are told why.
+    Vm,
+    /// The daemon is stopping.
+    Daemon,
+}
+
+impl ProxyError {
+    /// How far this failure reaches. The drivers decide from this, never
+    /// from the text, whether to tear a VM down.
+    pub fn scope(&self) -> Scope {
+        match self {
+            ProxyError::AgentClosed { .. }
+            | ProxyError::AgentRead { .. }
+            | ProxyError::AgentWrite { .. }
+            | ProxyError::AgentGarbage { .. }
+            | ProxyError::VmTornDown { .. }
+            | ProxyError::AgentGone { .. }
+            | ProxyError::VmGone => Scope::Vm,
+            ProxyError::ShuttingDown => Scope::Daemon,
+            _ => Scope::Request,
+        }
+    }
+
+    /// Whether this error, ending a ctl transaction, means the agent's
+    /// channel is unusable (the VM is torn down).
+    pub fn breaks_channel(&self) -> bool {
+        matches!(
+            self,
+            ProxyError::AgentClosed { .. }
+                | ProxyError::AgentRead { .. }
+                | ProxyError::AgentWrite { .. }
+                | ProxyError::AgentGarbage { .. }
+        )
+    }
+}
+
+/// One of an agent's channels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Channel {
+    /// Commands and replies.
+    Ctl,
+    /// Process stdio.
+    Io,
+    /// The VM's console.
+    Console,
+}
+
+impl std::fmt::Display for Channel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Channel::Ctl => "ctl",
+            Channel::Io => "io",
+            Channel::Console => "console",
+        })
+    }
+}
+
+/// What was going on when an agent channel failed (for the message).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum During {
+    /// Nothing in particular.
+    Idle,
+    /// The daemon was waiting for READY.
+    Ready,
+    /// A ctl command was waiting for its reply.
+    Reply(Code),
+}
+
+impl std::fmt::Display for During {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            During::Idle => Ok(()),
+            During::Ready => f.write_str(" while waiting for READY"),
+            During::Reply(code) => write!(f, " while {code} was waiting for its reply"),
+        }
+    }
 }
 
 /// Where a token's process is.
@@ -749,7 +888,10 @@ impl Registry {
                     row: u16::try_from(sig.rows).unwrap_or(u16::MAX),
                     column: u16::try_from(sig.columns).unwrap_or(u16::MAX),
                 })
-                .map_err(|e| ProxyError::AgentIo(e.to_string()))?;
+                .map_err(|source| ProxyError::Encode {
+                    what: "a signal's ctl data",
+                    source,
+                })?;
                 Ok(SignalPlan::Send {
                     code: Code::WinSize,
                     data,
@@ -763,7 +905,10 @@ impl Registry {
                     signal: i32::try_from(n).unwrap_or(0),
                     all_processes: false,
                 })
-                .map_err(|e| ProxyError::AgentIo(e.to_string()))?;
+                .map_err(|source| ProxyError::Encode {
+                    what: "a signal's ctl data",
+                    source,
+                })?;
                 Ok(SignalPlan::Send {
                     code: Code::KillContainer,
                     data,

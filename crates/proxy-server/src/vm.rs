@@ -18,7 +18,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tracing::{debug, info, warn, Instrument};
 
-use crate::registry::{ProxyError, VmId};
+use crate::registry::{Channel, During, ProxyError, VmId};
 use crate::session::{Budget, IoFlow, Output, Session};
 use crate::wire::Batch;
 
@@ -172,9 +172,11 @@ pub async fn wait_ready(
             }
             Ok(None) => {}
             Err(e) => {
-                return Err(ProxyError::AgentIo(format!(
-                    "the agent sent garbage on ctl before READY: {e}"
-                )))
+                return Err(ProxyError::AgentGarbage {
+                    channel: Channel::Ctl,
+                    during: During::Ready,
+                    source: e,
+                })
             }
         }
         buf.reserve(4096);
@@ -186,15 +188,18 @@ pub async fn wait_ready(
                 })
             }
             Ok(Ok(0)) => {
-                return Err(ProxyError::AgentIo(
-                    "the agent closed the ctl channel before sending READY".into(),
-                ))
+                return Err(ProxyError::AgentClosed {
+                    channel: Channel::Ctl,
+                    during: During::Ready,
+                })
             }
             Ok(Ok(_)) => {}
             Ok(Err(e)) => {
-                return Err(ProxyError::AgentIo(format!(
-                    "reading ctl while waiting for READY: {e}"
-                )))
+                return Err(ProxyError::AgentRead {
+                    channel: Channel::Ctl,
+                    during: During::Ready,
+                    source: e,
+                })
             }
         }
     }
@@ -358,7 +363,10 @@ impl Vm {
     }
 
     pub(crate) fn gone_error(&self) -> ProxyError {
-        ProxyError::AgentIo(format!("the VM is gone: {}", self.gone_reason()))
+        ProxyError::VmTornDown {
+            during: During::Idle,
+            reason: self.gone_reason(),
+        }
     }
 
     /// Why the VM was torn down (or "VM torn down" while it is not).
@@ -454,10 +462,13 @@ async fn ctl_task(
         .ok();
         debug!(%code, len = out.len(), "ctl request");
         if let Err(e) = w.write_all(&out).await {
-            let reason = format!("writing {code} to ctl: {e}");
-            let _ = req.reply.send(Err(ProxyError::AgentIo(format!(
-                "the agent's ctl channel failed: {reason}"
-            ))));
+            let e = ProxyError::AgentWrite {
+                channel: Channel::Ctl,
+                what: code.name(),
+                source: e,
+            };
+            let reason = e.to_string();
+            let _ = req.reply.send(Err(e));
             break reason;
         }
         let sent = metrics.as_ref().map(|_| Instant::now());
@@ -482,13 +493,16 @@ async fn ctl_task(
                     buf.reserve(4096);
                     tokio::select! {
                         n = r.read_buf(&mut buf) => match n {
-                            Ok(0) => break Err(ProxyError::AgentIo(format!(
-                                "the agent closed the ctl channel while {code} was waiting for its reply"
-                            ))),
+                            Ok(0) => break Err(ProxyError::AgentClosed {
+                                channel: Channel::Ctl,
+                                during: During::Reply(code),
+                            }),
                             Ok(_) => {}
-                            Err(e) => break Err(ProxyError::AgentIo(format!(
-                                "reading the reply to {code} from ctl: {e}"
-                            ))),
+                            Err(e) => break Err(ProxyError::AgentRead {
+                                channel: Channel::Ctl,
+                                during: During::Reply(code),
+                                source: e,
+                            }),
                         },
                         () = &mut timer => {
                             if Instant::now() >= deadline {
@@ -501,26 +515,28 @@ async fn ctl_task(
                             // Set for an earlier transaction: on to this one's.
                             timer.as_mut().reset(deadline);
                         }
-                        _ = gone.changed() => break Err(ProxyError::AgentIo(format!(
-                            "the VM was torn down while {code} was waiting for its reply: {}",
-                            vm.gone_reason()
-                        ))),
+                        _ = gone.changed() => break Err(ProxyError::VmTornDown {
+                            during: During::Reply(code),
+                            reason: vm.gone_reason(),
+                        }),
                     }
                 }
                 Err(e) => {
                     if let Some(m) = &metrics {
                         m.error(crate::metrics::ErrorKind::AgentGarbage);
                     }
-                    break Err(ProxyError::AgentIo(format!(
-                        "the agent sent garbage on ctl while {code} was waiting for its reply: {e}"
-                    )));
+                    break Err(ProxyError::AgentGarbage {
+                        channel: Channel::Ctl,
+                        during: During::Reply(code),
+                        source: e,
+                    });
                 }
             }
         };
         if let (Some(m), Some(sent)) = (&metrics, sent) {
             m.ctl_done(sent.elapsed(), &result);
         }
-        let fatal = matches!(&result, Err(ProxyError::AgentIo(_)));
+        let fatal = result.as_ref().is_err_and(ProxyError::breaks_channel);
         let reason = match &result {
             Err(e) if fatal => Some(e.to_string()),
             _ => None,
@@ -552,9 +568,10 @@ fn idle_message(m: &CtlMessage, stale: &mut usize) {
 async fn fail_pending(rx: &mut mpsc::Receiver<CtlRequest>, reason: &str) {
     rx.close();
     while let Some(req) = rx.recv().await {
-        let _ = req.reply.send(Err(ProxyError::AgentIo(format!(
-            "the agent's ctl channel is gone: {reason}"
-        ))));
+        let _ = req.reply.send(Err(ProxyError::VmTornDown {
+            during: During::Idle,
+            reason: reason.to_owned(),
+        }));
     }
 }
 
