@@ -649,7 +649,7 @@ impl Conn {
                 return;
             };
             let s = st.vms.get(&t.vm).and_then(|v| v.session(t.io_base));
-            (s, t.releasing)
+            (s, matches!(t.claim, crate::registry::Claim::Releasing(_)))
         };
         let Some(session) = session else { return };
         let patience = if releasing {

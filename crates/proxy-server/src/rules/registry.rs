@@ -364,6 +364,28 @@ pub enum ProcessState {
     KilledBeforeStart,
 }
 
+/// Who holds a token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Claim {
+    /// No shim: the next ConnectShim claims it.
+    Free,
+    /// A live shim connection holds it.
+    Held(ConnId),
+    /// The holding connection is closing (its reader ended); the claim is
+    /// released as soon as its writer has handed the session back.
+    Releasing(ConnId),
+}
+
+impl Claim {
+    /// The connection holding (or releasing) the claim.
+    pub fn holder(self) -> Option<ConnId> {
+        match self {
+            Claim::Free => None,
+            Claim::Held(c) | Claim::Releasing(c) => Some(c),
+        }
+    }
+}
+
 /// A token and its session.
 #[derive(Debug, Clone)]
 pub struct TokenEntry {
@@ -371,27 +393,34 @@ pub struct TokenEntry {
     pub vm: VmId,
     /// The session's stdin/stdout seq; stderr is `io_base + 1`.
     pub io_base: u64,
-    /// The live shim holding the token.
-    pub claimed_by: Option<ConnId>,
-    /// The claiming connection is closing (its reader ended); the claim is
-    /// released as soon as its writer has handed the session back.
-    pub releasing: bool,
+    /// Which shim holds it.
+    pub claim: Claim,
     /// The session's process.
     pub process: ProcessState,
+}
+
+/// Where a VM is in its life.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmPhase {
+    /// RegisterVM is bringing it up (dialling, waiting for READY): its
+    /// container id is taken, it is not attachable yet.
+    Reserved,
+    /// Registered, READY seen, its agent alive: attachable.
+    Live,
+    /// Its agent's channels closed ([`Registry::vm_gone`]): it stays known,
+    /// under its container id, until UnregisterVM, as in the reference —
+    /// runtimes send `destroypod` (the agent powers the VM off) and then
+    /// UnregisterVM. Holds why it went, for the clients that ask.
+    AgentGone(String),
+    /// UnregisterVM came: no longer attachable (its container id may be
+    /// registered again); its channels live until the agent closes them.
+    Unregistered,
 }
 
 #[derive(Debug)]
 struct VmEntry {
     container_id: String,
-    /// Still attachable (UnregisterVM clears it).
-    registered: bool,
-    /// READY was seen; until then the VM is only reserved.
-    ready: bool,
-    /// Its agent's channels closed ([`Registry::vm_gone`]): it stays known,
-    /// under its container id, until UnregisterVM, as in the reference —
-    /// runtimes send `destroypod` (the agent powers the VM off) and then
-    /// UnregisterVM. Holds why it went, for the clients that ask.
-    gone: Option<String>,
+    phase: VmPhase,
     next_io_base: u64,
     /// Its tokens in `Registry::tokens`.
     live_tokens: u32,
@@ -527,9 +556,7 @@ impl Registry {
             vm,
             VmEntry {
                 container_id: req.container_id.clone(),
-                registered: true,
-                ready: false,
-                gone: None,
+                phase: VmPhase::Reserved,
                 next_io_base: FIRST_IO_BASE,
                 live_tokens: 0,
             },
@@ -542,7 +569,9 @@ impl Registry {
     /// The agent sent READY: the VM becomes attachable.
     pub fn vm_ready(&mut self, vm: VmId) {
         if let Some(v) = self.vms.get_mut(&vm) {
-            v.ready = true;
+            if v.phase == VmPhase::Reserved {
+                v.phase = VmPhase::Live;
+            }
         }
     }
 
@@ -567,28 +596,34 @@ impl Registry {
     pub fn unregister_vm(&mut self, req: &UnregisterVm) -> Result<VmId, ProxyError> {
         req.validate()?;
         let vm = match self.by_container.get(&req.container_id) {
-            Some(vm) if self.vms.get(vm).is_some_and(|v| v.ready && v.registered) => *vm,
+            Some(vm)
+                if self
+                    .vms
+                    .get(vm)
+                    .is_some_and(|v| matches!(v.phase, VmPhase::Live | VmPhase::AgentGone(_))) =>
+            {
+                *vm
+            }
             _ => return Err(ProxyError::UnknownContainer(req.container_id.clone())),
         };
         self.by_container.remove(&req.container_id);
-        if self.vms.get(&vm).is_some_and(|v| v.gone.is_some()) {
-            self.vms.remove(&vm);
-        } else if let Some(v) = self.vms.get_mut(&vm) {
-            v.registered = false;
+        match self.vms.get_mut(&vm) {
+            Some(v) if v.phase == VmPhase::Live => v.phase = VmPhase::Unregistered,
+            _ => {
+                self.vms.remove(&vm);
+            }
         }
         Ok(vm)
     }
 
     fn attachable(&self, container_id: &str) -> Result<VmId, ProxyError> {
         match self.by_container.get(container_id) {
-            Some(vm) => match self.vms.get(vm) {
-                Some(VmEntry {
-                    gone: Some(reason), ..
-                }) => Err(ProxyError::AgentGone {
+            Some(vm) => match self.vms.get(vm).map(|v| &v.phase) {
+                Some(VmPhase::AgentGone(reason)) => Err(ProxyError::AgentGone {
                     container: container_id.to_owned(),
                     reason: reason.clone(),
                 }),
-                Some(v) if v.ready && v.registered => Ok(*vm),
+                Some(VmPhase::Live) => Ok(*vm),
                 _ => Err(ProxyError::UnknownContainer(container_id.to_owned())),
             },
             None => Err(ProxyError::UnknownContainer(container_id.to_owned())),
@@ -618,8 +653,7 @@ impl Registry {
                 TokenEntry {
                     vm,
                     io_base,
-                    claimed_by: None,
-                    releasing: false,
+                    claim: Claim::Free,
                     process: ProcessState::None,
                 },
             );
@@ -645,10 +679,11 @@ impl Registry {
     /// forgotten at once. Returns the tokens.
     pub fn vm_gone(&mut self, vm: VmId, reason: &str) -> Vec<String> {
         match self.vms.get_mut(&vm) {
-            Some(v) if v.registered && v.ready => {
-                v.gone.get_or_insert_with(|| reason.to_owned());
+            Some(v) if v.phase == VmPhase::Live => {
+                v.phase = VmPhase::AgentGone(reason.to_owned());
                 self.remove_tokens(vm)
             }
+            Some(v) if matches!(v.phase, VmPhase::AgentGone(_)) => self.remove_tokens(vm),
             _ => self.remove_vm(vm),
         }
     }
@@ -671,7 +706,9 @@ impl Registry {
 
     /// Whether the VM still exists with a live agent.
     pub fn vm_exists(&self, vm: VmId) -> bool {
-        self.vms.get(&vm).is_some_and(|v| v.gone.is_none())
+        self.vms
+            .get(&vm)
+            .is_some_and(|v| !matches!(v.phase, VmPhase::AgentGone(_)))
     }
 
     /// The container id a VM was registered with.
@@ -681,7 +718,14 @@ impl Registry {
 
     /// Whether the VM is registered (not yet unregistered).
     pub fn vm_registered(&self, vm: VmId) -> bool {
-        self.vms.get(&vm).is_some_and(|v| v.registered)
+        self.vms
+            .get(&vm)
+            .is_some_and(|v| v.phase != VmPhase::Unregistered)
+    }
+
+    /// Where the VM is in its life.
+    pub fn vm_phase(&self, vm: VmId) -> Option<&VmPhase> {
+        self.vms.get(&vm).map(|v| &v.phase)
     }
 
     /// Number of VMs known (registered or not yet torn down).
@@ -714,7 +758,7 @@ impl Registry {
             None => return Err(ProxyError::VmGone),
             Some(VmEntry {
                 container_id,
-                gone: Some(reason),
+                phase: VmPhase::AgentGone(reason),
                 ..
             }) => {
                 return Err(ProxyError::AgentGone {
@@ -796,14 +840,11 @@ impl Registry {
             .tokens
             .get_mut(token)
             .ok_or_else(|| ProxyError::UnknownToken(token.to_owned()))?;
-        match t.claimed_by {
-            Some(c) if c != conn && t.releasing => {
-                Err(ProxyError::TokenReleasing(token.to_owned()))
-            }
-            Some(c) if c != conn => Err(ProxyError::TokenClaimed(token.to_owned())),
+        match t.claim {
+            Claim::Releasing(c) if c != conn => Err(ProxyError::TokenReleasing(token.to_owned())),
+            Claim::Held(c) if c != conn => Err(ProxyError::TokenClaimed(token.to_owned())),
             _ => {
-                t.claimed_by = Some(conn);
-                t.releasing = false;
+                t.claim = Claim::Held(conn);
                 Ok((t.vm, t.io_base))
             }
         }
@@ -813,8 +854,8 @@ impl Registry {
     /// [`shim_gone`](Self::shim_gone) releases this one.
     pub fn shim_closing(&mut self, conn: ConnId, token: &str) {
         if let Some(t) = self.tokens.get_mut(token) {
-            if t.claimed_by == Some(conn) {
-                t.releasing = true;
+            if t.claim == Claim::Held(conn) {
+                t.claim = Claim::Releasing(conn);
             }
         }
     }
@@ -823,9 +864,8 @@ impl Registry {
     /// claimable again and its session carries on.
     pub fn shim_gone(&mut self, conn: ConnId, token: &str) {
         if let Some(t) = self.tokens.get_mut(token) {
-            if t.claimed_by == Some(conn) {
-                t.claimed_by = None;
-                t.releasing = false;
+            if t.claim.holder() == Some(conn) {
+                t.claim = Claim::Free;
             }
         }
     }
@@ -833,7 +873,7 @@ impl Registry {
     /// DisconnectShim: the token and its session are freed.
     pub fn disconnect_shim(&mut self, conn: ConnId, token: &str) -> Option<TokenEntry> {
         match self.tokens.get(token) {
-            Some(t) if t.claimed_by == Some(conn) => {
+            Some(t) if t.claim.holder() == Some(conn) => {
                 let t = self.tokens.remove(token)?;
                 if let Some(v) = self.vms.get_mut(&t.vm) {
                     v.live_tokens = v.live_tokens.saturating_sub(1);
