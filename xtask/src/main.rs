@@ -17,6 +17,9 @@
 //! - `soak`  — the release `cc-proxy` for N minutes under a random mix of
 //!   every command, reconnects, slow readers and agent faults; every reply
 //!   and byte checked, RSS and fds sampled (`ci` runs 60 s of it).
+//! - `sim`   — the deterministic simulation: seeded schedules of runtimes,
+//!   shims and agents against the sans-IO core, invariants after every step
+//!   (`ci` runs a fixed set of seeds).
 //! - `fuzz`  — each cargo-fuzz target in `fuzz/` for a bounded time
 //!   (`--seconds N`, default 30); installs cargo-fuzz if it is missing.
 //!
@@ -30,6 +33,7 @@ mod demo;
 mod dist;
 mod e2e;
 mod fuzz;
+mod sim;
 mod soak;
 mod util;
 
@@ -49,6 +53,7 @@ fn main() -> ExitCode {
         "dist" => dist::run(rest).map(drop),
         "e2e" => e2e::run(rest),
         "fuzz" => fuzz::run(rest),
+        "sim" => sim::run(rest),
         "soak" => soak::run(rest),
         "-h" | "--help" | "help" => {
             println!("{}", USAGE);
@@ -86,6 +91,10 @@ verbs:
                      bench --quick, soak --seconds 60 and fuzz --seconds 30
   fuzz [--seconds N] [TARGET...]
                      run each fuzz target (or those named) for N s, default 30
+  sim [--seeds N] [--first F] [--seed S] [--steps K] [--threads T] [--dev]
+                     the deterministic simulation of the core: N seeded
+                     schedules (default 1000), or seed S alone; a failing
+                     seed prints how to reproduce it
   soak [--minutes N | --seconds N] [--report] [--vms N] [--shims-per-vm N] [--seed N]
        [--reconnect-percent N]
                      the release cc-proxy under random commands, reconnects and
@@ -160,6 +169,13 @@ fn ci(args: &[String]) -> Result<(), String> {
             );
         }
     }
+    // The simulation: a fixed set of seeds (under a minute); the long runs
+    // are `cargo xtask sim --seeds 1000000`.
+    sim::run(&[
+        "--dev".to_string(),
+        "--seeds".to_string(),
+        "3000".to_string(),
+    ])?;
     if e2e {
         e2e::run(&[])?;
     }

@@ -328,7 +328,7 @@ impl std::fmt::Display for Channel {
 pub enum During {
     /// Nothing in particular.
     Idle,
-    /// The daemon was waiting for READY.
+    /// The daemon was waiting for READY (the agent had not sent it).
     Ready,
     /// A ctl command was waiting for its reply.
     Reply(Code),
@@ -338,7 +338,7 @@ impl std::fmt::Display for During {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             During::Idle => Ok(()),
-            During::Ready => f.write_str(" while waiting for READY"),
+            During::Ready => f.write_str(" before sending READY"),
             During::Reply(code) => write!(f, " while {code} was waiting for its reply"),
         }
     }
@@ -882,6 +882,79 @@ impl Registry {
             }
             _ => None,
         }
+    }
+
+    /// Check that the registry's state is one the rules can reach: every
+    /// index agrees with what it indexes, every count with what it counts,
+    /// every token's session is unique on its VM. The simulation calls this
+    /// after every step; it costs a walk over everything.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        for (name, vm) in &self.by_container {
+            let v = self
+                .vms
+                .get(vm)
+                .ok_or_else(|| format!("container {name} indexes VM {vm:?}, which is not known"))?;
+            if &v.container_id != name {
+                return Err(format!(
+                    "container {name} indexes VM {vm:?}, registered as {}",
+                    v.container_id
+                ));
+            }
+            if v.phase == VmPhase::Unregistered {
+                return Err(format!("container {name} still indexes an unregistered VM"));
+            }
+        }
+        for (id, v) in &self.vms {
+            let listed = self.by_container.get(&v.container_id) == Some(id);
+            if v.phase != VmPhase::Unregistered && !listed {
+                return Err(format!(
+                    "VM {id:?} ({}, {:?}) is not indexed by its container id",
+                    v.container_id, v.phase
+                ));
+            }
+            let tokens: Vec<&TokenEntry> = self.tokens.values().filter(|t| t.vm == *id).collect();
+            if tokens.len() != v.live_tokens as usize {
+                return Err(format!(
+                    "VM {id:?} counts {} live tokens and has {}",
+                    v.live_tokens,
+                    tokens.len()
+                ));
+            }
+            if matches!(v.phase, VmPhase::AgentGone(_)) && !tokens.is_empty() {
+                return Err(format!("VM {id:?}'s agent is gone and it keeps tokens"));
+            }
+            if v.live_tokens > self.limits.per_vm {
+                return Err(format!("VM {id:?} holds {} tokens", v.live_tokens));
+            }
+            let mut bases: Vec<u64> = tokens.iter().map(|t| t.io_base).collect();
+            bases.sort_unstable();
+            if bases.windows(2).any(|w| w[0] == w[1]) {
+                return Err(format!("two sessions of VM {id:?} share an io base"));
+            }
+            if let Some(b) = bases
+                .iter()
+                .find(|b| **b < FIRST_IO_BASE || **b % 2 == 0 || **b >= v.next_io_base)
+            {
+                return Err(format!("VM {id:?} has a session at io base {b}"));
+            }
+        }
+        for t in self.tokens.values() {
+            if !self.vms.contains_key(&t.vm) {
+                return Err(format!("a token belongs to VM {:?}, which is gone", t.vm));
+            }
+        }
+        if self.tokens.len() > self.limits.total as usize {
+            return Err(format!(
+                "{} tokens live, above the limit",
+                self.tokens.len()
+            ));
+        }
+        Ok(())
+    }
+
+    /// Every live token with its entry (the simulation walks them).
+    pub fn tokens(&self) -> impl Iterator<Item = (&str, &TokenEntry)> {
+        self.tokens.iter().map(|(k, v)| (k.as_str(), v))
     }
 
     /// Signal from the shim of `token`.
