@@ -20,8 +20,9 @@ use tokio::sync::{mpsc, watch, OwnedSemaphorePermit};
 use tracing::{debug, info, warn, Instrument};
 
 use crate::registry::{ConnId, ProxyError, SignalPlan, VmId};
+use crate::rules::output::{Gather, Held, Inflight, Step};
 use crate::server::Shared;
-use crate::session::{Output, OutputQueue, Session};
+use crate::session::{IoFlow, Output, OutputQueue, Session};
 use crate::vm::{Gone, Vm};
 use crate::wire::Batch;
 
@@ -926,6 +927,9 @@ async fn writer(
     let mut drain = false;
     // The batch holds a frame other than output (a response): no waiting.
     let mut urgent = false;
+    // The session's io flow (the corking policy's input), kept from batch
+    // to batch.
+    let mut flow: Option<Arc<IoFlow>> = None;
     loop {
         // Wait for something to write.
         if batch.is_empty() {
@@ -935,7 +939,7 @@ async fn writer(
                     m = rx.recv() => Some(m),
                     o = q.next() => {
                         if let Some(o) = o {
-                            inflight.push(&mut batch, o);
+                            queue_output(&mut inflight, &mut batch, o);
                         }
                         None
                     }
@@ -948,18 +952,16 @@ async fn writer(
                 None => {}
             }
         }
-        // Gather more without waiting. A small batch of output waits a turn
-        // of the scheduler (up to three, while each brings more): the io
-        // reader may be about to queue more for this session (many busy
-        // sessions on one VM), and one write of several messages costs far
-        // less than one write each. A lone interactive session stops after
-        // one turn that brought nothing. While the agent streams, a small
-        // batch of output also waits for the io reader's next read, as long
-        // as each read brings more for this session (see `IoFlow`).
-        let mut yields = 0;
-        let mut before = 0;
-        let mut corked = false;
-        'gather: loop {
+        // Gather more without waiting, and ask the corking policy
+        // (`Gather`) whether to write, to yield a turn of the scheduler,
+        // or, while the agent streams, to wait for the io reader's next
+        // read (see `IoFlow`).
+        match (&flow, &session) {
+            (Some(f), Some((s, _))) if Arc::ptr_eq(f, &s.flow) => {}
+            _ => flow = session.as_ref().map(|(s, _)| s.flow.clone()),
+        }
+        let mut gather = Gather::new();
+        loop {
             while !closing && batch.len() < 256 * 1024 && batch.chunks() < 512 {
                 match rx.try_recv() {
                     Ok(m) => {
@@ -973,43 +975,41 @@ async fn writer(
                     Err(mpsc::error::TryRecvError::Empty) => {}
                 }
                 match session.as_mut().and_then(|(_, q)| q.try_next()) {
-                    Some(o) => inflight.push(&mut batch, o),
+                    Some(o) => queue_output(&mut inflight, &mut batch, o),
                     None => break,
                 }
             }
-            let grew = batch.len() > before;
-            before = batch.len();
-            let small =
-                !closing && !drain && !urgent && !inflight.is_empty() && batch.len() < 64 * 1024;
-            if !small || (corked && !grew) {
-                break;
-            }
-            if grew && yields < 3 {
-                yields += 1;
-                tokio::task::yield_now().await;
-                continue 'gather;
-            }
-            let Some((s, _)) = &session else { break };
-            let flow = s.flow.clone();
-            let next_read = flow.next_read();
-            if !flow.streaming() {
-                break;
-            }
-            corked = true;
-            tokio::select! {
-                biased;
-                m = rx.recv() => match m {
-                    Some(m) => urgent |= handle_msg(m, &mut batch, &mut session, &mut drain),
-                    None => closing = true,
-                },
-                () = next_read => {}
+            // Created before the flag is read: a wake-up in between is
+            // not missed.
+            let next_read = flow.as_ref().map(|f| f.next_read());
+            let held = Held {
+                len: batch.len(),
+                output: !inflight.is_empty(),
+                urgent,
+                closing: closing || drain,
+                streaming: flow.as_ref().is_some_and(|f| f.streaming()),
+            };
+            match gather.step(held) {
+                Step::Write => break,
+                Step::Yield => tokio::task::yield_now().await,
+                Step::WaitNextRead => {
+                    let Some(next_read) = next_read else { break };
+                    tokio::select! {
+                        biased;
+                        m = rx.recv() => match m {
+                            Some(m) => urgent |= handle_msg(m, &mut batch, &mut session, &mut drain),
+                            None => closing = true,
+                        },
+                        () = next_read => {}
+                    }
+                }
             }
         }
         urgent = false;
         if drain {
             if let Some((_, q)) = session.as_mut() {
                 while let Some(o) = q.try_next() {
-                    inflight.push(&mut batch, o);
+                    queue_output(&mut inflight, &mut batch, o);
                 }
             }
         }
@@ -1121,87 +1121,12 @@ fn push_output(batch: &mut Batch, o: &Output) {
     }
 }
 
-/// The output items of a batch, with where each starts in it.
-#[derive(Debug, Default)]
-struct Inflight {
-    items: Vec<(usize, Output)>,
+/// Put `o`'s frame in the batch, and account for it in `inflight`.
+fn queue_output(inflight: &mut Inflight, batch: &mut Batch, o: Output) {
+    let at = batch.len();
+    push_output(batch, &o);
+    inflight.push(at, o);
 }
-
-/// What a failed write of a batch leaves.
-#[derive(Debug, Default)]
-struct Settled {
-    /// The items the kernel took (all of, or the first bytes of), with how
-    /// many payload bytes, for the replay window.
-    handed: Vec<(Output, usize)>,
-    /// Budget of the bytes the kernel took.
-    handed_cost: usize,
-    /// Payload bytes the kernel took.
-    handed_bytes: usize,
-    /// What did not reach the kernel, in order: whole items, and the rest
-    /// of one the kernel took a part of.
-    back: Vec<Output>,
-}
-
-impl Inflight {
-    fn push(&mut self, batch: &mut Batch, o: Output) {
-        self.items.push((batch.len(), o.clone()));
-        push_output(batch, &o);
-    }
-
-    fn is_empty(&self) -> bool {
-        self.items.is_empty()
-    }
-
-    fn clear(&mut self) {
-        self.items.clear();
-    }
-
-    /// The budget the items hold.
-    fn cost(&self) -> usize {
-        self.items.iter().map(|(_, o)| o.cost() as usize).sum()
-    }
-
-    /// The kernel took the batch's first `progress` bytes, then the write
-    /// failed.
-    fn settle(&mut self, progress: usize) -> Settled {
-        let mut out = Settled::default();
-        for (start, o) in self.items.drain(..) {
-            let payload_at = start + FRAME_HEADER_LEN;
-            let (len, data) = match o.live() {
-                Output::Stdout(b) | Output::Stderr(b) => (b.len(), Some(b.clone())),
-                _ => (1, None),
-            };
-            if progress >= payload_at + len {
-                out.handed_cost += o.cost() as usize;
-                out.handed_bytes += len;
-                out.handed.push((o, len));
-            } else if progress <= payload_at {
-                out.back.push(o);
-            } else if let Some(b) = data {
-                let took = progress - payload_at;
-                let rest = b.slice(took..);
-                let rest = match o.live() {
-                    Output::Stderr(_) => Output::Stderr(rest),
-                    _ => Output::Stdout(rest),
-                };
-                let rest = match &o {
-                    Output::Replayed(_) => Output::Replayed(Box::new(rest)),
-                    _ => rest,
-                };
-                out.handed_cost += (o.cost() - rest.cost()) as usize;
-                out.handed_bytes += took;
-                out.handed.push((o, took));
-                out.back.push(rest);
-            } else {
-                out.back.push(o);
-            }
-        }
-        out
-    }
-}
-
-/// Every output frame's header: the standard 12 bytes.
-const FRAME_HEADER_LEN: usize = 12;
 
 /// Bytes written to `w` that its reader has not read yet (SIOCOUTQ).
 fn unread_in_kernel(w: &tokio::net::unix::OwnedWriteHalf) -> usize {
@@ -1216,63 +1141,5 @@ fn unread_in_kernel(w: &tokio::net::unix::OwnedWriteHalf) -> usize {
         usize::try_from(n).unwrap_or(0)
     } else {
         0
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn stdout(n: usize, byte: u8) -> Output {
-        Output::Stdout(Bytes::from(vec![byte; n]))
-    }
-
-    fn lens(v: &[Output]) -> Vec<usize> {
-        v.iter()
-            .map(|o| match o.live() {
-                Output::Stdout(b) | Output::Stderr(b) => b.len(),
-                _ => 1,
-            })
-            .collect()
-    }
-
-    #[test]
-    fn regression_what_the_kernel_took_is_never_put_back() {
-        // Three messages of 100 bytes (112 with their headers) and the exit.
-        let fill = |inflight: &mut Inflight| {
-            let mut batch = Batch::new();
-            for i in 0..3 {
-                inflight.push(&mut batch, stdout(100, i));
-            }
-            inflight.push(&mut batch, Output::Exited(3));
-            assert_eq!(batch.len(), 3 * 112 + 13);
-        };
-        let mut f = Inflight::default();
-        fill(&mut f);
-        // Nothing taken: everything goes back.
-        let s = f.settle(0);
-        assert_eq!((s.handed_bytes, lens(&s.back)), (0, vec![100, 100, 100, 1]));
-        // The first message and half of the second taken.
-        fill(&mut f);
-        let s = f.settle(112 + 12 + 50);
-        assert_eq!((s.handed_bytes, s.handed_cost), (150, 150));
-        assert_eq!(lens(&s.back), vec![50, 100, 1]);
-        match &s.back[0] {
-            Output::Stdout(b) => assert!(b.iter().all(|&x| x == 1)),
-            o => panic!("{o:?}"),
-        }
-        // Only part of the second header: its payload goes back whole.
-        fill(&mut f);
-        let s = f.settle(112 + 5);
-        assert_eq!(lens(&s.back), vec![100, 100, 1]);
-        // All but the exit's code byte.
-        fill(&mut f);
-        let s = f.settle(3 * 112 + 12);
-        assert_eq!((s.handed_bytes, lens(&s.back)), (300, vec![1]));
-        // All of it.
-        fill(&mut f);
-        let s = f.settle(3 * 112 + 13);
-        assert!(s.back.is_empty());
-        assert_eq!(s.handed_cost, 301);
     }
 }

@@ -2,16 +2,14 @@
 //! matched in order), its io reader (demultiplexes the agent's output into
 //! per-session queues) and its io writer (stdin to the agent).
 
-use std::collections::hash_map::Entry;
 use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use proxy_proto::hyper::ctl::{Code, CtlDecoder, CtlMessage, CTL_HEADER_LEN};
-use proxy_proto::hyper::io::{IoDecoder, IoHeader, IO_HEADER_LEN, MAX_IO_DATA, NULL_SEQ};
+use proxy_proto::hyper::io::{IoHeader, IO_HEADER_LEN, MAX_IO_DATA};
 use proxy_proto::hyper::MAX_MESSAGE_LEN;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -19,6 +17,7 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn, Instrument};
 
 use crate::registry::{Channel, During, ProxyError, VmId};
+use crate::rules::demux::{Discarded, IoDemux, Routed, Streaming, Wake, STREAM_PAUSE};
 use crate::session::{Budget, IoFlow, Output, Session};
 use crate::wire::Batch;
 
@@ -26,15 +25,6 @@ use crate::wire::Batch;
 pub type AgentRead = Box<dyn AsyncRead + Send + Unpin>;
 /// Write half of an agent channel.
 pub type AgentWrite = Box<dyn AsyncWrite + Send + Unpin>;
-
-/// An io read at least this large, with messages of several sessions
-/// interleaved, means the agent is streaming output of many sessions at
-/// once (see [`IoFlow`]). A single stream gathers enough from one read.
-const STREAMING_READ: usize = 16 * 1024;
-
-/// Streaming stops when io has been quiet this long (tokio's timers tick
-/// in milliseconds).
-const STREAM_PAUSE: Duration = Duration::from_millis(1);
 
 /// Largest ctl data the agent takes in one message.
 pub const MAX_CTL_DATA: usize = MAX_MESSAGE_LEN - CTL_HEADER_LEN;
@@ -575,171 +565,93 @@ async fn fail_pending(rx: &mut mpsc::Receiver<CtlRequest>, reason: &str) {
     }
 }
 
-/// Where the io reader sends a session's output.
-struct Route {
-    session: Arc<Session>,
-    /// Its stdout EOF was seen: a 1-byte message next is the exit code.
-    at_eof: bool,
-}
-
-/// A map keyed by io seq. Its keys are the VM's own sessions (output for
-/// any other seq is looked up in the VM's map and dropped, never
-/// inserted), so a multiplicative hash serves where SipHash would cost
-/// more per message.
-type SeqMap<V> = HashMap<u64, V, BuildHasherDefault<SeqHasher>>;
-
-#[derive(Default)]
-struct SeqHasher(u64);
-
-impl Hasher for SeqHasher {
-    fn finish(&self) -> u64 {
-        // The product's high bits are its well-mixed ones; the table
-        // indexes by the low ones (and io seqs are all odd).
-        self.0.rotate_left(26)
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-        }
-    }
-
-    fn write_u64(&mut self, n: u64) {
-        self.0 = (self.0 ^ n).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    }
-}
-
 async fn io_reader(vm: Arc<Vm>, mut r: AgentRead, max_message: usize, events: Arc<dyn VmEvents>) {
     let mut buf = BytesMut::with_capacity(64 * 1024);
-    let mut dec = IoDecoder::new(max_message);
+    // Routes to the sessions output went to: its own map spares the VM's
+    // shared one's lock per message.
+    let mut demux: IoDemux<Arc<Session>> = IoDemux::new(max_message);
+    let mut streaming = Streaming::new();
     let mut gone = vm.gone.subscribe();
-    // The sessions output was routed to: a local map spares the shared
-    // one's lock per message; a session closed since is evicted when a
-    // push fails.
-    let mut routes: SeqMap<Route> = SeqMap::default();
-    // Bytes (and messages) decoded and not yet counted in the VM's stats.
-    let mut uncounted = 0u64;
-    let mut uncounted_msgs = 0u64;
     let metrics = events.metrics();
     let flow = vm.io_flow.clone();
-    // Read since the writers were last woken; the read was large; how often
-    // consecutive messages changed sessions in it.
-    let mut fresh = false;
-    let mut large = false;
-    let mut switches = 0u32;
-    let mut last_base = 0u64;
-    let mut last_read = Instant::now();
-    // Ends streaming after STREAM_PAUSE without a read; moved lazily (when
-    // it fires early), like the ctl timer.
+    // The writers are told what the streaming machine says.
+    let tell = |s: &Streaming, wake: Wake| {
+        flow.set_streaming(s.is_streaming());
+        if wake == Wake::Writers {
+            flow.wake_writers();
+        }
+    };
+    // The read to judge once its messages are queued: its size and when.
+    let mut fresh: Option<(usize, Instant)> = None;
+    // Fires the streaming machine's timeout; moved lazily (when it fires
+    // early), like the ctl timer.
     let pause = tokio::time::sleep(STREAM_PAUSE);
     tokio::pin!(pause);
     let reason = 'outer: loop {
         loop {
-            let m = match dec.decode(&mut buf) {
+            let m = match demux.decode(&mut buf) {
                 Ok(Some(m)) => m,
                 Ok(None) => break,
                 Err(e) => {
                     if let Some(m) = &metrics {
                         m.error(crate::metrics::ErrorKind::AgentGarbage);
                     }
-                    break 'outer format!("the agent sent garbage on io: {e}");
+                    break 'outer e.to_string();
                 }
             };
-            uncounted += m.data.len() as u64;
-            uncounted_msgs += 1;
-            let seq = m.seq;
-            if seq == NULL_SEQ || seq == NULL_SEQ + 1 {
-                continue; // the null session: discarded
-            }
-            // Odd seqs are a session's stdin/stdout, even ones its stderr;
-            // seq 0 belongs to no session.
-            let base = if seq % 2 == 1 {
-                seq
-            } else if let Some(base) = seq.checked_sub(1) {
-                base
-            } else {
-                debug!(len = m.data.len(), "io for seq 0 dropped");
-                continue;
-            };
-            if base != last_base {
-                switches = switches.saturating_add(1);
-                last_base = base;
-            }
-            let route = match routes.entry(base) {
-                Entry::Occupied(e) => e.into_mut(),
-                Entry::Vacant(e) => match vm.session(base) {
-                    Some(session) => e.insert(Route {
-                        session,
-                        at_eof: false,
-                    }),
-                    None => {
-                        debug!(seq, len = m.data.len(), "io for an unknown seq dropped");
-                        continue;
-                    }
-                },
-            };
-            let item = if seq == base {
-                if m.data.is_empty() {
-                    route.at_eof = true;
+            let len = m.data.len();
+            let (base, item, session) = match demux.route_to(m, |base| vm.session(base)) {
+                Routed::Deliver { base, item, to } => (base, item, to),
+                Routed::Discard(Discarded::UnknownSeq { seq }) => {
+                    debug!(seq, len, "io for an unknown seq dropped");
                     continue;
-                } else if route.at_eof && m.data.len() == 1 {
-                    let code = m.data[0];
-                    route.at_eof = false;
-                    events.process_exited(vm.id, &route.session.token, code);
-                    Output::Exited(code)
-                } else {
-                    Output::Stdout(m.data)
                 }
-            } else if m.data.is_empty() {
-                continue; // stderr EOF
-            } else {
-                Output::Stderr(m.data)
+                Routed::Discard(Discarded::SeqZero) => {
+                    debug!(len, "io for seq 0 dropped");
+                    continue;
+                }
+                Routed::Discard(_) => continue,
             };
-            let exited = matches!(item, Output::Exited(_));
+            let exited = match item {
+                Output::Exited(code) => {
+                    events.process_exited(vm.id, &session.token, code);
+                    true
+                }
+                _ => false,
+            };
             // Room in the queue (the usual case): no waiting, and no
             // teardown watch to set up and take down per message.
-            let session = &route.session;
             let pushed = match session.try_push(item) {
                 Ok(pushed) => pushed,
                 Err(item) => {
                     // Reading stops until this queue has room: writers
                     // waiting for the next read must write what they hold
                     // (some of it may be what makes the room).
-                    flow.set_streaming(false);
-                    flow.wake_writers();
+                    let wake = streaming.queue_full();
+                    tell(&streaming, wake);
                     tokio::select! {
                         pushed = session.push(item) => pushed,
                         _ = gone.changed() => break 'outer "VM torn down".to_string(),
                     }
                 }
             };
-            // A session gone, or whose process exited (nothing more comes
-            // for it): out of the local map, which so holds only sessions
-            // with output still coming, however many processes a
-            // long-lived VM runs.
+            // A session gone, or whose process exited: nothing more comes
+            // for it.
             if !pushed || exited {
-                routes.remove(&base);
+                demux.forget(base);
             }
         }
-        if uncounted > 0 {
-            vm.bytes_from_agent.fetch_add(uncounted, Ordering::Relaxed);
-            uncounted = 0;
+        let counts = demux.take_counts();
+        if counts.bytes > 0 {
+            vm.bytes_from_agent
+                .fetch_add(counts.bytes, Ordering::Relaxed);
         }
-        if uncounted_msgs > 0 {
-            vm.msgs_from_agent
-                .fetch_add(uncounted_msgs, Ordering::Relaxed);
-            uncounted_msgs = 0;
+        if counts.msgs > 0 {
+            vm.msgs_from_agent.fetch_add(counts.msgs, Ordering::Relaxed);
         }
-        if fresh {
-            fresh = false;
-            // Writers wait only while streaming, and every other place
-            // that ends it wakes them: when it was off, nobody waits.
-            let was = flow.streaming();
-            flow.set_streaming(large && switches > 1);
-            switches = 0;
-            if was {
-                flow.wake_writers();
-            }
+        if let Some((n, at)) = fresh.take() {
+            let wake = streaming.read_done(n, demux.take_switches(), at.into_std());
+            tell(&streaming, wake);
         }
         if buf.capacity() - buf.len() < 16 * 1024 {
             buf.reserve(64 * 1024);
@@ -747,27 +659,22 @@ async fn io_reader(vm: Arc<Vm>, mut r: AgentRead, max_message: usize, events: Ar
         tokio::select! {
             n = r.read_buf(&mut buf) => match n {
                 Ok(0) => break "the agent closed the io channel".to_string(),
-                Ok(n) => {
-                    fresh = true;
-                    large = n >= STREAMING_READ;
-                    last_read = Instant::now();
-                }
+                Ok(n) => fresh = Some((n, Instant::now())),
                 Err(e) => break format!("reading io: {e}"),
             },
-            () = &mut pause, if flow.streaming() => {
-                if last_read.elapsed() >= STREAM_PAUSE {
-                    flow.set_streaming(false);
-                    flow.wake_writers();
-                } else {
-                    pause.as_mut().reset(last_read + STREAM_PAUSE);
+            () = &mut pause, if streaming.is_streaming() => {
+                let wake = streaming.handle_timeout(Instant::now().into_std());
+                tell(&streaming, wake);
+                if let Some(at) = streaming.poll_timeout() {
+                    pause.as_mut().reset(Instant::from_std(at));
                 }
             }
             _ = gone.changed() => break "VM torn down".to_string(),
         }
     };
     // Nobody waits for io that will not come.
-    flow.set_streaming(false);
-    flow.wake_writers();
+    let wake = streaming.close();
+    tell(&streaming, wake);
     events.vm_failed(vm.id, reason);
 }
 
@@ -814,7 +721,7 @@ async fn io_writer(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use proxy_proto::hyper::io::IoMessage;
+    use proxy_proto::hyper::io::{IoDecoder, IoMessage};
     use tokio::io::{duplex, DuplexStream};
 
     #[derive(Debug, Default)]

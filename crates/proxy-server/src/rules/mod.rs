@@ -8,4 +8,6 @@
 //! deterministic simulation (`cargo xtask sim`) drives the same machines
 //! with simulated peers and a simulated clock.
 
+pub mod demux;
+pub mod output;
 pub mod registry;
