@@ -55,7 +55,6 @@
 pub mod agent;
 pub mod config;
 pub mod conn;
-pub mod rules;
 pub mod ksm;
 pub mod logging;
 pub mod metrics;
@@ -63,6 +62,7 @@ pub mod notify;
 pub mod panics;
 pub mod redact;
 pub mod registry;
+pub mod rules;
 pub mod server;
 pub mod session;
 pub mod vm;

@@ -51,7 +51,7 @@ async fn an_agent_that_closes_before_ready_fails_register_vm_at_once() {
     let mut c = p.client().await;
     c.set_timeout(Duration::from_secs(20));
     let msg = c.register_agent(&id, &agent, 1).await.unwrap_err();
-    assert!(msg.contains("before sending READY"), "{msg}");
+    assert!(msg.contains("closed the ctl channel while waiting for READY"), "{msg}");
     assert!(
         c.attach_vm(&id, 0).await.is_err(),
         "nothing stays registered"
