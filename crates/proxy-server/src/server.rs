@@ -20,6 +20,7 @@ use tracing::{debug, error, info, warn, Instrument};
 use crate::config::Config;
 use crate::ksm::Ksm;
 use crate::registry::{ConnId, NewToken, ProxyError, Registry, VmId};
+use crate::rules::ctl::CtlChannel;
 use crate::vm::{Channels, Vm, VmEvents, VmOptions};
 
 /// The state every task shares. Locked briefly, never across an await.
@@ -144,14 +145,8 @@ impl Shared {
         let (io_r, io_w) = dial.connect("io", &req.io_serial).await?;
         debug!("agent channels connected, waiting for READY");
         let mut ctl_buf = BytesMut::with_capacity(4096);
-        crate::vm::wait_ready(
-            &mut ctl_r,
-            &mut ctl_buf,
-            deadline,
-            waited,
-            opts.max_agent_message,
-        )
-        .await?;
+        let mut ctl = CtlChannel::new(opts.ctl_options(waited), deadline.into_std());
+        crate::vm::wait_ready(&mut ctl_r, &mut ctl_buf, &mut ctl).await?;
         if !req.console.is_empty() {
             spawn_console(req.console.clone(), req.container_id.clone());
         }
@@ -163,6 +158,7 @@ impl Shared {
                 ctl_r,
                 ctl_w,
                 ctl_buf,
+                ctl,
                 io_r,
                 io_w,
             },

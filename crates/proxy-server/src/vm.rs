@@ -8,15 +8,16 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use proxy_proto::hyper::ctl::{Code, CtlDecoder, CtlMessage, CTL_HEADER_LEN};
+use proxy_proto::hyper::ctl::Code;
 use proxy_proto::hyper::io::{IoHeader, IO_HEADER_LEN, MAX_IO_DATA};
 use proxy_proto::hyper::MAX_MESSAGE_LEN;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
-use tracing::{debug, info, warn, Instrument};
+use tracing::{debug, info, Instrument};
 
-use crate::registry::{Channel, During, ProxyError, VmId};
+use crate::registry::{During, ProxyError, VmId};
+use crate::rules::ctl::{CtlChannel, CtlEvent, CtlOptions, TxnId};
 use crate::rules::demux::{Discarded, IoDemux, Routed, Streaming, Wake, STREAM_PAUSE};
 use crate::session::{Budget, IoFlow, Output, Session};
 use crate::wire::Batch;
@@ -27,7 +28,11 @@ pub type AgentRead = Box<dyn AsyncRead + Send + Unpin>;
 pub type AgentWrite = Box<dyn AsyncWrite + Send + Unpin>;
 
 /// Largest ctl data the agent takes in one message.
-pub const MAX_CTL_DATA: usize = MAX_MESSAGE_LEN - CTL_HEADER_LEN;
+pub use crate::rules::ctl::MAX_CTL_DATA;
+
+/// Ctl requests queued in a VM's ctl channel behind the one in flight
+/// (more wait in the task's mpsc: callers feel backpressure, not errors).
+const CTL_QUEUE: usize = 64;
 
 struct CtlRequest {
     code: Code,
@@ -102,6 +107,16 @@ pub struct VmOptions {
 }
 
 impl VmOptions {
+    /// The ctl channel's limits, READY awaited for `ready_timeout`.
+    pub fn ctl_options(&self, ready_timeout: Duration) -> CtlOptions {
+        CtlOptions {
+            timeout: self.ctl_timeout,
+            ready_timeout,
+            max_message: self.max_agent_message,
+            max_queue: CTL_QUEUE,
+        }
+    }
+
     /// The options the daemon's configuration gives.
     pub fn from_config(c: &crate::config::Config, budget: Budget) -> Self {
         let max_agent_message = agent_message_bound(c.max_frame_size);
@@ -131,6 +146,8 @@ pub struct Channels {
     pub ctl_w: AgentWrite,
     /// Bytes read from ctl after READY.
     pub ctl_buf: BytesMut,
+    /// The ctl channel's rules, READY seen ([`wait_ready`]).
+    pub ctl: CtlChannel,
     /// io read half.
     pub io_r: AgentRead,
     /// io write half.
@@ -143,53 +160,37 @@ impl std::fmt::Debug for Channels {
     }
 }
 
-/// Wait for READY on a freshly connected ctl channel. Messages before it
-/// (there should be none) are logged and skipped.
+/// Wait for READY on a freshly connected ctl channel: feed `ctl` (made
+/// with the READY deadline) what is read until it says READY came, or why
+/// not (garbage, the channel closed or failed, the deadline passed).
+/// Messages before READY (there should be none) are logged and skipped;
+/// bytes read past it stay in `buf` for the ctl task.
 pub async fn wait_ready(
     ctl_r: &mut AgentRead,
     buf: &mut BytesMut,
-    deadline: Instant,
-    waited: Duration,
-    max_message: usize,
+    ctl: &mut CtlChannel,
 ) -> Result<(), ProxyError> {
-    let mut dec = CtlDecoder::new(max_message);
+    let deadline = ctl.poll_timeout();
+    let timer = tokio::time::sleep_until(deadline.map_or_else(Instant::now, Instant::from_std));
+    tokio::pin!(timer);
     loop {
-        match dec.decode(buf) {
-            Ok(Some(m)) if m.code() == Some(Code::Ready) => return Ok(()),
-            Ok(Some(m)) => {
-                debug!(code = m.code, "skipping ctl message before READY");
-                continue;
-            }
-            Ok(None) => {}
-            Err(e) => {
-                return Err(ProxyError::AgentGarbage {
-                    channel: Channel::Ctl,
-                    during: During::Ready,
-                    source: e,
-                })
+        while let Some(ev) = ctl.poll_event() {
+            match ev {
+                CtlEvent::Ready => return Ok(()),
+                CtlEvent::Broken { error } => return Err(error),
+                // Nothing was submitted.
+                CtlEvent::Reply { .. } => {}
             }
         }
         buf.reserve(4096);
-        match tokio::time::timeout_at(deadline, ctl_r.read_buf(buf)).await {
-            Err(_) => {
-                return Err(ProxyError::Timeout {
-                    waited_for: "the agent's READY on the ctl channel".into(),
-                    after: waited,
-                })
-            }
-            Ok(Ok(0)) => {
-                return Err(ProxyError::AgentClosed {
-                    channel: Channel::Ctl,
-                    during: During::Ready,
-                })
-            }
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => {
-                return Err(ProxyError::AgentRead {
-                    channel: Channel::Ctl,
-                    during: During::Ready,
-                    source: e,
-                })
+        tokio::select! {
+            n = ctl_r.read_buf(buf) => match n {
+                Ok(0) => ctl.handle_closed(None),
+                Ok(_) => ctl.handle_input(buf),
+                Err(e) => ctl.handle_closed(Some(e)),
+            },
+            () = &mut timer, if deadline.is_some() => {
+                ctl.handle_timeout(Instant::now().into_std());
             }
         }
     }
@@ -241,8 +242,8 @@ impl Vm {
             ch.ctl_r,
             ch.ctl_w,
             ch.ctl_buf,
+            ch.ctl,
             ctl_rx,
-            opts,
             events.clone(),
         );
         vm.spawn_task("ctl", &events, ctl.instrument(span.clone()));
@@ -336,14 +337,9 @@ impl Vm {
 
     /// One ctl transaction: send `code` with `data`, wait for ACK (its
     /// payload) or ERROR (an error carrying the agent's message).
+    /// Data larger than [`MAX_CTL_DATA`] is refused
+    /// ([`ProxyError::CtlTooLarge`]) and the VM stays.
     pub async fn ctl(&self, code: Code, data: Bytes) -> Result<Bytes, ProxyError> {
-        if data.len() > MAX_CTL_DATA {
-            return Err(ProxyError::CtlTooLarge {
-                code,
-                len: data.len(),
-                max: MAX_CTL_DATA,
-            });
-        }
         let (reply, rx) = oneshot::channel();
         self.ctl_tx
             .send(CtlRequest { code, data, reply })
@@ -390,177 +386,120 @@ impl Vm {
     }
 }
 
+/// The ctl task: carries out what the VM's [`CtlChannel`] says. It reads
+/// ctl, takes requests from the VM's mpsc, times the transaction in
+/// flight and notices the VM going; every rule is the channel's.
 async fn ctl_task(
     vm: Arc<Vm>,
     mut r: AgentRead,
     mut w: AgentWrite,
     mut buf: BytesMut,
+    mut ctl: CtlChannel,
     mut rx: mpsc::Receiver<CtlRequest>,
-    opts: VmOptions,
     events: Arc<dyn VmEvents>,
 ) {
-    let timeout = opts.ctl_timeout;
-    let mut dec = CtlDecoder::new(opts.max_agent_message);
     let mut gone = vm.gone.subscribe();
     let metrics = events.metrics();
-    // Replies still owed for transactions that timed out: discarded when
-    // they come, so later replies match their requests.
-    let mut stale = 0usize;
+    let max_queue = ctl.options().max_queue;
+    let mut callers: HashMap<TxnId, oneshot::Sender<Result<Bytes, ProxyError>>> = HashMap::new();
     // The reply timeout. Arming a timer for every transaction costs a
     // timer-wheel insert and, often, a wake-up of the I/O driver (a syscall)
     // per command; instead one timer lives as long as the task and is moved
-    // only when it fires before the transaction it is timing is due, so it
-    // is re-armed at most once per `timeout` however many commands pass.
-    let timer = tokio::time::sleep(timeout);
+    // only when it would fire after the channel's deadline, or when it
+    // fired before it (the transaction it was set for has ended): so it is
+    // re-armed at most once per timeout however many commands pass.
+    let timer = tokio::time::sleep(Duration::from_secs(3600));
     tokio::pin!(timer);
-    let reason = loop {
-        // Drain anything the agent sent while idle.
+    // Where the timer is set, while it has not fired.
+    let mut armed: Option<std::time::Instant> = None;
+    // Whether the VM went for a reason of its own (not a broken channel).
+    let mut went = false;
+    loop {
+        // Carry out what the channel says.
         loop {
-            match dec.decode(&mut buf) {
-                Ok(Some(m)) => idle_message(&m, &mut stale),
-                Ok(None) => break,
-                Err(e) => {
-                    if let Some(m) = &metrics {
-                        m.error(crate::metrics::ErrorKind::AgentGarbage);
+            while let Some(ev) = ctl.poll_event() {
+                match ev {
+                    CtlEvent::Ready => {}
+                    CtlEvent::Reply {
+                        id,
+                        result,
+                        sent_at,
+                        ..
+                    } => {
+                        if let (Some(m), Some(sent)) = (&metrics, sent_at) {
+                            let took = Instant::now().into_std().saturating_duration_since(sent);
+                            m.ctl_done(took, &result);
+                        }
+                        if let Some(reply) = callers.remove(&id) {
+                            let _ = reply.send(result);
+                        }
                     }
-                    let reason = format!("the agent sent garbage on ctl: {e}");
-                    events.vm_failed(vm.id, reason.clone());
-                    return fail_pending(&mut rx, &reason).await;
+                    CtlEvent::Broken { error } => {
+                        if let (Some(m), ProxyError::AgentGarbage { .. }) = (&metrics, &error) {
+                            m.error(crate::metrics::ErrorKind::AgentGarbage);
+                        }
+                        events.vm_failed(vm.id, error.to_string());
+                    }
                 }
             }
+            let Some(out) = ctl.poll_transmit(Instant::now().into_std()) else {
+                break;
+            };
+            if let Err(e) = w.write_all(&out).await {
+                ctl.handle_write_failed(e);
+            }
+        }
+        if ctl.is_broken() {
+            break;
+        }
+        match ctl.poll_timeout() {
+            Some(d) if armed.is_none_or(|a| a > d) => {
+                timer.as_mut().reset(Instant::from_std(d));
+                armed = Some(d);
+            }
+            _ => {}
         }
         buf.reserve(4096);
-        let req = tokio::select! {
-            req = rx.recv() => match req {
-                Some(req) => req,
-                None => break "no more requests".to_string(),
+        tokio::select! {
+            req = rx.recv(), if ctl.queued() < max_queue => match req {
+                Some(req) => match ctl.submit(req.code, req.data) {
+                    Ok(id) => {
+                        callers.insert(id, req.reply);
+                    }
+                    Err(e) => {
+                        let _ = req.reply.send(Err(e));
+                    }
+                },
+                None => {
+                    went = true;
+                    ctl.teardown("no more requests");
+                }
             },
             n = r.read_buf(&mut buf) => match n {
-                Ok(0) => break "the agent closed the ctl channel".to_string(),
-                Ok(_) => continue,
-                Err(e) => break format!("reading ctl: {e}"),
+                Ok(0) => ctl.handle_closed(None),
+                Ok(_) => ctl.handle_input(&mut buf),
+                Err(e) => ctl.handle_closed(Some(e)),
             },
-            _ = gone.changed() => break vm.gone_reason(),
-        };
-        let code = req.code;
-        let mut out = BytesMut::with_capacity(CTL_HEADER_LEN + req.data.len());
-        CtlMessage {
-            code: code as u32,
-            payload: req.data,
-        }
-        .encode(&mut out, MAX_MESSAGE_LEN)
-        .ok();
-        debug!(%code, len = out.len(), "ctl request");
-        if let Err(e) = w.write_all(&out).await {
-            let e = ProxyError::AgentWrite {
-                channel: Channel::Ctl,
-                what: code.name(),
-                source: e,
-            };
-            let reason = e.to_string();
-            let _ = req.reply.send(Err(e));
-            break reason;
-        }
-        let sent = metrics.as_ref().map(|_| Instant::now());
-        let deadline = Instant::now() + timeout;
-        let result = loop {
-            match dec.decode(&mut buf) {
-                Ok(Some(m)) => match m.code() {
-                    Some(Code::Ack | Code::Error) if stale > 0 => {
-                        stale -= 1;
-                        debug!("discarding a late reply to a timed-out command");
-                    }
-                    Some(Code::Ack) => break Ok(m.payload),
-                    Some(Code::Error) => {
-                        break Err(ProxyError::Agent {
-                            code,
-                            msg: String::from_utf8_lossy(&m.payload).trim().to_owned(),
-                        })
-                    }
-                    _ => idle_message(&m, &mut stale),
-                },
-                Ok(None) => {
-                    buf.reserve(4096);
-                    tokio::select! {
-                        n = r.read_buf(&mut buf) => match n {
-                            Ok(0) => break Err(ProxyError::AgentClosed {
-                                channel: Channel::Ctl,
-                                during: During::Reply(code),
-                            }),
-                            Ok(_) => {}
-                            Err(e) => break Err(ProxyError::AgentRead {
-                                channel: Channel::Ctl,
-                                during: During::Reply(code),
-                                source: e,
-                            }),
-                        },
-                        () = &mut timer => {
-                            if Instant::now() >= deadline {
-                                stale += 1;
-                                break Err(ProxyError::Timeout {
-                                    waited_for: format!("the agent's reply to {code}"),
-                                    after: timeout,
-                                });
-                            }
-                            // Set for an earlier transaction: on to this one's.
-                            timer.as_mut().reset(deadline);
-                        }
-                        _ = gone.changed() => break Err(ProxyError::VmTornDown {
-                            during: During::Reply(code),
-                            reason: vm.gone_reason(),
-                        }),
-                    }
-                }
-                Err(e) => {
-                    if let Some(m) = &metrics {
-                        m.error(crate::metrics::ErrorKind::AgentGarbage);
-                    }
-                    break Err(ProxyError::AgentGarbage {
-                        channel: Channel::Ctl,
-                        during: During::Reply(code),
-                        source: e,
-                    });
-                }
+            () = &mut timer, if armed.is_some() => {
+                armed = None;
+                ctl.handle_timeout(Instant::now().into_std());
             }
-        };
-        if let (Some(m), Some(sent)) = (&metrics, sent) {
-            m.ctl_done(sent.elapsed(), &result);
+            _ = gone.changed() => {
+                went = true;
+                ctl.teardown(&vm.gone_reason());
+            }
         }
-        let fatal = result.as_ref().is_err_and(ProxyError::breaks_channel);
-        let reason = match &result {
-            Err(e) if fatal => Some(e.to_string()),
-            _ => None,
-        };
-        let _ = req.reply.send(result);
-        if let Some(reason) = reason {
-            break reason;
-        }
-    };
-    events.vm_failed(vm.id, reason.clone());
-    fail_pending(&mut rx, &reason).await;
-}
-
-fn idle_message(m: &CtlMessage, stale: &mut usize) {
-    match m.code() {
-        Some(Code::Next | Code::Ready) => {}
-        Some(Code::ProcessAsyncEvent) => {
-            debug!(payload = %String::from_utf8_lossy(&m.payload), "agent event")
-        }
-        Some(Code::Ack | Code::Error) if *stale > 0 => *stale -= 1,
-        _ => warn!(
-            code = m.code,
-            len = m.payload.len(),
-            "unexpected ctl message ignored"
-        ),
     }
-}
-
-async fn fail_pending(rx: &mut mpsc::Receiver<CtlRequest>, reason: &str) {
+    let reason = ctl.broken_reason().unwrap_or("VM torn down").to_owned();
+    if went {
+        events.vm_failed(vm.id, reason.clone());
+    }
+    // Callers still waiting in the mpsc.
     rx.close();
     while let Some(req) = rx.recv().await {
         let _ = req.reply.send(Err(ProxyError::VmTornDown {
             during: During::Idle,
-            reason: reason.to_owned(),
+            reason: reason.clone(),
         }));
     }
 }
@@ -721,7 +660,23 @@ async fn io_writer(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proxy_proto::hyper::ctl::{CtlDecoder, CtlMessage};
     use proxy_proto::hyper::io::{IoDecoder, IoMessage};
+
+    /// A ctl channel past READY (the tests' agents send none).
+    fn ready_ctl(opts: &VmOptions) -> CtlChannel {
+        let mut ctl = CtlChannel::new(
+            opts.ctl_options(Duration::from_secs(1)),
+            Instant::now().into_std() + Duration::from_secs(1),
+        );
+        let mut b = BytesMut::new();
+        CtlMessage::new(Code::Ready, Bytes::new())
+            .encode(&mut b, MAX_MESSAGE_LEN)
+            .unwrap();
+        ctl.handle_input(&mut b);
+        assert!(matches!(ctl.poll_event(), Some(CtlEvent::Ready)));
+        ctl
+    }
     use tokio::io::{duplex, DuplexStream};
 
     #[derive(Debug, Default)]
@@ -787,6 +742,13 @@ mod tests {
         let (ctl_r, ctl_w) = tokio::io::split(ctl_p);
         let (io_r, io_w) = tokio::io::split(io_p);
         let rec = Arc::new(Recorder::default());
+        let opts = VmOptions {
+            ctl_timeout,
+            session_bound: 1 << 20,
+            max_agent_message: agent_message_bound(4 << 20),
+            budget: crate::session::budget(usize::MAX),
+        };
+        let ctl = ready_ctl(&opts);
         let vm = Vm::start(
             VmId(1),
             "vm".into(),
@@ -794,15 +756,11 @@ mod tests {
                 ctl_r: Box::new(ctl_r),
                 ctl_w: Box::new(ctl_w),
                 ctl_buf: BytesMut::new(),
+                ctl,
                 io_r: Box::new(io_r),
                 io_w: Box::new(io_w),
             },
-            VmOptions {
-                ctl_timeout,
-                session_bound: 1 << 20,
-                max_agent_message: agent_message_bound(4 << 20),
-                budget: crate::session::budget(usize::MAX),
-            },
+            opts,
             rec.clone(),
         );
         let agent = Agent {
@@ -1049,6 +1007,13 @@ mod tests {
         let (ctl_r, ctl_w) = tokio::io::split(ctl_p);
         let (_, io_w) = tokio::io::split(io_p);
         let rec = Arc::new(Recorder::default());
+        let opts = VmOptions {
+            ctl_timeout: Duration::from_secs(5),
+            session_bound: 1 << 20,
+            max_agent_message: MAX_MESSAGE_LEN,
+            budget: crate::session::budget(usize::MAX),
+        };
+        let ctl = ready_ctl(&opts);
         let _vm = Vm::start(
             VmId(7),
             "vm".into(),
@@ -1056,15 +1021,11 @@ mod tests {
                 ctl_r: Box::new(ctl_r),
                 ctl_w: Box::new(ctl_w),
                 ctl_buf: BytesMut::new(),
+                ctl,
                 io_r: Box::new(PanickingRead),
                 io_w: Box::new(io_w),
             },
-            VmOptions {
-                ctl_timeout: Duration::from_secs(5),
-                session_bound: 1 << 20,
-                max_agent_message: MAX_MESSAGE_LEN,
-                budget: crate::session::budget(usize::MAX),
-            },
+            opts,
             rec.clone(),
         );
         // The reader runs (and panics) on the next turns of the scheduler.

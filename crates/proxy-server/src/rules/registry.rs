@@ -163,6 +163,14 @@ pub enum ProxyError {
         /// The agent's limit for data.
         max: usize,
     },
+    /// More ctl commands queued for a VM than its channel holds.
+    #[error("{code}: {max} ctl commands are queued for this VM already; try again later")]
+    CtlQueueFull {
+        /// The command.
+        code: Code,
+        /// The queue's bound.
+        max: usize,
+    },
     /// Waiting for something took too long.
     #[error("timed out after {after:?} waiting for {waited_for}")]
     Timeout {
