@@ -22,7 +22,7 @@ use tracing::{debug, info, warn, Instrument};
 use crate::registry::{ConnId, ProxyError, SignalPlan, VmId};
 use crate::rules::output::{Gather, Held, Inflight, Step};
 use crate::server::Shared;
-use crate::session::{IoFlow, Output, OutputQueue, Session};
+use crate::session::{IoFlow, Output, OutputQueue, Session, WriteOutcome};
 use crate::vm::{Gone, Vm};
 use crate::wire::Batch;
 
@@ -1024,21 +1024,14 @@ async fn writer(
                 // A byte the kernel took is never sent again: what was
                 // handed over went to this shim (or is lost with its
                 // socket); only the rest goes back in front, for the next.
-                let settled = inflight.settle(progress);
                 if let Some((s, q)) = session.as_mut() {
-                    s.release(settled.handed_cost);
-                    if s.replay_on() {
-                        for (o, n) in &settled.handed {
-                            s.record(o, *n);
-                        }
-                    }
-                    for o in settled.back.into_iter().rev() {
-                        q.front.push_front(o);
-                    }
-                    let lost = unread.saturating_add(settled.handed_bytes);
+                    let lost = s.write_done(
+                        &mut inflight,
+                        q,
+                        WriteOutcome::Failed { progress },
+                        unread,
+                    );
                     if lost > 0 {
-                        s.bytes_maybe_lost
-                            .fetch_add(lost as u64, std::sync::atomic::Ordering::Relaxed);
                         info!(
                             token = %crate::redact::Token(&s.token),
                             up_to_bytes = lost,
@@ -1049,13 +1042,8 @@ async fn writer(
                 batch = Batch::new();
                 break;
             }
-            if let Some((s, _)) = &session {
-                s.release(inflight.cost());
-                if s.replay_on() {
-                    for (_, o) in &inflight.items {
-                        s.record(o, usize::MAX);
-                    }
-                }
+            if let Some((s, q)) = session.as_mut() {
+                s.write_done(&mut inflight, q, WriteOutcome::Done, 0);
                 unread = unread_in_kernel(&w);
             }
             inflight.clear();
@@ -1102,22 +1090,8 @@ fn push_frame(batch: &mut Batch, h: Header, payload: Bytes) {
 }
 
 fn push_output(batch: &mut Batch, o: &Output) {
-    match o.live() {
-        Output::Stdout(b) => push_frame(
-            batch,
-            Header::new(FrameKind::Stream(Stream::Stdout), b.len() as u32),
-            b.clone(),
-        ),
-        Output::Stderr(b) => push_frame(
-            batch,
-            Header::new(FrameKind::Stream(Stream::Stderr), b.len() as u32),
-            b.clone(),
-        ),
-        Output::Exited(code) => {
-            let f = Frame::process_exited(*code);
-            push_frame(batch, f.header(), f.payload)
-        }
-        Output::Replayed(_) => {}
+    if let Some((h, payload)) = crate::rules::output::frame_of(o) {
+        push_frame(batch, h, payload);
     }
 }
 

@@ -15,6 +15,8 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use tokio::sync::futures::Notified;
+
+use crate::rules::output::Inflight;
 use tokio::sync::{mpsc, watch, Notify, Semaphore};
 
 /// How a VM's io channel flows, for the shim writers of its sessions.
@@ -58,6 +60,19 @@ impl IoFlow {
     pub fn wake_writers(&self) {
         self.read.notify_waiters();
     }
+}
+
+/// How a write of a batch to a shim's socket ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteOutcome {
+    /// All of it reached the socket.
+    Done,
+    /// The write failed after the kernel took the batch's first
+    /// `progress` bytes.
+    Failed {
+        /// Bytes the kernel took.
+        progress: usize,
+    },
 }
 
 /// One item of a session's output, in order.
@@ -388,6 +403,73 @@ impl Session {
                 .push(Output::Replayed(Box::new(Output::Exited(code))));
         }
         out
+    }
+
+    /// A shim claims the session: a resume (`Some((stdout, stderr))`, the
+    /// bytes it received of each) puts what the replay window holds past
+    /// those points at the head of the queue. Returns the bytes before the
+    /// resume points the window no longer held (counted as maybe lost),
+    /// and whether the points were past what was sent. Then output is
+    /// queued up to the session's whole bound.
+    pub fn shim_claims(&self, resume: Option<(u64, u64)>) -> (u64, bool) {
+        let mut out = (0, false);
+        if let Some((stdout, stderr)) = resume {
+            let resumed = self.resume(stdout, stderr);
+            if resumed.lost > 0 {
+                self.bytes_maybe_lost
+                    .fetch_add(resumed.lost, Ordering::Relaxed);
+            }
+            out = (resumed.lost, resumed.ahead);
+            self.push_front(resumed.items);
+        }
+        self.claimed();
+        out
+    }
+
+    /// A write of a batch holding `inflight`'s output ended. What reached
+    /// the shim's socket frees its budget and is recorded for a resume;
+    /// after a failure, a byte the kernel took is never sent again (it went
+    /// to this shim, or is lost with its socket) and only what it did not
+    /// take goes back to the head of `q`, for the next shim. `unread` is
+    /// what the socket held unread after the previous write. Returns the
+    /// bytes that may be lost with a failed socket (0 after a success).
+    pub fn write_done(
+        &self,
+        inflight: &mut Inflight,
+        q: &mut OutputQueue,
+        outcome: WriteOutcome,
+        unread: usize,
+    ) -> usize {
+        match outcome {
+            WriteOutcome::Done => {
+                self.release(inflight.cost());
+                if self.replay_on() {
+                    for (_, o) in &inflight.items {
+                        self.record(o, usize::MAX);
+                    }
+                }
+                inflight.clear();
+                0
+            }
+            WriteOutcome::Failed { progress } => {
+                let settled = inflight.settle(progress);
+                self.release(settled.handed_cost);
+                if self.replay_on() {
+                    for (o, n) in &settled.handed {
+                        self.record(o, *n);
+                    }
+                }
+                for o in settled.back.into_iter().rev() {
+                    q.front.push_front(o);
+                }
+                let lost = unread.saturating_add(settled.handed_bytes);
+                if lost > 0 {
+                    self.bytes_maybe_lost
+                        .fetch_add(lost as u64, Ordering::Relaxed);
+                }
+                lost
+            }
+        }
     }
 
     /// Put `items` at the head of the queue (a resume's replay).

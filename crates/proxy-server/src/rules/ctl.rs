@@ -1170,7 +1170,7 @@ mod tests {
                 ));
                 assert!(error
                     .to_string()
-                    .starts_with("the agent sent garbage on ctl while waiting for READY: "));
+                    .starts_with("the agent sent garbage on ctl before sending READY: "));
             }
             other => panic!("{other:?}"),
         }
@@ -1187,7 +1187,7 @@ mod tests {
         };
         assert_eq!(
             error.to_string(),
-            "the agent closed the ctl channel while waiting for READY"
+            "the agent closed the ctl channel before sending READY"
         );
         let mut ch = CtlChannel::new(opts(), t0 + Duration::from_secs(1));
         ch.handle_closed(Some(std::io::Error::other("boom")));
@@ -1196,7 +1196,7 @@ mod tests {
         };
         assert_eq!(
             error.to_string(),
-            "reading ctl while waiting for READY: boom"
+            "reading ctl before sending READY: boom"
         );
     }
 

@@ -3,7 +3,30 @@
 //! write leaves ([`Inflight::settle`]). The writer in [`crate::conn`] owns
 //! the socket and the waits.
 
+use bytes::Bytes;
+use proxy_proto::{Frame, FrameKind, Header, Stream};
+
 use crate::session::Output;
+
+/// The frame an output item goes to its shim as: its header and payload
+/// (a replayed item as what it was).
+pub fn frame_of(o: &Output) -> Option<(Header, Bytes)> {
+    match o.live() {
+        Output::Stdout(b) => Some((
+            Header::new(FrameKind::Stream(Stream::Stdout), b.len() as u32),
+            b.clone(),
+        )),
+        Output::Stderr(b) => Some((
+            Header::new(FrameKind::Stream(Stream::Stderr), b.len() as u32),
+            b.clone(),
+        )),
+        Output::Exited(code) => {
+            let f = Frame::process_exited(*code);
+            Some((f.header(), f.payload))
+        }
+        Output::Replayed(_) => None,
+    }
+}
 
 /// A batch of output at least this large is written without waiting for
 /// more.
