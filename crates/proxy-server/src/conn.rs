@@ -1025,12 +1025,8 @@ async fn writer(
                 // handed over went to this shim (or is lost with its
                 // socket); only the rest goes back in front, for the next.
                 if let Some((s, q)) = session.as_mut() {
-                    let lost = s.write_done(
-                        &mut inflight,
-                        q,
-                        WriteOutcome::Failed { progress },
-                        unread,
-                    );
+                    let lost =
+                        s.write_done(&mut inflight, q, WriteOutcome::Failed { progress }, unread);
                     if lost > 0 {
                         info!(
                             token = %crate::redact::Token(&s.token),

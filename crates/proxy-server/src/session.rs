@@ -472,10 +472,15 @@ impl Session {
         }
     }
 
-    /// Put `items` at the head of the queue (a resume's replay).
+    /// Put `items` at the head of the queue (a resume's replay). What an
+    /// earlier resume queued to be sent again and no shim got is dropped
+    /// first: this replay starts from the new resume point and covers it
+    /// (found by the simulation: a shim that resumed and died before its
+    /// replay was written, then resumed again, got the replay twice).
     pub fn push_front(&self, items: Vec<Output>) {
         if let Ok(mut g) = self.queue.lock() {
             if let Some(q) = g.as_mut() {
+                q.front.retain(|o| !matches!(o, Output::Replayed(_)));
                 for o in items.into_iter().rev() {
                     q.front.push_front(o);
                 }
@@ -639,6 +644,23 @@ mod tests {
             "replays hold no budget"
         );
         assert!(s.resume(7, 0).ahead);
+    }
+
+    #[test]
+    fn regression_a_second_resume_does_not_replay_the_first_ones_items_again() {
+        // Found by `cargo xtask sim` (seed 30): a shim resumed, died before
+        // its replay was written, and resumed again from the same point.
+        let s = Session::new("t".into(), 3, 1 << 20, Arc::default());
+        s.shim_claims(Some((0, 0)));
+        s.record(&Output::Stdout(Bytes::from_static(b"abcdef")), usize::MAX);
+        s.shim_claims(Some((2, 0)));
+        s.shim_claims(Some((2, 0)));
+        let mut q = s.take_queue().unwrap();
+        let mut got = Vec::new();
+        while let Some(o) = q.try_next() {
+            got.push(format!("{:?}", o.live()));
+        }
+        assert_eq!(got, ["Stdout(b\"cdef\")"]);
     }
 
     #[tokio::test]

@@ -14,6 +14,7 @@
 
 pub mod registry_world;
 pub mod rng;
+pub mod stream_world;
 
 /// What one seed did.
 #[derive(Debug, Default, Clone, Copy)]
@@ -22,6 +23,8 @@ pub struct Report {
     pub steps: u64,
     /// Client commands applied.
     pub commands: u64,
+    /// Stream bytes delivered and checked.
+    pub bytes: u64,
 }
 
 /// A seed that broke an invariant.
@@ -60,5 +63,15 @@ pub fn run_seed(seed: u64, steps: usize) -> Result<Report, Failure> {
     let s = registry_world::run(seed, steps).map_err(fail("registry"))?;
     report.steps += steps as u64;
     report.commands += s.commands;
+    // The io demultiplexer and its corking against an agent writing
+    // random interleavings, split at random points, with garbage.
+    let d = proxy_server::rules::demux::simulate(seed, steps).map_err(fail("io demux"))?;
+    report.steps += d.steps as u64;
+    report.bytes += d.bytes_delivered;
+    // One session's output through the demux, the queue and the writer's
+    // accounting to shims that die and reconnect.
+    let w = stream_world::run(seed, steps).map_err(fail("streams"))?;
+    report.steps += steps as u64;
+    report.bytes += w.bytes;
     Ok(report)
 }

@@ -90,6 +90,7 @@ pub fn run(seed: u64, steps: usize) -> Result<Stats, String> {
     let mut step = 0usize;
     let mut calm = false;
     let mut in_flight_at_deaths = 0u64;
+    let mut claimed = false;
     loop {
         step += 1;
         if step > steps {
@@ -104,26 +105,40 @@ pub fn run(seed: u64, steps: usize) -> Result<Stats, String> {
         let done = exit_sent && wire.is_empty() && rbuf.is_empty() && blocked.is_none();
         match rng.below(10) {
             // The agent writes a message.
-            0 | 1 if !exit_sent => {
+            // (Only once a shim claimed the session: a process is started
+            // with its token only then, as Hyper waits for the token's shim.)
+            0 | 1 if !exit_sent && claimed => {
                 let which = rng.below(2) as usize;
                 let left = total[which] - sent[which];
                 if left == 0 && sent[0] == total[0] && sent[1] == total[1] {
-                    IoMessage::new(BASE, Vec::new()).encode(&mut wire, MAX_MESSAGE_LEN).map_err(|e| e.to_string())?;
-                    IoMessage::new(BASE, vec![code]).encode(&mut wire, MAX_MESSAGE_LEN).map_err(|e| e.to_string())?;
+                    IoMessage::new(BASE, Vec::new())
+                        .encode(&mut wire, MAX_MESSAGE_LEN)
+                        .map_err(|e| e.to_string())?;
+                    IoMessage::new(BASE, vec![code])
+                        .encode(&mut wire, MAX_MESSAGE_LEN)
+                        .map_err(|e| e.to_string())?;
                     exit_sent = true;
                 } else if left > 0 {
                     // Never a 1-byte stdout message: after an EOF it is
                     // the exit code; before one it is data, but the
                     // shim could not tell a late exit from it here.
-                    let n = (1 + rng.below(MAX_IO_DATA as u64)).min(left).max(if which == 0 { 2.min(left) } else { 1 });
+                    let n = (1 + rng.below(MAX_IO_DATA as u64))
+                        .min(left)
+                        .max(if which == 0 { 2.min(left) } else { 1 });
                     let data = expected(which as u64, sent[which], n as usize);
-                    IoMessage::new(BASE + which as u64, data).encode(&mut wire, MAX_MESSAGE_LEN).map_err(|e| e.to_string())?;
+                    IoMessage::new(BASE + which as u64, data)
+                        .encode(&mut wire, MAX_MESSAGE_LEN)
+                        .map_err(|e| e.to_string())?;
                     sent[which] += n;
                 }
                 if rng.chance(5) {
                     // Noise: the null session and a seq nobody has.
-                    IoMessage::new(1, vec![9; 10]).encode(&mut wire, MAX_MESSAGE_LEN).map_err(|e| e.to_string())?;
-                    IoMessage::new(99, vec![9; 3]).encode(&mut wire, MAX_MESSAGE_LEN).map_err(|e| e.to_string())?;
+                    IoMessage::new(1, vec![9; 10])
+                        .encode(&mut wire, MAX_MESSAGE_LEN)
+                        .map_err(|e| e.to_string())?;
+                    IoMessage::new(99, vec![9; 3])
+                        .encode(&mut wire, MAX_MESSAGE_LEN)
+                        .map_err(|e| e.to_string())?;
                 }
             }
             // The proxy's io reader reads and routes (unless it waits for
@@ -139,11 +154,18 @@ pub fn run(seed: u64, steps: usize) -> Result<Stats, String> {
                 let n = (1 + rng.below(64 * 1024) as usize).min(wire.len());
                 rbuf.extend_from_slice(&wire.split_to(n));
                 while blocked.is_none() {
-                    let Some(m) = demux.decode(&mut rbuf).map_err(|e| format!("step {step}: {e}"))? else { break };
+                    let Some(m) = demux
+                        .decode(&mut rbuf)
+                        .map_err(|e| format!("step {step}: {e}"))?
+                    else {
+                        break;
+                    };
                     match demux.route(m, |b| b == BASE) {
                         Routed::Deliver { item, .. } => match s.try_push(item) {
                             Ok(true) => {}
-                            Ok(false) => return Err(format!("step {step}: the session refused output")),
+                            Ok(false) => {
+                                return Err(format!("step {step}: the session refused output"))
+                            }
                             Err(item) => blocked = Some(item),
                         },
                         Routed::Discard(_) => {}
@@ -152,10 +174,13 @@ pub fn run(seed: u64, steps: usize) -> Result<Stats, String> {
             }
             // The shim connects.
             4 if conn.is_none() => {
+                // As ConnectShim does: the claim (and its replay) first,
+                // then the writer takes the queue.
+                s.shim_claims(resumes.then_some((recv[0], recv[1])));
+                claimed = true;
                 let Some(q) = s.take_queue() else {
                     return Err(format!("step {step}: the queue is held elsewhere"));
                 };
-                s.shim_claims(resumes.then_some((recv[0], recv[1])));
                 conn = Some(Conn {
                     q,
                     inflight: Inflight::default(),
@@ -164,7 +189,9 @@ pub fn run(seed: u64, steps: usize) -> Result<Stats, String> {
                     cap: 4096 + rng.below(256 * 1024) as usize,
                     unread: 0,
                     partial: BytesMut::new(),
-                    decoder: FrameDecoder::new(Limits { max_payload: 8 << 20 }),
+                    decoder: FrameDecoder::new(Limits {
+                        max_payload: 8 << 20,
+                    }),
                 });
             }
             // The writer writes.
@@ -188,7 +215,9 @@ pub fn run(seed: u64, steps: usize) -> Result<Stats, String> {
                 }
                 if let Some((b, progress)) = c.batch.as_mut() {
                     let room = c.cap.saturating_sub(c.socket.len());
-                    let take = room.min(b.len() - *progress).min(1 + rng.below(128 * 1024) as usize);
+                    let take = room
+                        .min(b.len() - *progress)
+                        .min(1 + rng.below(128 * 1024) as usize);
                     c.socket.extend_from_slice(&b[*progress..*progress + take]);
                     *progress += take;
                     if *progress == b.len() {
@@ -204,12 +233,19 @@ pub fn run(seed: u64, steps: usize) -> Result<Stats, String> {
                 let n = (1 + rng.below(1 << 20) as usize).min(c.socket.len());
                 c.partial.extend_from_slice(&c.socket[..n]);
                 c.socket.drain(..n);
-                while let Some(f) = c.decoder.decode(&mut c.partial).map_err(|e| format!("step {step}: the shim got a bad frame: {e}"))? {
+                while let Some(f) = c
+                    .decoder
+                    .decode(&mut c.partial)
+                    .map_err(|e| format!("step {step}: the shim got a bad frame: {e}"))?
+                {
                     match f.kind {
                         FrameKind::Stream(st @ (Stream::Stdout | Stream::Stderr)) => {
                             let i = usize::from(st == Stream::Stderr);
                             if exits > 0 {
-                                return Err(format!("step {step}: {} bytes of stream {i} after the exit code", f.payload.len()));
+                                return Err(format!(
+                                    "step {step}: {} bytes of stream {i} after the exit code",
+                                    f.payload.len()
+                                ));
                             }
                             let at = place(i as u64, recv[i], &f.payload, resumes).ok_or_else(|| {
                                 let really = place(i as u64, 0, &f.payload, false);
@@ -231,14 +267,19 @@ pub fn run(seed: u64, steps: usize) -> Result<Stats, String> {
                         }
                         FrameKind::Notification(Notification::ProcessExited) => {
                             if f.payload[..] != [code] {
-                                return Err(format!("step {step}: exit code {:?}, sent {code}", f.payload));
+                                return Err(format!(
+                                    "step {step}: exit code {:?}, sent {code}",
+                                    f.payload
+                                ));
                             }
                             exits += 1;
                             if exits > 1 {
                                 return Err(format!("step {step}: the exit code came twice"));
                             }
                             if resumes && (recv[0] != total[0] || recv[1] != total[1]) {
-                                return Err(format!("step {step}: the exit came after {recv:?} of {total:?}"));
+                                return Err(format!(
+                                    "step {step}: the exit came after {recv:?} of {total:?}"
+                                ));
                             }
                         }
                         other => return Err(format!("step {step}: unexpected frame {other:?}")),
@@ -254,13 +295,20 @@ pub fn run(seed: u64, steps: usize) -> Result<Stats, String> {
                 // resume may miss this much, no more.
                 in_flight_at_deaths += (c.socket.len() + c.partial.len()) as u64;
                 let progress = c.batch.take().map_or(0, |(_, p)| p);
-                s.write_done(&mut c.inflight, &mut c.q, WriteOutcome::Failed { progress }, c.unread);
+                s.write_done(
+                    &mut c.inflight,
+                    &mut c.q,
+                    WriteOutcome::Failed { progress },
+                    c.unread,
+                );
                 s.return_queue(c.q);
             }
             _ => {}
         }
         continue_checks(&s, bound)?;
-        let lost = s.bytes_maybe_lost.load(std::sync::atomic::Ordering::Relaxed);
+        let lost = s
+            .bytes_maybe_lost
+            .load(std::sync::atomic::Ordering::Relaxed);
         if !resumes {
             // What a non-resuming shim misses is bounded by what was counted.
             let gaps = gap_total(&recv, &stats);
@@ -268,7 +316,13 @@ pub fn run(seed: u64, steps: usize) -> Result<Stats, String> {
                 return Err(format!("step {step}: the shim missed {gaps} bytes; {lost} were counted as maybe lost, {in_flight_at_deaths} were in dead connections"));
             }
         }
-        if done && conn.as_ref().is_some_and(|c| c.batch.is_none() && c.socket.is_empty() && c.partial.is_empty()) && s.queued_bytes() == 0 && (exits == 1 || !resumes) {
+        if done
+            && conn
+                .as_ref()
+                .is_some_and(|c| c.batch.is_none() && c.socket.is_empty() && c.partial.is_empty())
+            && s.queued_bytes() == 0
+            && (exits == 1 || !resumes)
+        {
             let q_empty = conn.as_mut().is_some_and(|c| c.q.try_next().is_none());
             if q_empty && (exits == 1 || step > steps * 20) {
                 break;
@@ -300,15 +354,27 @@ fn gap_total(recv: &[u64; 2], stats: &Stats) -> u64 {
 fn place(s: u64, from: u64, data: &[u8], resumes: bool) -> Option<u64> {
     let probe = &data[..data.len().min(24)];
     let reach = if resumes { 0 } else { 2 << 20 };
-    (from..=from + reach).find(|p| {
-        probe.iter().enumerate().all(|(i, b)| byte_at(s, p + i as u64) == *b)
-    }).filter(|p| data.iter().enumerate().all(|(i, b)| byte_at(s, p + i as u64) == *b))
+    (from..=from + reach)
+        .find(|p| {
+            probe
+                .iter()
+                .enumerate()
+                .all(|(i, b)| byte_at(s, p + i as u64) == *b)
+        })
+        .filter(|p| {
+            data.iter()
+                .enumerate()
+                .all(|(i, b)| byte_at(s, p + i as u64) == *b)
+        })
 }
 
 fn continue_checks(s: &Session, bound: usize) -> Result<(), String> {
     let cap = bound.max(MAX_MESSAGE_LEN);
     if s.queued_bytes() > cap {
-        return Err(format!("the queue holds {} bytes, above its bound {cap}", s.queued_bytes()));
+        return Err(format!(
+            "the queue holds {} bytes, above its bound {cap}",
+            s.queued_bytes()
+        ));
     }
     Ok(())
 }

@@ -1194,10 +1194,7 @@ mod tests {
         let Some(CtlEvent::Broken { error }) = ch.poll_event() else {
             panic!()
         };
-        assert_eq!(
-            error.to_string(),
-            "reading ctl before sending READY: boom"
-        );
+        assert_eq!(error.to_string(), "reading ctl before sending READY: boom");
     }
 
     #[test]
