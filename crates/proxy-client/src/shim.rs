@@ -23,7 +23,7 @@ const EVENT_QUEUE: usize = 256;
 pub const STDIN_CHUNK: usize = 256 * 1024;
 
 /// SIGWINCH, which is [`Shim::resize`]'s business.
-const SIGWINCH: i32 = 28;
+const SIGWINCH: i64 = proxy_proto::payload::SIGWINCH;
 
 /// What the process in the VM did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -244,17 +244,16 @@ impl Shim {
             .await
     }
 
-    /// Send signal `signal` (1–30, not SIGWINCH: see
+    /// Send signal `signal` (0–30, not SIGWINCH: see
     /// [`resize`](Self::resize)) to the process; answered once the proxy
     /// has delivered it. SIGKILL or SIGTERM before the process started ends
     /// it at once with exit code 0 (an [`ShimEvent::Exited`] comes first).
+    ///
+    /// A signal the proxy would refuse ([`Signal::validate`], the rules
+    /// the proxy applies) is an [`Error::InvalidArgument`] with the proxy's
+    /// own words, and nothing is sent.
     pub async fn signal(&self, signal: i32) -> Result<()> {
-        if !(0..=30).contains(&signal) {
-            return Err(Error::InvalidArgument(format!(
-                "signal {signal} is out of range (0–30)"
-            )));
-        }
-        if signal == SIGWINCH {
+        if i64::from(signal) == SIGWINCH {
             return Err(Error::InvalidArgument(
                 "SIGWINCH carries a window size: use resize(rows, columns)".into(),
             ));
@@ -268,22 +267,22 @@ impl Shim {
     }
 
     /// Tell the process's terminal its new size (SIGWINCH → hyperstart
-    /// `winsize`).
+    /// `winsize`). Zero rows or columns are refused before sending, as
+    /// the proxy would.
     pub async fn resize(&self, rows: u16, columns: u16) -> Result<()> {
-        if rows == 0 || columns == 0 {
-            return Err(Error::InvalidArgument(format!(
-                "a window of {rows} rows and {columns} columns"
-            )));
-        }
         self.send_signal(Signal {
-            signal_number: SIGWINCH.into(),
+            signal_number: SIGWINCH,
             columns: columns.into(),
             rows: rows.into(),
         })
         .await
     }
 
+    /// Checked with the proxy's own rules first: a bad signal is a local
+    /// error.
     async fn send_signal(&self, s: Signal) -> Result<()> {
+        s.validate()
+            .map_err(|e| Error::InvalidArgument(e.to_string()))?;
         self.conn()
             .call(Command::Signal, to_json(&s)?)
             .await

@@ -116,18 +116,26 @@ async fn signals_and_resize_reach_the_agent_as_killcontainer_and_winsize() {
     });
     r.unwrap();
 
-    // Refused before sending, saying why.
-    for (sig, why) in [(28, "resize"), (31, "out of range"), (-1, "out of range")] {
+    // Refused before sending (an InvalidArgument, not the proxy's error
+    // response), in the proxy's own words: proxy-proto's rules.
+    for (sig, why) in [
+        (28, "use resize(rows, columns)"),
+        (31, "invalid signal number 31 (accepted: 0 to 30)"),
+        (-1, "invalid signal number -1 (accepted: 0 to 30)"),
+    ] {
         let e = shim.signal(sig).await.unwrap_err();
         assert!(
             matches!(e, Error::InvalidArgument(ref m) if m.contains(why)),
             "{e}"
         );
     }
-    assert!(matches!(
-        shim.resize(0, 80).await,
-        Err(Error::InvalidArgument(_))
-    ));
+    for (rows, columns) in [(0, 80), (24, 0)] {
+        let e = shim.resize(rows, columns).await.unwrap_err();
+        let want = format!(
+            "SIGWINCH needs non-zero columns and rows (got columns {columns}, rows {rows})"
+        );
+        assert_eq!(e, Error::InvalidArgument(want));
+    }
 
     // The agent's ERROR becomes the proxy's error response, typed.
     let (r, ()) = tokio::join!(shim.signal(9), async {
@@ -203,6 +211,16 @@ async fn a_proxy_error_is_typed_and_carries_its_message() {
         matches!(e, Error::InvalidArgument(ref m) if m.contains("containerId")),
         "{e}"
     );
+    // More tokens than one request may allocate: the proxy's rule, here.
+    let too_many = "numIOStreams 4097 is more than the 4096 one request may allocate";
+    let e = client
+        .register_vm(VmSpec::new("many", "a", "b").tokens(4097))
+        .await
+        .unwrap_err();
+    assert_eq!(e, Error::InvalidArgument(too_many.into()));
+    let e = client.attach_vm(&vm.id, 4097).await.unwrap_err();
+    assert_eq!(e, Error::InvalidArgument(too_many.into()));
+    client.attach_vm(&vm.id, 1).await.unwrap();
 
     // A lost connection is told apart.
     let missing = p.socket_path().with_file_name("missing.sock");
