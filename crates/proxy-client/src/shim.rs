@@ -315,10 +315,22 @@ impl Shim {
     /// Reconnect after the connection to the proxy was lost and claim the
     /// token again, retrying per `policy`; events continue on the same
     /// [`ShimEvents`]. The proxy kept the session's output meanwhile.
+    ///
+    /// While the proxy cannot be reached, it is tried every
+    /// `policy.interval`. An error response to the new ConnectShim is
+    /// retried too, with backoff and at most [`RECLAIM_ATTEMPTS`] times,
+    /// when this shim knows its previous connection died: the claim in the
+    /// way is then its own, which the proxy releases once it notices. A
+    /// refusal while the previous connection was still up is final, as is
+    /// the last one. Everything stops at `policy.total`.
     pub async fn reconnect(&self, policy: ReconnectPolicy) -> Result<()> {
         let deadline = Instant::now() + policy.total;
+        // Local knowledge, not the proxy's words: this shim held the token
+        // on a connection that is dead now.
+        let held_on_dead = self.conn().is_closed();
+        let mut refused = 0u32;
         loop {
-            let last = match claim(
+            let (last, pause) = match claim(
                 &self.inner.addr,
                 &self.inner.token,
                 self.inner.events.clone(),
@@ -330,23 +342,40 @@ impl Shim {
                     *self.inner.conn.lock().unwrap_or_else(|p| p.into_inner()) = Arc::new(conn);
                     return Ok(());
                 }
-                // The proxy may not have seen the old connection go yet
-                // ("already claimed", "being released"): retry. Any other
-                // refusal of the token is final.
-                Err(Error::Proxy { msg, command })
-                    if !msg.contains("already claimed") && !msg.contains("being released") =>
-                {
-                    return Err(Error::Proxy { command, msg })
+                Err(e @ Error::Proxy { .. }) => {
+                    refused = refused.saturating_add(1);
+                    if !held_on_dead || refused >= RECLAIM_ATTEMPTS {
+                        return Err(e);
+                    }
+                    (e, reclaim_pause(policy.interval, refused))
                 }
-                Err(e) => e,
+                Err(e) => (e, policy.interval),
             };
-            if Instant::now() + policy.interval > deadline {
+            if Instant::now() + pause > deadline {
                 return Err(last);
             }
-            tokio::time::sleep(policy.interval).await;
+            tokio::time::sleep(pause).await;
         }
     }
 }
+
+/// How many error responses to its ConnectShim a reconnecting shim takes
+/// for its own old claim, not released by the proxy yet, before it believes
+/// the refusal ([`Shim::reconnect`]).
+pub const RECLAIM_ATTEMPTS: u32 = 6;
+
+/// The pause after the `refused`-th refusal of a reconnect: `interval`,
+/// doubled after each refusal, at most [`RECLAIM_MAX_PAUSE`] (or
+/// `interval` if that is longer).
+fn reclaim_pause(interval: Duration, refused: u32) -> Duration {
+    let doublings = refused.saturating_sub(1).min(16);
+    interval
+        .saturating_mul(1u32 << doublings)
+        .min(RECLAIM_MAX_PAUSE.max(interval))
+}
+
+/// The longest pause between two reclaims.
+const RECLAIM_MAX_PAUSE: Duration = Duration::from_secs(1);
 
 /// ConnectShim on a new connection, resuming where `received` says: the
 /// proxy sends again what the last connection's socket held unread, so
@@ -369,4 +398,28 @@ async fn claim(
     };
     conn.call(Command::ConnectShim, to_json(&req)?).await?;
     Ok(conn)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reclaim_pauses_double_up_to_a_second() {
+        let ms = Duration::from_millis;
+        let got: Vec<Duration> = (1..=RECLAIM_ATTEMPTS)
+            .map(|n| reclaim_pause(ms(100), n))
+            .collect();
+        assert_eq!(
+            got,
+            [ms(100), ms(200), ms(400), ms(800), ms(1000), ms(1000)]
+        );
+        assert_eq!(
+            reclaim_pause(ms(3000), 4),
+            ms(3000),
+            "never below the interval"
+        );
+        assert_eq!(reclaim_pause(Duration::MAX, u32::MAX), Duration::MAX);
+        assert_eq!(reclaim_pause(ms(0), 3), ms(0));
+    }
 }

@@ -325,6 +325,99 @@ async fn reconnect_gives_up_after_its_time_with_the_last_error() {
     assert!(t0.elapsed() >= Duration::from_millis(300));
 }
 
+/// Patience for events that come in milliseconds; only a hang reaches it.
+const HANG: Duration = Duration::from_secs(60);
+
+fn quick_reconnect() -> ReconnectPolicy {
+    ReconnectPolicy {
+        interval: Duration::from_millis(50),
+        total: HANG,
+    }
+}
+
+#[tokio::test]
+async fn a_reconnecting_shim_retries_while_the_proxy_still_holds_its_old_claim() {
+    let p = proxy().await;
+    let relay = Relay::start(p.socket_path()).await;
+    let mut vm = Vm::register(&p, 1).await;
+    let token = vm.tokens[0].clone();
+    let (shim, mut events) = Shim::connect(relay.url(), &token).await.unwrap();
+    let io_base = vm.newcontainer("c-held", &token).await;
+    assert_eq!(relay.accepted(), 1);
+    // The shim's connection dies; the proxy's end of it lives on.
+    relay.cut_client_side().await;
+    let e = events.recv().await.unwrap_err();
+    assert!(e.is_connection() && e != Error::Closed, "{e}");
+
+    let reconnect = tokio::spawn({
+        let shim = shim.clone();
+        async move { shim.reconnect(quick_reconnect()).await }
+    });
+    // A third connection means the second was refused (the old claim is
+    // alive) and the shim tried again rather than giving up.
+    relay.wait_accepted(3, HANG).await;
+    relay.release_held();
+    tokio::time::timeout(HANG, reconnect)
+        .await
+        .expect("reconnect ends")
+        .unwrap()
+        .expect("reclaimed once the proxy let go of the old claim");
+    shim.send_stdin(&b"after"[..]).await.unwrap();
+    assert_eq!(&vm.agent.expect_io(io_base).await[..], b"after");
+}
+
+#[tokio::test]
+async fn a_reconnecting_shim_believes_a_refusal_after_its_attempts() {
+    let p = proxy().await;
+    let relay = Relay::start(p.socket_path()).await;
+    let vm = Vm::register(&p, 1).await;
+    let (shim, mut events) = Shim::connect(relay.url(), &vm.tokens[0]).await.unwrap();
+    relay.cut_client_side().await;
+    assert!(events.recv().await.unwrap_err().is_connection());
+    // The old claim is never released: every attempt is refused.
+    let e = tokio::time::timeout(HANG, shim.reconnect(quick_reconnect()))
+        .await
+        .expect("a bounded number of attempts, not the policy's total")
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::Proxy {
+                command: Command::ConnectShim,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    let attempts = usize::try_from(proxy_client::RECLAIM_ATTEMPTS).unwrap();
+    assert_eq!(relay.accepted(), 1 + attempts);
+}
+
+#[tokio::test]
+async fn refusals_are_final_when_the_token_was_never_lost() {
+    let p = proxy().await;
+    let relay = Relay::start(p.socket_path()).await;
+    let vm = Vm::register(&p, 1).await;
+    let token = vm.tokens[0].clone();
+    let (_holder, _events) = Shim::connect(p.socket_path(), &token).await.unwrap();
+    // A first ConnectShim of a token someone else holds: one attempt.
+    let e = Shim::connect(relay.url(), &token).await.unwrap_err();
+    assert!(e.proxy_msg().is_some(), "{e}");
+    assert_eq!(relay.accepted(), 1);
+
+    // A reconnect while this shim's own connection is still up: the claim
+    // in the way is not a dead one, so the refusal is not retried.
+    let vm2 = Vm::register(&p, 1).await;
+    let (shim, _events2) = Shim::connect(relay.url(), &vm2.tokens[0]).await.unwrap();
+    assert_eq!(relay.accepted(), 2);
+    let e = tokio::time::timeout(HANG, shim.reconnect(quick_reconnect()))
+        .await
+        .expect("no retries")
+        .unwrap_err();
+    assert!(e.proxy_msg().is_some(), "{e}");
+    assert_eq!(relay.accepted(), 3, "one attempt");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_blocking_wrapper_does_the_same_without_async() {
     let p = proxy().await;
