@@ -188,6 +188,10 @@ impl Client {
     /// Register a VM (RegisterVM). The proxy connects to the agent and
     /// answers once the agent is READY; this connection is then attached to
     /// the VM.
+    ///
+    /// Missing fields, and more tokens than one request may allocate
+    /// ([`MAX_IO_STREAMS`](proxy_proto::payload::MAX_IO_STREAMS)), are an
+    /// [`Error::InvalidArgument`] before anything is sent.
     pub async fn register_vm(&self, vm: VmSpec) -> Result<VmIo> {
         for (field, v) in [
             ("containerId", &vm.container_id),
@@ -207,11 +211,15 @@ impl Client {
             console: vm.console.unwrap_or_default(),
             num_io_streams: vm.tokens,
         };
+        req.validate_streams()
+            .map_err(|e| Error::InvalidArgument(e.to_string()))?;
         self.io_response(Command::RegisterVm, to_json(&req)?).await
     }
 
     /// Attach this connection to a registered VM (AttachVM) and allocate
     /// `tokens` more I/O tokens.
+    /// More than [`MAX_IO_STREAMS`](proxy_proto::payload::MAX_IO_STREAMS)
+    /// is an [`Error::InvalidArgument`] before anything is sent.
     pub async fn attach_vm(&self, container_id: &str, tokens: u32) -> Result<VmIo> {
         if container_id.is_empty() {
             return Err(Error::InvalidArgument(
@@ -222,6 +230,8 @@ impl Client {
             container_id: container_id.to_owned(),
             num_io_streams: tokens,
         };
+        req.validate_streams()
+            .map_err(|e| Error::InvalidArgument(e.to_string()))?;
         self.io_response(Command::AttachVm, to_json(&req)?).await
     }
 

@@ -121,7 +121,9 @@ mod shim;
 pub use addr::{ProxyAddr, MAX_SOCKET_PATH_LEN};
 pub use client::{Client, LogLevel, Token, VmIo, VmSpec};
 pub use error::{Error, Result};
-pub use shim::{Output, ReconnectPolicy, Shim, ShimEvent, ShimEvents, STDIN_CHUNK};
+pub use shim::{
+    Output, ReconnectPolicy, Shim, ShimEvent, ShimEvents, RECLAIM_ATTEMPTS, STDIN_CHUNK,
+};
 
 /// Re-exported: the command opcodes named in [`Error::Proxy`], and payload
 /// buffers.

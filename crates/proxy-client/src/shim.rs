@@ -23,7 +23,7 @@ const EVENT_QUEUE: usize = 256;
 pub const STDIN_CHUNK: usize = 256 * 1024;
 
 /// SIGWINCH, which is [`Shim::resize`]'s business.
-const SIGWINCH: i32 = 28;
+const SIGWINCH: i64 = proxy_proto::payload::SIGWINCH;
 
 /// What the process in the VM did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -244,17 +244,16 @@ impl Shim {
             .await
     }
 
-    /// Send signal `signal` (1–30, not SIGWINCH: see
+    /// Send signal `signal` (0–30, not SIGWINCH: see
     /// [`resize`](Self::resize)) to the process; answered once the proxy
     /// has delivered it. SIGKILL or SIGTERM before the process started ends
     /// it at once with exit code 0 (an [`ShimEvent::Exited`] comes first).
+    ///
+    /// A signal the proxy would refuse ([`Signal::validate`], the rules
+    /// the proxy applies) is an [`Error::InvalidArgument`] with the proxy's
+    /// own words, and nothing is sent.
     pub async fn signal(&self, signal: i32) -> Result<()> {
-        if !(0..=30).contains(&signal) {
-            return Err(Error::InvalidArgument(format!(
-                "signal {signal} is out of range (0–30)"
-            )));
-        }
-        if signal == SIGWINCH {
+        if i64::from(signal) == SIGWINCH {
             return Err(Error::InvalidArgument(
                 "SIGWINCH carries a window size: use resize(rows, columns)".into(),
             ));
@@ -268,22 +267,22 @@ impl Shim {
     }
 
     /// Tell the process's terminal its new size (SIGWINCH → hyperstart
-    /// `winsize`).
+    /// `winsize`). Zero rows or columns are refused before sending, as
+    /// the proxy would.
     pub async fn resize(&self, rows: u16, columns: u16) -> Result<()> {
-        if rows == 0 || columns == 0 {
-            return Err(Error::InvalidArgument(format!(
-                "a window of {rows} rows and {columns} columns"
-            )));
-        }
         self.send_signal(Signal {
-            signal_number: SIGWINCH.into(),
+            signal_number: SIGWINCH,
             columns: columns.into(),
             rows: rows.into(),
         })
         .await
     }
 
+    /// Checked with the proxy's own rules first: a bad signal is a local
+    /// error.
     async fn send_signal(&self, s: Signal) -> Result<()> {
+        s.validate()
+            .map_err(|e| Error::InvalidArgument(e.to_string()))?;
         self.conn()
             .call(Command::Signal, to_json(&s)?)
             .await
@@ -316,10 +315,22 @@ impl Shim {
     /// Reconnect after the connection to the proxy was lost and claim the
     /// token again, retrying per `policy`; events continue on the same
     /// [`ShimEvents`]. The proxy kept the session's output meanwhile.
+    ///
+    /// While the proxy cannot be reached, it is tried every
+    /// `policy.interval`. An error response to the new ConnectShim is
+    /// retried too, with backoff and at most [`RECLAIM_ATTEMPTS`] times,
+    /// when this shim knows its previous connection died: the claim in the
+    /// way is then its own, which the proxy releases once it notices. A
+    /// refusal while the previous connection was still up is final, as is
+    /// the last one. Everything stops at `policy.total`.
     pub async fn reconnect(&self, policy: ReconnectPolicy) -> Result<()> {
         let deadline = Instant::now() + policy.total;
+        // Local knowledge, not the proxy's words: this shim held the token
+        // on a connection that is dead now.
+        let held_on_dead = self.conn().is_closed();
+        let mut refused = 0u32;
         loop {
-            let last = match claim(
+            let (last, pause) = match claim(
                 &self.inner.addr,
                 &self.inner.token,
                 self.inner.events.clone(),
@@ -331,23 +342,40 @@ impl Shim {
                     *self.inner.conn.lock().unwrap_or_else(|p| p.into_inner()) = Arc::new(conn);
                     return Ok(());
                 }
-                // The proxy may not have seen the old connection go yet
-                // ("already claimed", "being released"): retry. Any other
-                // refusal of the token is final.
-                Err(Error::Proxy { msg, command })
-                    if !msg.contains("already claimed") && !msg.contains("being released") =>
-                {
-                    return Err(Error::Proxy { command, msg })
+                Err(e @ Error::Proxy { .. }) => {
+                    refused = refused.saturating_add(1);
+                    if !held_on_dead || refused >= RECLAIM_ATTEMPTS {
+                        return Err(e);
+                    }
+                    (e, reclaim_pause(policy.interval, refused))
                 }
-                Err(e) => e,
+                Err(e) => (e, policy.interval),
             };
-            if Instant::now() + policy.interval > deadline {
+            if Instant::now() + pause > deadline {
                 return Err(last);
             }
-            tokio::time::sleep(policy.interval).await;
+            tokio::time::sleep(pause).await;
         }
     }
 }
+
+/// How many error responses to its ConnectShim a reconnecting shim takes
+/// for its own old claim, not released by the proxy yet, before it believes
+/// the refusal ([`Shim::reconnect`]).
+pub const RECLAIM_ATTEMPTS: u32 = 6;
+
+/// The pause after the `refused`-th refusal of a reconnect: `interval`,
+/// doubled after each refusal, at most [`RECLAIM_MAX_PAUSE`] (or
+/// `interval` if that is longer).
+fn reclaim_pause(interval: Duration, refused: u32) -> Duration {
+    let doublings = refused.saturating_sub(1).min(16);
+    interval
+        .saturating_mul(1u32 << doublings)
+        .min(RECLAIM_MAX_PAUSE.max(interval))
+}
+
+/// The longest pause between two reclaims.
+const RECLAIM_MAX_PAUSE: Duration = Duration::from_secs(1);
 
 /// ConnectShim on a new connection, resuming where `received` says: the
 /// proxy sends again what the last connection's socket held unread, so
@@ -370,4 +398,28 @@ async fn claim(
     };
     conn.call(Command::ConnectShim, to_json(&req)?).await?;
     Ok(conn)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reclaim_pauses_double_up_to_a_second() {
+        let ms = Duration::from_millis;
+        let got: Vec<Duration> = (1..=RECLAIM_ATTEMPTS)
+            .map(|n| reclaim_pause(ms(100), n))
+            .collect();
+        assert_eq!(
+            got,
+            [ms(100), ms(200), ms(400), ms(800), ms(1000), ms(1000)]
+        );
+        assert_eq!(
+            reclaim_pause(ms(3000), 4),
+            ms(3000),
+            "never below the interval"
+        );
+        assert_eq!(reclaim_pause(Duration::MAX, u32::MAX), Duration::MAX);
+        assert_eq!(reclaim_pause(ms(0), 3), ms(0));
+    }
 }

@@ -116,18 +116,26 @@ async fn signals_and_resize_reach_the_agent_as_killcontainer_and_winsize() {
     });
     r.unwrap();
 
-    // Refused before sending, saying why.
-    for (sig, why) in [(28, "resize"), (31, "out of range"), (-1, "out of range")] {
+    // Refused before sending (an InvalidArgument, not the proxy's error
+    // response), in the proxy's own words: proxy-proto's rules.
+    for (sig, why) in [
+        (28, "use resize(rows, columns)"),
+        (31, "invalid signal number 31 (accepted: 0 to 30)"),
+        (-1, "invalid signal number -1 (accepted: 0 to 30)"),
+    ] {
         let e = shim.signal(sig).await.unwrap_err();
         assert!(
             matches!(e, Error::InvalidArgument(ref m) if m.contains(why)),
             "{e}"
         );
     }
-    assert!(matches!(
-        shim.resize(0, 80).await,
-        Err(Error::InvalidArgument(_))
-    ));
+    for (rows, columns) in [(0, 80), (24, 0)] {
+        let e = shim.resize(rows, columns).await.unwrap_err();
+        let want = format!(
+            "SIGWINCH needs non-zero columns and rows (got columns {columns}, rows {rows})"
+        );
+        assert_eq!(e, Error::InvalidArgument(want));
+    }
 
     // The agent's ERROR becomes the proxy's error response, typed.
     let (r, ()) = tokio::join!(shim.signal(9), async {
@@ -203,6 +211,16 @@ async fn a_proxy_error_is_typed_and_carries_its_message() {
         matches!(e, Error::InvalidArgument(ref m) if m.contains("containerId")),
         "{e}"
     );
+    // More tokens than one request may allocate: the proxy's rule, here.
+    let too_many = "numIOStreams 4097 is more than the 4096 one request may allocate";
+    let e = client
+        .register_vm(VmSpec::new("many", "a", "b").tokens(4097))
+        .await
+        .unwrap_err();
+    assert_eq!(e, Error::InvalidArgument(too_many.into()));
+    let e = client.attach_vm(&vm.id, 4097).await.unwrap_err();
+    assert_eq!(e, Error::InvalidArgument(too_many.into()));
+    client.attach_vm(&vm.id, 1).await.unwrap();
 
     // A lost connection is told apart.
     let missing = p.socket_path().with_file_name("missing.sock");
@@ -305,6 +323,99 @@ async fn reconnect_gives_up_after_its_time_with_the_last_error() {
         .unwrap_err();
     assert!(matches!(e, Error::Connect { .. }), "{e}");
     assert!(t0.elapsed() >= Duration::from_millis(300));
+}
+
+/// Patience for events that come in milliseconds; only a hang reaches it.
+const HANG: Duration = Duration::from_secs(60);
+
+fn quick_reconnect() -> ReconnectPolicy {
+    ReconnectPolicy {
+        interval: Duration::from_millis(50),
+        total: HANG,
+    }
+}
+
+#[tokio::test]
+async fn a_reconnecting_shim_retries_while_the_proxy_still_holds_its_old_claim() {
+    let p = proxy().await;
+    let relay = Relay::start(p.socket_path()).await;
+    let mut vm = Vm::register(&p, 1).await;
+    let token = vm.tokens[0].clone();
+    let (shim, mut events) = Shim::connect(relay.url(), &token).await.unwrap();
+    let io_base = vm.newcontainer("c-held", &token).await;
+    assert_eq!(relay.accepted(), 1);
+    // The shim's connection dies; the proxy's end of it lives on.
+    relay.cut_client_side().await;
+    let e = events.recv().await.unwrap_err();
+    assert!(e.is_connection() && e != Error::Closed, "{e}");
+
+    let reconnect = tokio::spawn({
+        let shim = shim.clone();
+        async move { shim.reconnect(quick_reconnect()).await }
+    });
+    // A third connection means the second was refused (the old claim is
+    // alive) and the shim tried again rather than giving up.
+    relay.wait_accepted(3, HANG).await;
+    relay.release_held();
+    tokio::time::timeout(HANG, reconnect)
+        .await
+        .expect("reconnect ends")
+        .unwrap()
+        .expect("reclaimed once the proxy let go of the old claim");
+    shim.send_stdin(&b"after"[..]).await.unwrap();
+    assert_eq!(&vm.agent.expect_io(io_base).await[..], b"after");
+}
+
+#[tokio::test]
+async fn a_reconnecting_shim_believes_a_refusal_after_its_attempts() {
+    let p = proxy().await;
+    let relay = Relay::start(p.socket_path()).await;
+    let vm = Vm::register(&p, 1).await;
+    let (shim, mut events) = Shim::connect(relay.url(), &vm.tokens[0]).await.unwrap();
+    relay.cut_client_side().await;
+    assert!(events.recv().await.unwrap_err().is_connection());
+    // The old claim is never released: every attempt is refused.
+    let e = tokio::time::timeout(HANG, shim.reconnect(quick_reconnect()))
+        .await
+        .expect("a bounded number of attempts, not the policy's total")
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::Proxy {
+                command: Command::ConnectShim,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    let attempts = usize::try_from(proxy_client::RECLAIM_ATTEMPTS).unwrap();
+    assert_eq!(relay.accepted(), 1 + attempts);
+}
+
+#[tokio::test]
+async fn refusals_are_final_when_the_token_was_never_lost() {
+    let p = proxy().await;
+    let relay = Relay::start(p.socket_path()).await;
+    let vm = Vm::register(&p, 1).await;
+    let token = vm.tokens[0].clone();
+    let (_holder, _events) = Shim::connect(p.socket_path(), &token).await.unwrap();
+    // A first ConnectShim of a token someone else holds: one attempt.
+    let e = Shim::connect(relay.url(), &token).await.unwrap_err();
+    assert!(e.proxy_msg().is_some(), "{e}");
+    assert_eq!(relay.accepted(), 1);
+
+    // A reconnect while this shim's own connection is still up: the claim
+    // in the way is not a dead one, so the refusal is not retried.
+    let vm2 = Vm::register(&p, 1).await;
+    let (shim, _events2) = Shim::connect(relay.url(), &vm2.tokens[0]).await.unwrap();
+    assert_eq!(relay.accepted(), 2);
+    let e = tokio::time::timeout(HANG, shim.reconnect(quick_reconnect()))
+        .await
+        .expect("no retries")
+        .unwrap_err();
+    assert!(e.proxy_msg().is_some(), "{e}");
+    assert_eq!(relay.accepted(), 3, "one attempt");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -35,6 +35,23 @@ fn is_zero(n: &u32) -> bool {
     *n == 0
 }
 
+/// Most tokens one RegisterVM or AttachVM may allocate.
+pub const MAX_IO_STREAMS: u32 = 4096;
+
+/// A RegisterVM or AttachVM asks for more tokens than one request may
+/// allocate ([`MAX_IO_STREAMS`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("numIOStreams {0} is more than the {MAX_IO_STREAMS} one request may allocate")]
+pub struct TooManyStreams(pub u32);
+
+fn check_streams(n: u32) -> Result<(), TooManyStreams> {
+    if n > MAX_IO_STREAMS {
+        Err(TooManyStreams(n))
+    } else {
+        Ok(())
+    }
+}
+
 /// `tokens`: `null` on the wire when empty (the reference's nil slice);
 /// `null` or absent read as empty.
 mod null_tokens {
@@ -75,10 +92,16 @@ pub struct RegisterVm {
 
 impl RegisterVm {
     /// containerId, ctlSerial and ioSerial are required and non-empty.
+    /// See also [`validate_streams`](Self::validate_streams).
     pub fn validate(&self) -> Result<(), MissingField> {
         require("RegisterVM", "containerId", &self.container_id)?;
         require("RegisterVM", "ctlSerial", &self.ctl_serial)?;
         require("RegisterVM", "ioSerial", &self.io_serial)
+    }
+
+    /// numIOStreams is at most [`MAX_IO_STREAMS`].
+    pub fn validate_streams(&self) -> Result<(), TooManyStreams> {
+        check_streams(self.num_io_streams)
     }
 }
 
@@ -94,9 +117,15 @@ pub struct AttachVm {
 }
 
 impl AttachVm {
-    /// containerId is required.
+    /// containerId is required. See also
+    /// [`validate_streams`](Self::validate_streams).
     pub fn validate(&self) -> Result<(), MissingField> {
         require("AttachVM", "containerId", &self.container_id)
+    }
+
+    /// numIOStreams is at most [`MAX_IO_STREAMS`].
+    pub fn validate_streams(&self) -> Result<(), TooManyStreams> {
+        check_streams(self.num_io_streams)
     }
 }
 
@@ -217,6 +246,67 @@ pub struct Signal {
 
 fn is_zero_i64(n: &i64) -> bool {
     *n == 0
+}
+
+/// SIGWINCH: the one signal that carries a terminal size.
+pub const SIGWINCH: i64 = 28;
+/// Signals `0..MAX_SIGNAL` are accepted (the reference rejects ≥ 31).
+pub const MAX_SIGNAL: i64 = 31;
+
+/// Why a [`Signal`] payload is refused. The `Display` text is the proxy's
+/// error response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SignalError {
+    /// A signal number outside `0..MAX_SIGNAL`.
+    #[error("invalid signal number {0} (accepted: 0 to 30)")]
+    OutOfRange(i64),
+    /// SIGWINCH without a size.
+    #[error("SIGWINCH needs non-zero columns and rows (got columns {columns}, rows {rows})")]
+    WinchWithoutSize {
+        /// Columns given.
+        columns: i64,
+        /// Rows given.
+        rows: i64,
+    },
+    /// A size given with a signal other than SIGWINCH.
+    #[error("signal {0} must not carry columns or rows (only SIGWINCH does)")]
+    SizeWithoutWinch(i64),
+    /// A terminal size that does not fit the agent's 16-bit fields.
+    #[error("terminal size out of range (columns {columns}, rows {rows})")]
+    SizeOutOfRange {
+        /// Columns given.
+        columns: i64,
+        /// Rows given.
+        rows: i64,
+    },
+}
+
+impl Signal {
+    /// The rules of docs/PROTOCOL.md §3 (Signal): the number is in `0..=30`;
+    /// SIGWINCH carries non-zero columns and rows that fit in 16 bits;
+    /// any other signal carries neither.
+    pub fn validate(&self) -> Result<(), SignalError> {
+        let (n, columns, rows) = (self.signal_number, self.columns, self.rows);
+        if !(0..MAX_SIGNAL).contains(&n) {
+            return Err(SignalError::OutOfRange(n));
+        }
+        if n != SIGWINCH {
+            return if columns != 0 || rows != 0 {
+                Err(SignalError::SizeWithoutWinch(n))
+            } else {
+                Ok(())
+            };
+        }
+        if columns == 0 || rows == 0 {
+            return Err(SignalError::WinchWithoutSize { columns, rows });
+        }
+        let fits = |v: i64| (1..=i64::from(u16::MAX)).contains(&v);
+        if !fits(columns) || !fits(rows) {
+            return Err(SignalError::SizeOutOfRange { columns, rows });
+        }
+        Ok(())
+    }
 }
 
 /// The `io` object of RegisterVM and AttachVM responses.
@@ -377,5 +467,110 @@ mod tests {
             serde_json::from_str::<LogEntry>(r#"{"source":"shim","level":"loud","msg":"m"}"#)
                 .is_err()
         );
+    }
+
+    fn sig(signal_number: i64, columns: i64, rows: i64) -> Signal {
+        Signal {
+            signal_number,
+            columns,
+            rows,
+        }
+    }
+
+    #[test]
+    fn signal_numbers_0_to_30_are_accepted_and_others_refused() {
+        for n in 0..MAX_SIGNAL {
+            if n != SIGWINCH {
+                assert_eq!(sig(n, 0, 0).validate(), Ok(()), "signal {n}");
+            }
+        }
+        for n in [-1, 31, 64, i64::MIN, i64::MAX] {
+            let e = sig(n, 0, 0).validate().unwrap_err();
+            assert_eq!(e, SignalError::OutOfRange(n));
+            assert_eq!(
+                alloc::format!("{e}"),
+                alloc::format!("invalid signal number {n} (accepted: 0 to 30)")
+            );
+        }
+        // The range is checked before the size.
+        assert_eq!(sig(31, 80, 24).validate(), Err(SignalError::OutOfRange(31)));
+    }
+
+    #[test]
+    fn sigwinch_needs_non_zero_columns_and_rows() {
+        assert_eq!(sig(SIGWINCH, 80, 24).validate(), Ok(()));
+        assert_eq!(sig(SIGWINCH, 1, 1).validate(), Ok(()));
+        assert_eq!(sig(SIGWINCH, 65535, 65535).validate(), Ok(()));
+        for (c, r) in [(0, 0), (0, 24), (80, 0)] {
+            let e = sig(SIGWINCH, c, r).validate().unwrap_err();
+            assert_eq!(
+                e,
+                SignalError::WinchWithoutSize {
+                    columns: c,
+                    rows: r
+                }
+            );
+            assert_eq!(
+                alloc::format!("{e}"),
+                alloc::format!(
+                    "SIGWINCH needs non-zero columns and rows (got columns {c}, rows {r})"
+                )
+            );
+        }
+    }
+
+    #[test]
+    fn sigwinch_size_must_fit_16_bits() {
+        for (c, r) in [(65536, 24), (80, 65536), (-1, 24), (80, -5), (i64::MAX, 1)] {
+            let e = sig(SIGWINCH, c, r).validate().unwrap_err();
+            assert_eq!(
+                e,
+                SignalError::SizeOutOfRange {
+                    columns: c,
+                    rows: r
+                }
+            );
+            assert_eq!(
+                alloc::format!("{e}"),
+                alloc::format!("terminal size out of range (columns {c}, rows {r})")
+            );
+        }
+    }
+
+    #[test]
+    fn only_sigwinch_carries_a_size() {
+        for (c, r) in [(80, 24), (80, 0), (0, 24), (-1, 0)] {
+            let e = sig(15, c, r).validate().unwrap_err();
+            assert_eq!(e, SignalError::SizeWithoutWinch(15));
+            assert_eq!(
+                alloc::format!("{e}"),
+                "signal 15 must not carry columns or rows (only SIGWINCH does)"
+            );
+        }
+    }
+
+    #[test]
+    fn num_io_streams_is_at_most_4096_per_request() {
+        let mut r = RegisterVm {
+            num_io_streams: MAX_IO_STREAMS,
+            ..Default::default()
+        };
+        assert_eq!(r.validate_streams(), Ok(()));
+        r.num_io_streams = 0;
+        assert_eq!(r.validate_streams(), Ok(()));
+        r.num_io_streams = MAX_IO_STREAMS + 1;
+        let e = r.validate_streams().unwrap_err();
+        assert_eq!(e, TooManyStreams(4097));
+        assert_eq!(
+            alloc::format!("{e}"),
+            "numIOStreams 4097 is more than the 4096 one request may allocate"
+        );
+        let mut a = AttachVm {
+            container_id: "c".into(),
+            num_io_streams: MAX_IO_STREAMS,
+        };
+        assert_eq!(a.validate_streams(), Ok(()));
+        a.num_io_streams = u32::MAX;
+        assert_eq!(a.validate_streams(), Err(TooManyStreams(u32::MAX)));
     }
 }

@@ -9,22 +9,29 @@
 //! a typo. Retrying is kept where waiting is the point — a hybrid vsock
 //! `CONNECT` before the guest listens, an AF_VSOCK port the guest has not
 //! opened yet — bounded by `--dial-timeout`.
+//!
+//! The dialing goes through an [`AgentConnector`] trait object —
+//! [`Connector`](proxy_vsock::Connector), the real transports, unless a
+//! test gave [`Shared`](crate::server::Shared) another one.
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use proxy_vsock::{AgentAddr, AgentStream, ConnectOptions};
+use proxy_vsock::{AgentAddr, AgentConnector, AgentStream, ConnectOptions};
 use tokio::time::Instant;
 
 use crate::registry::ProxyError;
 use crate::vm::{AgentRead, AgentWrite};
 
-/// How long one channel's dial may take.
-#[derive(Debug, Clone, Copy)]
+/// How one channel is dialed, and how long that may take.
+#[derive(Debug, Clone)]
 pub struct Dial {
     /// The whole registration's deadline (`--ready-timeout`).
     pub deadline: Instant,
     /// The longest a single channel's dial may retry (`--dial-timeout`).
     pub dial_timeout: Duration,
+    /// The transports.
+    pub connector: Arc<dyn AgentConnector>,
 }
 
 impl Dial {
@@ -46,7 +53,9 @@ impl Dial {
         let opts = ConnectOptions::default()
             .with_timeout(budget)
             .with_handshake_timeout(budget);
-        let stream = proxy_vsock::connect(&parsed, &opts)
+        let stream = self
+            .connector
+            .connect(&parsed, &opts)
             .await
             .map_err(|source| ProxyError::AgentDial { channel, source })?;
         Ok(match stream {

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use proxy_proto::payload::{AttachVm, IoResponse, RegisterVm};
+use proxy_vsock::AgentConnector;
 use tokio::net::UnixListener;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -52,6 +53,9 @@ pub struct Shared {
     pub connections: std::sync::atomic::AtomicUsize,
     /// Daemon-wide counters for the metrics endpoint (docs/METRICS.md).
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// How agent channels are dialed: the real transports, unless
+    /// [`with_connector`](Self::with_connector) said otherwise.
+    pub connector: Arc<dyn AgentConnector>,
 }
 
 impl Shared {
@@ -61,6 +65,24 @@ impl Shared {
         socket_path: &Path,
         pod_mode: bool,
         ksm: Option<Arc<Ksm>>,
+    ) -> Arc<Self> {
+        Self::with_connector(
+            config,
+            socket_path,
+            pod_mode,
+            ksm,
+            Arc::new(proxy_vsock::Connector),
+        )
+    }
+
+    /// [`new`](Self::new), dialing agents through `connector` (a test's
+    /// substitute transport).
+    pub fn with_connector(
+        config: Config,
+        socket_path: &Path,
+        pod_mode: bool,
+        ksm: Option<Arc<Ksm>>,
+        connector: Arc<dyn AgentConnector>,
     ) -> Arc<Self> {
         let registry = Registry::with_limits(crate::registry::TokenLimits {
             per_vm: config.max_tokens_per_vm,
@@ -81,6 +103,7 @@ impl Shared {
             pod_mode,
             ksm,
             metrics: Arc::default(),
+            connector,
         })
     }
 
@@ -140,6 +163,7 @@ impl Shared {
         let dial = crate::agent::Dial {
             deadline,
             dial_timeout: self.config.dial_timeout,
+            connector: self.connector.clone(),
         };
         let (mut ctl_r, ctl_w) = dial.connect("ctl", &req.ctl_serial).await?;
         let (io_r, io_w) = dial.connect("io", &req.io_serial).await?;
@@ -148,7 +172,11 @@ impl Shared {
         let mut ctl = CtlChannel::new(opts.ctl_options(waited), deadline.into_std());
         crate::vm::wait_ready(&mut ctl_r, &mut ctl_buf, &mut ctl).await?;
         if !req.console.is_empty() {
-            spawn_console(req.console.clone(), req.container_id.clone());
+            spawn_console(
+                req.console.clone(),
+                req.container_id.clone(),
+                self.connector.clone(),
+            );
         }
         let events: Arc<dyn VmEvents> = Arc::new(Events(Arc::downgrade(self)));
         let vm = Vm::start(
@@ -289,13 +317,14 @@ fn base64url(data: &[u8]) -> String {
     s
 }
 
-fn spawn_console(path: String, vm: String) {
+fn spawn_console(path: String, vm: String, connector: Arc<dyn AgentConnector>) {
     tokio::spawn(
         async move {
             use tokio::io::AsyncBufReadExt;
             let dial = crate::agent::Dial {
                 deadline: Instant::now() + Duration::from_secs(5),
                 dial_timeout: Duration::from_secs(5),
+                connector,
             };
             let (r, _w) = match dial.connect("console", &path).await {
                 Ok(c) => c,

@@ -67,8 +67,10 @@ mod listener;
 mod stream;
 
 pub use addr::{AddrParseError, AgentAddr, MAX_UNIX_PATH_LEN};
-pub use connect::{connect, AgentConnector, ConnectError, ConnectOptions, Connector};
+pub use connect::{
+    connect, AgentConnector, ConnectError, ConnectFuture, ConnectOptions, Connector,
+};
 pub use handshake::HandshakeError;
 pub use listener::{AgentListener, HybridListener, VsockListener};
-pub use stream::AgentStream;
+pub use stream::{AgentIo, AgentStream};
 pub use tokio_vsock::{VMADDR_CID_ANY, VMADDR_CID_HOST, VMADDR_CID_HYPERVISOR, VMADDR_CID_LOCAL};

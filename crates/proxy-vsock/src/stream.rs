@@ -8,14 +8,33 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::UnixStream;
 use tokio_vsock::VsockStream;
 
+/// Any byte stream that can carry an agent channel: what
+/// [`AgentStream::Other`] holds.
+pub trait AgentIo: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
+
+impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> AgentIo for T {}
+
 /// A connected agent channel. Hybrid vsock connections are unix streams
 /// once the handshake is done.
-#[derive(Debug)]
 pub enum AgentStream {
     /// A unix stream (plain unix or hybrid vsock).
     Unix(UnixStream),
     /// An AF_VSOCK stream.
     Vsock(VsockStream),
+    /// Any other stream, from a substituted
+    /// [`AgentConnector`](crate::AgentConnector) (an in-memory
+    /// `tokio::io::duplex` in tests, a wrapper that injects faults…).
+    Other(Box<dyn AgentIo>),
+}
+
+impl std::fmt::Debug for AgentStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AgentStream::Unix(s) => f.debug_tuple("Unix").field(s).finish(),
+            AgentStream::Vsock(s) => f.debug_tuple("Vsock").field(s).finish(),
+            AgentStream::Other(_) => f.write_str("Other(..)"),
+        }
+    }
 }
 
 impl From<UnixStream> for AgentStream {
@@ -39,6 +58,7 @@ impl AsyncRead for AgentStream {
         match self.get_mut() {
             AgentStream::Unix(s) => Pin::new(s).poll_read(cx, buf),
             AgentStream::Vsock(s) => Pin::new(s).poll_read(cx, buf),
+            AgentStream::Other(s) => Pin::new(s).poll_read(cx, buf),
         }
     }
 }
@@ -52,6 +72,7 @@ impl AsyncWrite for AgentStream {
         match self.get_mut() {
             AgentStream::Unix(s) => Pin::new(s).poll_write(cx, buf),
             AgentStream::Vsock(s) => Pin::new(s).poll_write(cx, buf),
+            AgentStream::Other(s) => Pin::new(s).poll_write(cx, buf),
         }
     }
 
@@ -63,6 +84,7 @@ impl AsyncWrite for AgentStream {
         match self.get_mut() {
             AgentStream::Unix(s) => Pin::new(s).poll_write_vectored(cx, bufs),
             AgentStream::Vsock(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            AgentStream::Other(s) => Pin::new(s).poll_write_vectored(cx, bufs),
         }
     }
 
@@ -70,6 +92,7 @@ impl AsyncWrite for AgentStream {
         match self {
             AgentStream::Unix(s) => s.is_write_vectored(),
             AgentStream::Vsock(s) => s.is_write_vectored(),
+            AgentStream::Other(s) => s.is_write_vectored(),
         }
     }
 
@@ -77,6 +100,7 @@ impl AsyncWrite for AgentStream {
         match self.get_mut() {
             AgentStream::Unix(s) => Pin::new(s).poll_flush(cx),
             AgentStream::Vsock(s) => Pin::new(s).poll_flush(cx),
+            AgentStream::Other(s) => Pin::new(s).poll_flush(cx),
         }
     }
 
@@ -84,6 +108,7 @@ impl AsyncWrite for AgentStream {
         match self.get_mut() {
             AgentStream::Unix(s) => Pin::new(s).poll_shutdown(cx),
             AgentStream::Vsock(s) => Pin::new(s).poll_shutdown(cx),
+            AgentStream::Other(s) => Pin::new(s).poll_shutdown(cx),
         }
     }
 }
@@ -97,6 +122,22 @@ mod tests {
     async fn delegates_to_unix() {
         let (a, mut b) = UnixStream::pair().unwrap();
         let mut a = AgentStream::from(a);
+        a.write_all(b"ping").await.unwrap();
+        let mut buf = [0u8; 4];
+        b.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"ping");
+        b.write_all(b"pong").await.unwrap();
+        a.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"pong");
+        a.shutdown().await.unwrap();
+        assert_eq!(b.read(&mut buf).await.unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn delegates_to_any_other_stream() {
+        let (a, mut b) = tokio::io::duplex(64);
+        let mut a = AgentStream::Other(Box::new(a));
+        assert_eq!(format!("{a:?}"), "Other(..)");
         a.write_all(b"ping").await.unwrap();
         let mut buf = [0u8; 4];
         b.read_exact(&mut buf).await.unwrap();

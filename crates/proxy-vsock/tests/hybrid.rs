@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use proxy_vsock::{
-    connect, AgentAddr, AgentConnector, ConnectError, ConnectOptions, Connector, HandshakeError,
-    HybridListener,
+    connect, AgentAddr, AgentConnector, AgentStream, ConnectError, ConnectOptions, Connector,
+    HandshakeError, HybridListener,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
@@ -396,8 +396,8 @@ async fn hybrid_listener_handshake_reports_wrong_port() {
     assert!(client.await.unwrap().is_empty(), "closed without an answer");
 }
 
-async fn via_trait<C: AgentConnector>(c: &C) -> C::Stream {
-    match c.connect().await {
+async fn via_trait(c: &dyn AgentConnector, addr: &AgentAddr) -> AgentStream {
+    match c.connect(addr, &quick()).await {
         Ok(s) => s,
         Err(e) => panic!("{e}"),
     }
@@ -414,13 +414,14 @@ async fn connector_trait_over_hybrid() {
         let (mut s, _) = listener.accept().await.unwrap();
         s.write_all(b"?").await.unwrap();
     });
-    let connector = Connector::new(hv(&path, 11), quick());
-    let mut s = via_trait(&connector).await;
+    let connector: Arc<dyn AgentConnector> = Arc::new(Connector);
+    let addr = hv(&path, 11);
+    let mut s = via_trait(connector.as_ref(), &addr).await;
+    assert!(matches!(s, AgentStream::Unix(_)), "{s:?}");
     let mut b = [0u8; 1];
     s.read_exact(&mut b).await.unwrap();
     assert_eq!(&b, b"!");
-    let addr = hv(&path, 11);
-    let mut s = via_trait(&addr).await;
+    let mut s = via_trait(&Connector, &addr).await;
     s.read_exact(&mut b).await.unwrap();
     assert_eq!(&b, b"?");
     guest.await.unwrap();

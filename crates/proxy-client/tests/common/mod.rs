@@ -113,6 +113,10 @@ pub struct Relay {
     path: PathBuf,
     conns: Arc<Mutex<Vec<Relayed>>>,
     accept: JoinHandle<()>,
+    /// Connections accepted so far, and a wake-up for each.
+    accepted: Arc<(std::sync::atomic::AtomicUsize, tokio::sync::Notify)>,
+    /// The proxy's ends of connections cut on the client's side only.
+    held: Mutex<Vec<std::os::fd::OwnedFd>>,
 }
 
 /// One relayed connection: its task, and both of its sockets (duplicated
@@ -128,9 +132,11 @@ impl Relay {
         let path = dir.socket("relay.sock");
         let listener = UnixListener::bind(&path).unwrap();
         let conns: Arc<Mutex<Vec<Relayed>>> = Arc::default();
+        let accepted: Arc<(std::sync::atomic::AtomicUsize, tokio::sync::Notify)> = Arc::default();
         let target = target.to_owned();
         let accept = tokio::spawn({
             let conns = conns.clone();
+            let accepted = accepted.clone();
             async move {
                 use std::os::fd::AsFd;
                 while let Ok((mut a, _)) = listener.accept().await {
@@ -145,6 +151,8 @@ impl Relay {
                         let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
                     });
                     conns.lock().unwrap().push(Relayed { task, fds });
+                    accepted.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    accepted.1.notify_waiters();
                 }
             }
         });
@@ -153,6 +161,8 @@ impl Relay {
             path,
             conns,
             accept,
+            accepted,
+            held: Mutex::default(),
         }
     }
 
@@ -179,6 +189,54 @@ impl Relay {
             c.task.abort();
             let _ = c.task.await;
         }
+    }
+}
+
+impl Relay {
+    /// Connections relayed so far.
+    pub fn accepted(&self) -> usize {
+        self.accepted.0.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Wait until at least `n` connections were relayed (a test that
+    /// waits for an event; `timeout` fails it).
+    pub async fn wait_accepted(&self, n: usize, timeout: std::time::Duration) {
+        tokio::time::timeout(timeout, async {
+            loop {
+                let woken = self.accepted.1.notified();
+                if self.accepted() >= n {
+                    return;
+                }
+                woken.await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("{} connections, not {n}", self.accepted()));
+    }
+
+    /// Cut every relayed connection on the client's side only: the client
+    /// sees its connection die, while the proxy's end stays open (a dead
+    /// peer the proxy has not noticed yet) until
+    /// [`release_held`](Self::release_held).
+    pub async fn cut_client_side(&self) {
+        let conns: Vec<Relayed> = self.conns.lock().unwrap().drain(..).collect();
+        for c in conns {
+            let [client, proxy] = c.fds;
+            let _ = nix::sys::socket::shutdown(
+                std::os::fd::AsRawFd::as_raw_fd(&client),
+                nix::sys::socket::Shutdown::Both,
+            );
+            c.task.abort();
+            let _ = c.task.await;
+            // The task's own descriptor is closed now; this duplicate keeps
+            // the proxy's connection open.
+            self.held.lock().unwrap().push(proxy);
+        }
+    }
+
+    /// Close the proxy's ends kept by [`cut_client_side`](Self::cut_client_side).
+    pub fn release_held(&self) {
+        self.held.lock().unwrap().clear();
     }
 }
 

@@ -14,7 +14,9 @@ use proxy_proto::hyper::ctl::Code;
 use proxy_proto::hyper::io::FIRST_IO_BASE;
 use proxy_proto::hyper::relocate::{relocate, RelocateError};
 use proxy_proto::hyper::types::{KillCommand, WindowSize};
-use proxy_proto::payload::{AttachVm, Hyper, MissingField, RegisterVm, Signal, UnregisterVm};
+use proxy_proto::payload::{
+    AttachVm, Hyper, MissingField, RegisterVm, Signal, SignalError, TooManyStreams, UnregisterVm,
+};
 
 /// A VM's identity inside the daemon (container ids can be reused after an
 /// unregister; this cannot).
@@ -29,13 +31,8 @@ pub struct ConnId(pub u64);
 pub const SIGKILL: i64 = 9;
 /// SIGTERM.
 pub const SIGTERM: i64 = 15;
-/// SIGWINCH.
-pub const SIGWINCH: i64 = 28;
-/// Signals 0..MAX_SIGNAL are accepted (the reference rejects ≥ 31).
-pub const MAX_SIGNAL: i64 = 31;
-
-/// Most tokens one RegisterVM or AttachVM may allocate.
-pub const MAX_IO_STREAMS: u32 = 4096;
+/// SIGWINCH, and the signal range, are proxy-proto's rules.
+pub use proxy_proto::payload::{MAX_IO_STREAMS, MAX_SIGNAL, SIGWINCH};
 
 /// Why a client's command was refused. The `Display` text is what the
 /// client reads in the error response's `msg`.
@@ -69,8 +66,8 @@ pub enum ProxyError {
         scope: &'static str,
     },
     /// More tokens asked for than one request may allocate.
-    #[error("numIOStreams {0} is more than the {MAX_IO_STREAMS} one request may allocate")]
-    TooManyStreams(u32),
+    #[error(transparent)]
+    TooManyStreams(#[from] TooManyStreams),
     /// RegisterVM of a containerId that is registered already.
     #[error("container {0} is already registered")]
     DuplicateContainer(String),
@@ -125,34 +122,16 @@ pub enum ProxyError {
     /// ConnectShim on a connection that is a shim already.
     #[error("this connection is already the shim of a token")]
     AlreadyAShim,
-    /// A signal number outside 0..=30.
-    #[error("invalid signal number {0} (accepted: 0 to 30)")]
-    SignalOutOfRange(i64),
-    /// SIGWINCH without a size.
-    #[error("SIGWINCH needs non-zero columns and rows (got columns {columns}, rows {rows})")]
-    WinchWithoutSize {
-        /// Columns given.
-        columns: i64,
-        /// Rows given.
-        rows: i64,
-    },
-    /// A size given with a signal other than SIGWINCH.
-    #[error("signal {0} must not carry columns or rows (only SIGWINCH does)")]
-    SizeWithoutWinch(i64),
+    /// A Signal payload that breaks the rules of
+    /// [`Signal::validate`]: the number's range, SIGWINCH's size.
+    #[error(transparent)]
+    Signal(#[from] SignalError),
     /// A signal for a process started by execcmd, which has no container id.
     #[error("signal {0} cannot be delivered: the process was started by execcmd and has no container id")]
     NoContainerToSignal(i64),
     /// A signal for a process that has exited.
     #[error("signal {0} cannot be delivered: the process has exited")]
     ProcessExited(i64),
-    /// A terminal size that does not fit the agent's type.
-    #[error("terminal size out of range (columns {columns}, rows {rows})")]
-    SizeOutOfRange {
-        /// Columns given.
-        columns: i64,
-        /// Rows given.
-        rows: i64,
-    },
     /// A ctl message longer than the agent accepts.
     #[error("{code} data is {len} bytes; the agent accepts at most {max} per message")]
     CtlTooLarge {
@@ -551,9 +530,7 @@ impl Registry {
         mut new_token: impl FnMut() -> String,
     ) -> Result<(VmId, Vec<NewToken>), ProxyError> {
         req.validate()?;
-        if req.num_io_streams > MAX_IO_STREAMS {
-            return Err(ProxyError::TooManyStreams(req.num_io_streams));
-        }
+        req.validate_streams()?;
         if self.by_container.contains_key(&req.container_id) {
             return Err(ProxyError::DuplicateContainer(req.container_id.clone()));
         }
@@ -590,9 +567,7 @@ impl Registry {
         mut new_token: impl FnMut() -> String,
     ) -> Result<(VmId, Vec<NewToken>), ProxyError> {
         req.validate()?;
-        if req.num_io_streams > MAX_IO_STREAMS {
-            return Err(ProxyError::TooManyStreams(req.num_io_streams));
-        }
+        req.validate_streams()?;
         let vm = self.attachable(&req.container_id)?;
         self.check_token_limits(Some(vm), req.num_io_streams)?;
         let tokens = self.allocate(vm, req.num_io_streams, &mut new_token);
@@ -967,28 +942,8 @@ impl Registry {
 
     /// Signal from the shim of `token`.
     pub fn plan_signal(&mut self, token: &str, sig: &Signal) -> Result<SignalPlan, ProxyError> {
+        sig.validate()?;
         let n = sig.signal_number;
-        if !(0..MAX_SIGNAL).contains(&n) {
-            return Err(ProxyError::SignalOutOfRange(n));
-        }
-        if n == SIGWINCH {
-            if sig.columns == 0 || sig.rows == 0 {
-                return Err(ProxyError::WinchWithoutSize {
-                    columns: sig.columns,
-                    rows: sig.rows,
-                });
-            }
-            if !(1..=i64::from(u16::MAX)).contains(&sig.columns)
-                || !(1..=i64::from(u16::MAX)).contains(&sig.rows)
-            {
-                return Err(ProxyError::SizeOutOfRange {
-                    columns: sig.columns,
-                    rows: sig.rows,
-                });
-            }
-        } else if sig.columns != 0 || sig.rows != 0 {
-            return Err(ProxyError::SizeWithoutWinch(n));
-        }
         let t = self
             .tokens
             .get_mut(token)
@@ -1477,7 +1432,7 @@ mod tests {
         for bad in [-1, 31, 64] {
             assert!(matches!(
                 r.plan_signal(&tok, &sig(bad, 0, 0)),
-                Err(ProxyError::SignalOutOfRange(n)) if n == bad
+                Err(ProxyError::Signal(SignalError::OutOfRange(n))) if n == bad
             ));
         }
         assert!(r.plan_signal(&tok, &sig(0, 0, 0)).is_ok());
@@ -1490,19 +1445,19 @@ mod tests {
         let tok = started(&mut r, "newcontainer");
         assert!(matches!(
             r.plan_signal(&tok, &sig(28, 0, 24)),
-            Err(ProxyError::WinchWithoutSize { .. })
+            Err(ProxyError::Signal(SignalError::WinchWithoutSize { .. }))
         ));
         assert!(matches!(
             r.plan_signal(&tok, &sig(28, 80, 0)),
-            Err(ProxyError::WinchWithoutSize { .. })
+            Err(ProxyError::Signal(SignalError::WinchWithoutSize { .. }))
         ));
         assert!(matches!(
             r.plan_signal(&tok, &sig(15, 80, 24)),
-            Err(ProxyError::SizeWithoutWinch(15))
+            Err(ProxyError::Signal(SignalError::SizeWithoutWinch(15)))
         ));
         assert!(matches!(
             r.plan_signal(&tok, &sig(28, 70000, 24)),
-            Err(ProxyError::SizeOutOfRange { .. })
+            Err(ProxyError::Signal(SignalError::SizeOutOfRange { .. }))
         ));
     }
 
