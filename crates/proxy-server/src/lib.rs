@@ -55,14 +55,15 @@
 pub mod agent;
 pub mod config;
 pub mod conn;
-pub mod rules;
 pub mod ksm;
 pub mod logging;
 pub mod metrics;
 pub mod notify;
 pub mod panics;
+pub mod reader;
 pub mod redact;
 pub mod registry;
+pub mod rules;
 pub mod server;
 pub mod session;
 pub mod vm;

@@ -7,3 +7,5 @@
 //! nothing but feed these machines and carry out what they say; the
 //! deterministic simulation (`cargo xtask sim`) drives the same machines
 //! with simulated peers and a simulated clock.
+
+pub mod client;
