@@ -159,7 +159,7 @@ async fn serve_inner(shared: Arc<Shared>, stream: UnixStream, conn: ConnId) {
         if let Some(d) = deadline {
             match &mut timer {
                 None => timer = Some(Box::pin(tokio::time::sleep_until(d))),
-                Some(t) if d < t.deadline() => t.as_mut().reset(d),
+                Some(t) if d < t.deadline() || t.is_elapsed() => t.as_mut().reset(d),
                 Some(_) => {}
             }
         }

@@ -1391,6 +1391,10 @@ mod tests {
         let mut total = SimStats::default();
         for seed in 0..2000 {
             let s = simulate(seed, 300).unwrap_or_else(|e| panic!("{e}"));
+            total.steps += s.steps;
+            total.connections += s.connections;
+            total.bad_frames += s.bad_frames;
+            total.max_pending_bytes = total.max_pending_bytes.max(s.max_pending_bytes);
             total.closes += s.closes;
             total.frame_timeouts += s.frame_timeouts;
             total.process_timeouts += s.process_timeouts;
@@ -1401,6 +1405,7 @@ mod tests {
             total.back_pressure += s.back_pressure;
             total.error_responses += s.error_responses;
         }
+        eprintln!("2000 seeds x 300 steps: {total:?}");
         // Every path was taken.
         assert!(
             total.frame_timeouts > 0 && total.process_timeouts > 0,
