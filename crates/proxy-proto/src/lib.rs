@@ -11,6 +11,8 @@
 //!   buffer — *need more*, *one frame* or *malformed* — that checks the
 //!   declared length against [`Limits`] before buffering anything, and
 //!   hands out payloads as zero-copy [`bytes::Bytes`].
+//! - [`Decode`] (feature `alloc`): the one shape of the frame, ctl and io
+//!   decoders, for drivers that read any of them with one loop.
 //! - [`payload`] (feature `serde`): the JSON payloads with the wire's exact
 //!   key names.
 //! - [`hyper`]: the agent's ctl and io framing, the command code table, and
@@ -61,6 +63,8 @@ pub mod hyper;
 #[cfg(feature = "alloc")]
 mod codec;
 #[cfg(feature = "alloc")]
+mod decode;
+#[cfg(feature = "alloc")]
 mod json;
 #[cfg(feature = "serde")]
 pub mod payload;
@@ -69,6 +73,8 @@ pub mod payload;
 pub use codec::{
     decode_slice, peek_frame, Frame, FrameDecoder, FrameRef, Limits, DEFAULT_MAX_PAYLOAD,
 };
+#[cfg(feature = "alloc")]
+pub use decode::Decode;
 pub use error::{FrameError, HyperError};
 pub use frame::{
     Command, FrameKind, FrameType, Header, Notification, RawHeader, Stream, HEADER_LEN,

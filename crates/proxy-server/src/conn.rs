@@ -1,5 +1,6 @@
-//! One client connection: a reader that decodes frames and applies the
-//! rules, and a writer that sends responses and, once the connection is a
+//! One client connection: a reader that decodes frames and feeds them to
+//! the connection's rules ([`crate::rules::client`]), carrying out what
+//! they decide, and a writer that sends responses and, once the connection is a
 //! shim, its session's output.
 
 use std::sync::Arc;
@@ -12,7 +13,7 @@ use proxy_proto::payload::{
     UnregisterVm,
 };
 use proxy_proto::{
-    Command, Frame, FrameDecoder, FrameError, FrameKind, Header, Limits, RawHeader, Stream,
+    Command, Decode, Frame, FrameDecoder, FrameKind, Header, Limits, RawHeader, Stream,
 };
 use serde::de::DeserializeOwned;
 use tokio::net::UnixStream;
@@ -20,9 +21,10 @@ use tokio::sync::{mpsc, watch, OwnedSemaphorePermit};
 use tracing::{debug, info, warn, Instrument};
 
 use crate::registry::{ConnId, ProxyError, SignalPlan, VmId};
+use crate::rules::client::{self, Action, Client, CloseReason, StdinAction};
 use crate::rules::output::{Gather, Held, Inflight, Step};
 use crate::server::Shared;
-use crate::session::{IoFlow, Output, OutputQueue, Session, WriteOutcome};
+use crate::session::{Budget, IoFlow, Output, OutputQueue, Session, WriteOutcome};
 use crate::vm::{Gone, Vm};
 use crate::wire::Batch;
 
@@ -45,12 +47,14 @@ enum ToWriter {
     Drain,
 }
 
-/// The shim side of a connection.
+/// The handles of a shim connection's session (the rules hold its role).
 #[derive(Debug)]
 struct ShimRole {
     token: String,
     vm: Arc<Vm>,
     session: Arc<Session>,
+    /// Watches for the process's start.
+    started: watch::Receiver<bool>,
 }
 
 enum Flow {
@@ -88,9 +92,13 @@ async fn serve_inner(shared: Arc<Shared>, stream: UnixStream, conn: ConnId) {
         shared: shared.clone(),
         id: conn,
         tx,
-        vm: None,
+        rules: Client::new(client::Limits {
+            frame_timeout: shared.config.frame_timeout,
+            process_timeout: shared.config.process_timeout,
+            session_buffer: usize::try_from(shared.config.session_buffer).unwrap_or(usize::MAX),
+        }),
         shim: None,
-        stdin: PendingStdin::default(),
+        stdin_budget: None,
     };
     let limits = Limits {
         max_payload: shared.config.max_frame_size,
@@ -108,25 +116,22 @@ async fn serve_inner(shared: Arc<Shared>, stream: UnixStream, conn: ConnId) {
     // The memory budget the read buffer holds beyond its first MIN_READ
     // bytes (a large frame, or large reads).
     let mut held: Option<OwnedSemaphorePermit> = None;
-    // When the partial frame at the head of the buffer began to come, and
-    // the timer that ends it. The timer is boxed (only connections that
-    // ever had a partial frame pay for one) and moved only when it fires
-    // before its frame is due, like the ctl timer: not once per read.
-    let mut frame_since: Option<tokio::time::Instant> = None;
-    let mut frame_timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
-    let frame_timeout = shared.config.frame_timeout;
+    // The timer for the rules' next deadline (a partial frame's, waiting
+    // stdin's). Boxed (only connections that ever had a deadline pay for
+    // one) and moved only when the deadline comes earlier than it, or when
+    // it fires before anything is due, like the ctl timer: not once per
+    // read.
+    let mut timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
     'conn: loop {
         let mut decoded = false;
         loop {
-            if let Some(raw) = RawHeader::peek(&buf) {
-                if raw.frame_type == 0 && raw.error_flag() {
-                    debug!(
-                        opcode = raw.opcode,
-                        "the Error flag is set on a command; ignored, as the reference does"
-                    );
-                }
+            if let Some(opcode) = client::ignored_error_flag(&buf) {
+                debug!(
+                    opcode,
+                    "the Error flag is set on a command; ignored, as the reference does"
+                );
             }
-            match dec.decode(&mut buf) {
+            match Decode::decode(&mut dec, &mut buf) {
                 Ok(Some(frame)) => {
                     decoded = true;
                     match c.handle(frame).await {
@@ -140,7 +145,8 @@ async fn serve_inner(shared: Arc<Shared>, stream: UnixStream, conn: ConnId) {
                 }
                 Ok(None) => break,
                 Err(e) => {
-                    c.malformed(&buf, &e).await;
+                    let close = c.rules.on_malformed(&buf, e);
+                    c.perform(close).await;
                     break 'conn;
                 }
             }
@@ -148,13 +154,15 @@ async fn serve_inner(shared: Arc<Shared>, stream: UnixStream, conn: ConnId) {
         if buf.is_empty() {
             buf = BytesMut::new();
             held = None;
-            frame_since = None;
-        } else if decoded || frame_since.is_none() {
-            frame_since = Some(tokio::time::Instant::now());
         }
-        let frame_deadline = frame_since.map(|t| t + frame_timeout);
-        if let (Some(d), None) = (frame_deadline, &frame_timer) {
-            frame_timer = Some(Box::pin(tokio::time::sleep_until(d)));
+        c.rules.partial_frame(&buf, decoded, now());
+        let deadline = c.rules.poll_timeout().map(tokio::time::Instant::from_std);
+        if let Some(d) = deadline {
+            match &mut timer {
+                None => timer = Some(Box::pin(tokio::time::sleep_until(d))),
+                Some(t) if d < t.deadline() || t.is_elapsed() => t.as_mut().reset(d),
+                Some(_) => {}
+            }
         }
         let mut started = false;
         let mut timed_out = false;
@@ -170,27 +178,28 @@ async fn serve_inner(shared: Arc<Shared>, stream: UnixStream, conn: ConnId) {
                 drain = true;
                 break;
             }
-            r = poll_boxed(&mut c.stdin.wait), if c.stdin.wait.is_some() => match r {
+            r = process_start(&mut c.shim), if c.rules.waiting_for_start() => match r {
                 Ok(()) => started = true,
                 Err(e) => {
-                    // The error names the token: shortened.
-                    warn!(
-                        error = %crate::redact::tokens_in(&e.to_string()),
-                        "stdin cannot be delivered; closing"
-                    );
+                    warn!(error = %e, "stdin cannot be delivered; closing");
                     break;
                 }
             },
-            () = poll_timer(&mut frame_timer), if frame_deadline.is_some() => {
-                match (frame_deadline, frame_timer.as_mut()) {
-                    (Some(d), Some(t)) if tokio::time::Instant::now() < d => t.as_mut().reset(d),
-                    _ => timed_out = true,
-                }
-            }
+            () = poll_timer(&mut timer), if deadline.is_some() => timed_out = true,
         }
         if timed_out {
-            c.incomplete(&buf, frame_timeout).await;
-            break;
+            match c.rules.handle_timeout(now()) {
+                Some(close) => {
+                    c.perform(close).await;
+                    break;
+                }
+                // Fired before anything was due (a deadline moved later).
+                None => {
+                    if let (Some(d), Some(t)) = (c.rules.poll_timeout(), timer.as_mut()) {
+                        t.as_mut().reset(tokio::time::Instant::from_std(d));
+                    }
+                }
+            }
         }
         if started {
             match c.flush_stdin().await {
@@ -221,17 +230,20 @@ async fn serve_inner(shared: Arc<Shared>, stream: UnixStream, conn: ConnId) {
                     // task.
                     let budget = shared.budget.clone();
                     let mut stop = shared.shutdown.subscribe();
+                    let deadline = c.rules.poll_timeout().map(tokio::time::Instant::from_std);
                     let got = Box::pin(async move {
                         tokio::select! {
                             p = budget.acquire_many_owned(more) => Ok(p.ok()),
                             _ = stop.wait_for(|s| *s) => Err(()),
-                            () = sleep_until(frame_deadline) => Ok(None),
+                            () = sleep_until(deadline) => Ok(None),
                         }
                     })
                     .await;
                     let Ok(got) = got else { break };
                     if got.is_none() {
-                        c.incomplete(&buf, frame_timeout).await;
+                        if let Some(close) = c.rules.handle_timeout(now()) {
+                            c.perform(close).await;
+                        }
                         break;
                     }
                     got
@@ -278,6 +290,7 @@ async fn serve_inner(shared: Arc<Shared>, stream: UnixStream, conn: ConnId) {
     }
     // Ending: the writer flushes what it was given, gives the session's
     // queue back, and only then is the token claimable again.
+    c.rules.closed();
     if let Some(s) = &c.shim {
         shared.state().registry.shim_closing(conn, &s.token);
     }
@@ -304,24 +317,24 @@ async fn serve_inner(shared: Arc<Shared>, stream: UnixStream, conn: ConnId) {
     debug!("client disconnected");
 }
 
-/// Await a boxed future if there is one (a select branch that costs the
-/// task a pointer, not the future).
-async fn poll_boxed<T>(f: &mut Option<SyncFuture<T>>) -> T {
-    match f {
-        // `get_mut` takes no lock: the mutex is only there to make the
-        // future `Sync`, as `&Conn` is held across awaits.
-        Some(f) => {
-            f.get_mut()
-                .unwrap_or_else(|p| p.into_inner())
-                .as_mut()
-                .await
-        }
+/// The rules' clock: tokio's (paused in tests), as a std instant.
+fn now() -> std::time::Instant {
+    tokio::time::Instant::now().into_std()
+}
+
+/// Wait until the shim's process starts (forever for a connection that is
+/// not a shim).
+async fn process_start(shim: &mut Option<ShimRole>) -> Result<(), ProxyError> {
+    match shim {
+        Some(s) => s
+            .started
+            .wait_for(|v| *v)
+            .await
+            .map(|_| ())
+            .map_err(|_| ProxyError::VmGone),
         None => std::future::pending().await,
     }
 }
-
-/// A boxed future that a shared reference may be held to.
-type SyncFuture<T> = std::sync::Mutex<BoxFuture<T>>;
 
 /// Await a boxed timer if there is one.
 async fn poll_timer(t: &mut Option<std::pin::Pin<Box<tokio::time::Sleep>>>) {
@@ -330,8 +343,6 @@ async fn poll_timer(t: &mut Option<std::pin::Pin<Box<tokio::time::Sleep>>>) {
         None => std::future::pending().await,
     }
 }
-
-type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>;
 
 /// Sleep until `deadline`, or forever without one.
 async fn sleep_until(deadline: Option<tokio::time::Instant>) {
@@ -350,40 +361,33 @@ async fn vm_gone(g: &mut Option<watch::Receiver<Gone>>) {
     }
 }
 
+/// The driver of one connection's rules ([`Client`]): it carries out their
+/// actions with the shared state (registry, VMs, memory budget) and tells
+/// them the outcome.
 struct Conn {
     shared: Arc<Shared>,
     id: ConnId,
     tx: mpsc::Sender<ToWriter>,
-    vm: Option<VmId>,
+    rules: Client,
+    /// The handles of the shim role the rules hold.
     shim: Option<ShimRole>,
-    stdin: PendingStdin,
+    /// The memory budget the stdin waiting in the rules holds.
+    stdin_budget: Option<OwnedSemaphorePermit>,
 }
 
-impl std::fmt::Debug for PendingStdin {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PendingStdin")
-            .field("messages", &self.data.len())
-            .field("bytes", &self.bytes)
-            .field("since", &self.since)
-            .finish_non_exhaustive()
+/// Take `n` bytes of `budget` for stdin that waits for its process.
+fn reserve(budget: &Budget, held: &mut Option<OwnedSemaphorePermit>, n: usize) -> bool {
+    let Some(permit) = u32::try_from(n)
+        .ok()
+        .and_then(|n| budget.clone().try_acquire_many_owned(n).ok())
+    else {
+        return false;
+    };
+    match held {
+        Some(h) => h.merge(permit),
+        h @ None => *h = Some(permit),
     }
-}
-
-/// Stdin that came before its process started. It waits here, bounded by
-/// `--session-buffer`, while the connection keeps being read (a signal or
-/// DisconnectShim behind it is served at once), and goes to the agent, in
-/// order, once the process starts.
-#[derive(Default)]
-struct PendingStdin {
-    data: std::collections::VecDeque<Bytes>,
-    bytes: usize,
-    /// The wait for the process to start, while stdin waits for it.
-    wait: Option<SyncFuture<Result<(), ProxyError>>>,
-    /// Its share of the memory budget.
-    budget: Option<OwnedSemaphorePermit>,
-    /// When the oldest of it came: the process must start within
-    /// `--process-timeout` of that.
-    since: Option<tokio::time::Instant>,
+    true
 }
 
 fn parse<T: DeserializeOwned>(command: Command, payload: &[u8]) -> Result<T, ProxyError> {
@@ -416,72 +420,94 @@ impl Conn {
         }
     }
 
-    /// A frame not completed in time: an error response where one can be
-    /// addressed (a command header), then the connection closes.
-    async fn incomplete(&self, buf: &[u8], timeout: Duration) {
-        let raw = RawHeader::peek(buf);
-        warn!(
-            have = buf.len(),
-            frame_len = raw.map(|h| h.header_len() + h.payload_len as usize),
-            "a client frame was not completed within {timeout:?}; closing the connection"
-        );
-        if let Some(raw) = raw {
-            if raw.frame_type == 0 {
-                if let Some(cmd) = Command::from_u8(raw.opcode) {
-                    let msg = format!(
-                        "incomplete frame: {} of {} bytes came within {timeout:?}",
-                        buf.len(),
-                        raw.header_len() + raw.payload_len as usize
-                    );
-                    self.send(Frame::error_response(cmd, &msg)).await;
-                }
-            }
-        }
-    }
-
-    /// A malformed frame: an error response where one can be addressed
-    /// (a command header), then the connection closes.
-    async fn malformed(&self, buf: &[u8], e: &FrameError) {
-        warn!(error = %e, "malformed frame; closing the connection");
-        self.shared
-            .metrics
-            .error(crate::metrics::ErrorKind::BadFrame);
-        if let Some(raw) = RawHeader::peek(buf) {
-            if raw.frame_type == 0 {
-                if let Some(cmd) = Command::from_u8(raw.opcode) {
-                    self.send(Frame::error_response(cmd, &format!("malformed frame: {e}")))
-                        .await;
-                }
-            }
-        }
-    }
-
+    /// Feed one frame to the rules and carry out what they say.
     async fn handle(&mut self, f: Frame) -> Flow {
-        match f.kind {
+        // A start the rules have not been told of yet: what waited for it
+        // goes before this stdin.
+        if f.kind == FrameKind::Stream(Stream::Stdin) && !self.rules.process_running() {
+            let started = self
+                .shim
+                .as_ref()
+                .is_some_and(|s| *s.session.started.borrow());
+            if started {
+                if let Flow::Close = self.flush_stdin().await {
+                    return Flow::Close;
+                }
+            }
+        }
+        let budget = &self.shared.budget;
+        let held = &mut self.stdin_budget;
+        let action = self
+            .rules
+            .on_frame(f, now(), &mut |n| reserve(budget, held, n));
+        self.perform(action).await
+    }
+
+    async fn perform(&mut self, action: Action) -> Flow {
+        match action {
             // Boxed: the command futures (RegisterVM waiting for READY,
             // Hyper waiting for the agent…) are large, and inline they
             // would size every connection's task — 1000 idle shims — by
             // the largest of them. Stream frames, the hot path, stay inline.
-            FrameKind::Command(cmd) => Box::pin(self.command(cmd, f.payload)).await,
-            FrameKind::Stream(Stream::Stdin) => self.stdin(f.payload).await,
-            FrameKind::Stream(Stream::Log) => self.log(&f.payload),
-            FrameKind::Stream(s) => {
-                warn!(
-                    stream = s.name(),
-                    "clients may not send this stream; closing"
-                );
-                self.shared
-                    .metrics
-                    .error(crate::metrics::ErrorKind::BadFrame);
+            Action::Command(cmd, payload) => Box::pin(self.command(cmd, payload)).await,
+            Action::ErrorResponse(cmd, e) => {
+                self.respond(cmd, Err(e)).await;
+                Flow::Continue
+            }
+            Action::Stdin(s) => self.stdin(s).await,
+            Action::Log(entry) => {
+                log(&entry);
+                Flow::Continue
+            }
+            Action::Close(reason) => {
+                self.close(reason).await;
                 Flow::Close
             }
-            other => {
-                warn!(kind = ?other, "clients may only send commands and streams; closing");
-                self.shared
-                    .metrics
-                    .error(crate::metrics::ErrorKind::BadFrame);
-                Flow::Close
+        }
+    }
+
+    /// The rules close the connection: say why, and answer where an error
+    /// response can be addressed.
+    async fn close(&mut self, reason: CloseReason) {
+        match &reason {
+            CloseReason::Malformed { error, .. } => {
+                warn!(error = %error, "malformed frame; closing the connection")
             }
+            CloseReason::Incomplete {
+                have,
+                frame_len,
+                timeout,
+                ..
+            } => warn!(
+                have,
+                frame_len,
+                "a client frame was not completed within {timeout:?}; closing the connection"
+            ),
+            CloseReason::ClientStream(s) => warn!(
+                stream = s.name(),
+                "clients may not send this stream; closing"
+            ),
+            CloseReason::NotClientFrame(kind) => {
+                warn!(kind = ?kind, "clients may only send commands and streams; closing")
+            }
+            CloseReason::StdinNotShim => {
+                warn!("stdin from a connection that is not a shim; closing")
+            }
+            CloseReason::InvalidLog(e) => warn!(error = %e, "invalid log entry; closing"),
+            // The error names the token: shortened.
+            CloseReason::ProcessTimeout(e) => warn!(
+                error = %crate::redact::tokens_in(&e.to_string()),
+                "stdin cannot be delivered; closing"
+            ),
+            CloseReason::Disconnected | CloseReason::Closed => {}
+        }
+        if reason.bad_frame() {
+            self.shared
+                .metrics
+                .error(crate::metrics::ErrorKind::BadFrame);
+        }
+        if let Some(f) = reason.response() {
+            self.send(f).await;
         }
     }
 
@@ -496,8 +522,12 @@ impl Conn {
                 Err(e) => Err(e),
             },
             Command::DisconnectShim => match self.disconnect_shim() {
-                Ok(flow) => return flow,
-                Err(e) => Err(e),
+                Action::Close(reason) => {
+                    self.close(reason).await;
+                    return Flow::Close;
+                }
+                Action::ErrorResponse(_, e) => Err(e),
+                _ => return Flow::Continue,
             },
             Command::Signal => match self.signal(&payload).await {
                 Ok(Some(r)) => Ok(r),
@@ -517,14 +547,14 @@ impl Conn {
     async fn register(&mut self, payload: &[u8]) -> Result<Bytes, ProxyError> {
         let req: RegisterVm = parse(Command::RegisterVm, payload)?;
         let (vm, io) = self.shared.register_vm(req).await?;
-        self.vm = Some(vm);
+        self.rules.attached(vm);
         json(&RegisterVmResponse { io })
     }
 
     fn attach(&mut self, payload: &[u8]) -> Result<Bytes, ProxyError> {
         let req: AttachVm = parse(Command::AttachVm, payload)?;
         let (vm, io) = self.shared.attach_vm(&req)?;
-        self.vm = Some(vm);
+        self.rules.attached(vm);
         json(&RegisterVmResponse { io })
     }
 
@@ -532,17 +562,16 @@ impl Conn {
         let req: UnregisterVm = parse(Command::UnregisterVm, payload)?;
         let vm = self.shared.state().registry.unregister_vm(&req)?;
         info!(vm = %req.container_id, "VM unregistered");
-        if self.vm == Some(vm) {
-            self.vm = None;
-        }
+        self.rules.unregistered(vm);
         Ok(Bytes::new())
     }
 
     async fn hyper(&mut self, payload: &[u8]) -> Result<Bytes, ProxyError> {
         let req: Hyper = parse(Command::Hyper, payload)?;
+        let client_vm = self.rules.vm_for_hyper()?;
         let (plan, vm) = {
             let mut st = self.shared.state();
-            let plan = st.registry.plan_hyper(self.vm, &req)?;
+            let plan = st.registry.plan_hyper(Some(client_vm), &req)?;
             let vm = st.vms.get(&plan.vm).cloned();
             (plan, vm)
         };
@@ -582,57 +611,56 @@ impl Conn {
 
     /// On success the response is sent here, before the session's output.
     async fn connect_shim(&mut self, payload: &[u8]) -> Result<(), ProxyError> {
-        if self.shim.is_some() {
-            return Err(ProxyError::AlreadyAShim);
-        }
         let req: ConnectShim = parse(Command::ConnectShim, payload)?;
         req.validate()?;
         // A shim that just dropped may not have been noticed yet (or its
         // connection may still be closing): give it a moment to let go.
-        let (vm, session) = match self.claim(&req.token) {
+        let (vm_id, vm, session) = match self.claim(&req.token) {
             Err(ProxyError::TokenClaimed(_) | ProxyError::TokenReleasing(_)) => {
                 self.wait_released(&req.token).await;
                 self.claim(&req.token)?
             }
             other => other?,
         };
-        if let Some(r) = req.resume {
-            let resumed = session.resume(r.stdout, r.stderr);
-            if resumed.lost > 0 || resumed.ahead {
-                info!(
-                    token = %crate::redact::Token(&req.token),
-                    lost = resumed.lost,
-                    ahead = resumed.ahead,
-                    "a shim resumes from a point the replay window does not cover; it gets what the window holds"
-                );
-                session
-                    .bytes_maybe_lost
-                    .fetch_add(resumed.lost, std::sync::atomic::Ordering::Relaxed);
-            }
-            session.push_front(resumed.items);
+        let started = *session.started.borrow();
+        if let Err(e) = self
+            .rules
+            .became_shim(vm_id, req.token.clone(), session.io_base, started)
+        {
+            self.shared.state().registry.shim_gone(self.id, &req.token);
+            return Err(e);
+        }
+        let (lost, ahead) = session.shim_claims(req.resume.map(|r| (r.stdout, r.stderr)));
+        if lost > 0 || ahead {
+            info!(
+                token = %crate::redact::Token(&req.token),
+                lost,
+                ahead,
+                "a shim resumes from a point the replay window does not cover; it gets what the window holds"
+            );
         }
         // Response first, then the session's output.
         self.send(Frame::response(Command::ConnectShim, Bytes::new()))
             .await;
         let _ = self.tx.send(ToWriter::Attach(session.clone())).await;
-        session.claimed();
         session.shim.send_replace(true);
         info!(token = %crate::redact::Token(&req.token), io_base = session.io_base, "shim connected");
         self.shim = Some(ShimRole {
             token: req.token,
             vm,
+            started: session.started.subscribe(),
             session,
         });
         Ok(())
     }
 
-    fn claim(&self, token: &str) -> Result<(Arc<Vm>, Arc<Session>), ProxyError> {
+    fn claim(&self, token: &str) -> Result<(VmId, Arc<Vm>, Arc<Session>), ProxyError> {
         let mut st = self.shared.state();
         let (vm_id, io_base) = st.registry.connect_shim(self.id, token)?;
         let vm = st.vms.get(&vm_id).cloned();
         let session = vm.as_ref().and_then(|v| v.session(io_base));
         match (vm, session) {
-            (Some(vm), Some(s)) => Ok((vm, s)),
+            (Some(vm), Some(s)) => Ok((vm_id, vm, s)),
             _ => {
                 st.registry.shim_gone(self.id, token);
                 Err(ProxyError::VmGone)
@@ -662,19 +690,18 @@ impl Conn {
         let _ = tokio::time::timeout(patience, rx.wait_for(|connected| !*connected)).await;
     }
 
-    fn disconnect_shim(&mut self) -> Result<Flow, ProxyError> {
-        let Some(s) = self.shim.take() else {
-            // As the reference: an error response, and the connection
-            // stays usable.
-            return Err(ProxyError::NotAShim("DisconnectShim"));
-        };
-        self.shared
-            .state()
-            .registry
-            .disconnect_shim(self.id, &s.token);
-        s.vm.remove_session(s.session.io_base);
-        info!(token = %crate::redact::Token(&s.token), "shim disconnected; token freed");
-        Ok(Flow::Close)
+    /// Free the token; the rules then close the connection.
+    fn disconnect_shim(&mut self) -> Action {
+        if let Some(s) = self.shim.take() {
+            self.shared
+                .state()
+                .registry
+                .disconnect_shim(self.id, &s.token);
+            s.vm.remove_session(s.session.io_base);
+            self.stdin_budget = None;
+            info!(token = %crate::redact::Token(&s.token), "shim disconnected; token freed");
+        }
+        self.rules.disconnected()
     }
 
     /// `Ok(None)`: the response was already sent.
@@ -728,65 +755,44 @@ impl Conn {
         }
     }
 
-    async fn stdin(&mut self, data: Bytes) -> Flow {
-        let Some(shim) = &self.shim else {
-            warn!("stdin from a connection that is not a shim; closing");
-            return Flow::Close;
-        };
-        if !self.stdin.data.is_empty() || !*shim.session.started.borrow() {
-            let bound = self.shared.config.session_buffer as usize;
-            let budget = u32::try_from(data.len())
-                .ok()
-                .filter(|_| self.stdin.bytes.saturating_add(data.len()) <= bound)
-                .and_then(|n| self.shared.budget.clone().try_acquire_many_owned(n).ok());
-            if let Some(permit) = budget {
-                // Waits for the start in the bounded queue; the connection
-                // goes on being read.
-                match &mut self.stdin.budget {
-                    Some(b) => b.merge(permit),
-                    b @ None => *b = Some(permit),
-                }
-                self.stdin.bytes += data.len();
-                self.stdin.data.push_back(data);
-                let since = *self
-                    .stdin
-                    .since
-                    .get_or_insert_with(tokio::time::Instant::now);
-                if self.stdin.wait.is_none() {
-                    self.stdin.wait = Some(std::sync::Mutex::new(Box::pin(started_within(
-                        shim.session.clone(),
-                        since,
-                        self.shared.config.process_timeout,
-                    ))));
-                }
-                return Flow::Continue;
-            }
+    async fn stdin(&mut self, action: StdinAction) -> Flow {
+        match action {
+            StdinAction::Forward(data) => self.forward_stdin(data).await,
+            // Waits for the start in the bounded queue; the connection goes
+            // on being read.
+            StdinAction::Queued => Flow::Continue,
             // The queue is full: this connection waits for the start (the
             // bound's back-pressure), then what waited goes first.
-            if let Err(e) = self.process_started().await {
-                // The error names the token: shortened.
-                warn!(
-                    error = %crate::redact::tokens_in(&e.to_string()),
-                    "stdin cannot be delivered; closing"
-                );
-                return Flow::Close;
-            }
-            if let Flow::Close = self.flush_stdin().await {
-                return Flow::Close;
+            StdinAction::WaitForStart { data, deadline } => {
+                if let Err(e) = self.process_started(deadline).await {
+                    // The error names the token: shortened.
+                    warn!(
+                        error = %crate::redact::tokens_in(&e.to_string()),
+                        "stdin cannot be delivered; closing"
+                    );
+                    return Flow::Close;
+                }
+                if let Flow::Close = self.flush_stdin().await {
+                    return Flow::Close;
+                }
+                self.forward_stdin(data).await
             }
         }
-        self.forward_stdin(data).await
     }
 
-    /// Wait until the shim's process starts: at most `--process-timeout`
-    /// after the oldest stdin that waits for it.
-    async fn process_started(&self) -> Result<(), ProxyError> {
+    /// Wait until the shim's process starts, at most until `deadline`
+    /// (`--process-timeout` after the oldest stdin that waits for it).
+    async fn process_started(
+        &self,
+        deadline: Option<std::time::Instant>,
+    ) -> Result<(), ProxyError> {
         let Some(shim) = &self.shim else {
             return Err(ProxyError::NotAShim("stdin"));
         };
         let t = self.shared.config.process_timeout;
-        let since = self.stdin.since.unwrap_or_else(tokio::time::Instant::now);
-        let left = (since + t).saturating_duration_since(tokio::time::Instant::now());
+        let left = deadline.map_or(Duration::MAX, |d| {
+            tokio::time::Instant::from_std(d).saturating_duration_since(tokio::time::Instant::now())
+        });
         let token = &shim.token;
         wait_true(&shim.session.started, left, || {
             format!("the process of token {token:?} to start")
@@ -803,12 +809,14 @@ impl Conn {
 
     /// The process started: what waited for it goes to the agent, in order.
     async fn flush_stdin(&mut self) -> Flow {
-        let pending = std::mem::take(&mut self.stdin);
-        for data in pending.data {
+        let pending = self.rules.process_started();
+        let budget = self.stdin_budget.take();
+        for data in pending {
             if let Flow::Close = self.forward_stdin(data).await {
                 return Flow::Close;
             }
         }
+        drop(budget);
         Flow::Continue
     }
 
@@ -830,55 +838,28 @@ impl Conn {
             }
         }
     }
-
-    fn log(&self, payload: &[u8]) -> Flow {
-        let entry: LogEntry = match serde_json::from_slice(payload) {
-            Ok(e) => e,
-            Err(e) => {
-                warn!(error = %e, "invalid log entry; closing");
-                return Flow::Close;
-            }
-        };
-        let source = match entry.source {
-            proxy_proto::payload::LogSource::Shim => "shim",
-            proxy_proto::payload::LogSource::Runtime => "runtime",
-        };
-        let cid = entry.container_id.as_str();
-        match entry.level {
-            LogLevel::Debug => {
-                tracing::debug!(target: "cc_proxy::client", source, container = cid, "{}", entry.msg)
-            }
-            LogLevel::Info => {
-                tracing::info!(target: "cc_proxy::client", source, container = cid, "{}", entry.msg)
-            }
-            LogLevel::Warn => {
-                tracing::warn!(target: "cc_proxy::client", source, container = cid, "{}", entry.msg)
-            }
-            LogLevel::Error => {
-                tracing::error!(target: "cc_proxy::client", source, container = cid, "{}", entry.msg)
-            }
-        }
-        Flow::Continue
-    }
 }
 
-/// Wait until `session`'s process starts, at most `t` after `since`.
-async fn started_within(
-    session: Arc<Session>,
-    since: tokio::time::Instant,
-    t: Duration,
-) -> Result<(), ProxyError> {
-    let mut rx = session.started.subscribe();
-    let started = tokio::time::timeout_at(since + t, rx.wait_for(|v| *v))
-        .await
-        .map(|r| r.is_ok());
-    match started {
-        Ok(true) => Ok(()),
-        Ok(false) => Err(ProxyError::VmGone),
-        Err(_) => Err(ProxyError::Timeout {
-            waited_for: format!("the process of token {:?} to start", session.token),
-            after: t,
-        }),
+/// A client's log entry, in the proxy's log.
+fn log(entry: &LogEntry) {
+    let source = match entry.source {
+        proxy_proto::payload::LogSource::Shim => "shim",
+        proxy_proto::payload::LogSource::Runtime => "runtime",
+    };
+    let cid = entry.container_id.as_str();
+    match entry.level {
+        LogLevel::Debug => {
+            tracing::debug!(target: "cc_proxy::client", source, container = cid, "{}", entry.msg)
+        }
+        LogLevel::Info => {
+            tracing::info!(target: "cc_proxy::client", source, container = cid, "{}", entry.msg)
+        }
+        LogLevel::Warn => {
+            tracing::warn!(target: "cc_proxy::client", source, container = cid, "{}", entry.msg)
+        }
+        LogLevel::Error => {
+            tracing::error!(target: "cc_proxy::client", source, container = cid, "{}", entry.msg)
+        }
     }
 }
 

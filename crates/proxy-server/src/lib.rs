@@ -62,6 +62,7 @@ pub mod logging;
 pub mod metrics;
 pub mod notify;
 pub mod panics;
+pub mod reader;
 pub mod redact;
 pub mod server;
 pub mod session;

@@ -8,6 +8,7 @@
 //! deterministic simulation (`cargo xtask sim`) drives the same machines
 //! with simulated peers and a simulated clock.
 
+pub mod client;
 pub mod ctl;
 pub mod demux;
 pub mod output;

@@ -1,0 +1,185 @@
+//! One frame-reading loop for every wire format: a byte stream and a
+//! [`Decode`]r give messages, one `next().await` at a time.
+
+use bytes::BytesMut;
+use proxy_proto::Decode;
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+/// First read size; doubled while reads fill it.
+const MIN_READ: usize = 4 * 1024;
+/// Largest read size.
+const MAX_READ: usize = 256 * 1024;
+
+/// Why [`MessageReader::next`] gave no message.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError<E> {
+    /// The stream failed.
+    #[error("read failed: {0}")]
+    Io(#[source] std::io::Error),
+    /// The bytes at the front are not a message; nothing after them can be
+    /// trusted.
+    #[error("malformed message: {0}")]
+    Decode(#[source] E),
+    /// The stream ended in the middle of a message.
+    #[error("the stream ended in the middle of a message ({buffered} bytes of it came)")]
+    Truncated {
+        /// The bytes of the unfinished message.
+        buffered: usize,
+    },
+}
+
+/// Reads `R` and decodes it with `D`.
+///
+/// The buffer is kept and reused from one message to the next (it grows to
+/// the largest message and the read size, which doubles while reads fill
+/// it, up to 256 KiB). [`MessageReader::next`] is cancel-safe: dropped
+/// between reads, it loses nothing (the bytes read stay buffered), so it may
+/// be one branch of a `select!`.
+#[derive(Debug)]
+pub struct MessageReader<R, D> {
+    io: R,
+    decoder: D,
+    buf: BytesMut,
+    read_size: usize,
+}
+
+impl<R: AsyncRead + Unpin, D: Decode> MessageReader<R, D> {
+    /// A reader of `io` decoding with `decoder`.
+    pub fn new(io: R, decoder: D) -> Self {
+        Self {
+            io,
+            decoder,
+            buf: BytesMut::new(),
+            read_size: MIN_READ,
+        }
+    }
+
+    /// The next message. `Ok(None)`: the stream ended between messages.
+    pub async fn next(&mut self) -> Result<Option<D::Item>, ReadError<D::Error>> {
+        loop {
+            if let Some(m) = self
+                .decoder
+                .decode(&mut self.buf)
+                .map_err(ReadError::Decode)?
+            {
+                return Ok(Some(m));
+            }
+            self.buf.reserve(self.read_size);
+            let room = self.buf.capacity().saturating_sub(self.buf.len());
+            let n = self
+                .io
+                .read_buf(&mut self.buf)
+                .await
+                .map_err(ReadError::Io)?;
+            if n == 0 {
+                return match self.buf.len() {
+                    0 => Ok(None),
+                    buffered => Err(ReadError::Truncated { buffered }),
+                };
+            }
+            if n >= room.min(self.read_size) {
+                self.read_size = self.read_size.saturating_mul(2).min(MAX_READ);
+            }
+        }
+    }
+
+    /// Bytes read but not decoded yet (the start of the next message).
+    pub fn buffered(&self) -> &[u8] {
+        &self.buf
+    }
+
+    /// The decoder.
+    pub fn decoder(&self) -> &D {
+        &self.decoder
+    }
+
+    /// The stream.
+    pub fn get_ref(&self) -> &R {
+        &self.io
+    }
+
+    /// The stream and the bytes read past the last message.
+    pub fn into_parts(self) -> (R, BytesMut) {
+        (self.io, self.buf)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proxy_proto::hyper::io::{IoDecoder, IoMessage};
+    use proxy_proto::{Command, Frame, FrameDecoder, FrameKind, Limits};
+    use tokio::io::AsyncWriteExt;
+
+    #[tokio::test]
+    async fn messages_across_reads_then_a_clean_end() {
+        let (mut w, r) = tokio::io::duplex(7);
+        let mut wire = BytesMut::new();
+        for i in 0..50u8 {
+            Frame::command(Command::Hyper, vec![i; usize::from(i) * 100]).encode(&mut wire);
+        }
+        let writer = tokio::spawn(async move {
+            w.write_all(&wire).await.unwrap();
+        });
+        let mut reader = MessageReader::new(r, FrameDecoder::new(Limits::default()));
+        for i in 0..50u8 {
+            let f = reader.next().await.unwrap().expect("a frame");
+            assert_eq!(f.kind, FrameKind::Command(Command::Hyper));
+            assert_eq!(f.payload.len(), usize::from(i) * 100);
+            assert!(f.payload.iter().all(|&b| b == i));
+        }
+        writer.await.unwrap();
+        assert!(matches!(reader.next().await, Ok(None)));
+        assert!(reader.buffered().is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_end_mid_message_is_not_a_clean_end() {
+        let (mut w, r) = tokio::io::duplex(64);
+        let mut wire = BytesMut::new();
+        IoMessage::new(3, &b"whole"[..])
+            .encode(&mut wire, 10240)
+            .unwrap();
+        IoMessage::new(3, &b"cut short"[..])
+            .encode(&mut wire, 10240)
+            .unwrap();
+        w.write_all(&wire[..wire.len() - 4]).await.unwrap();
+        drop(w);
+        let mut reader = MessageReader::new(r, IoDecoder::default());
+        let m = reader.next().await.unwrap().expect("the whole one");
+        assert_eq!((m.seq, &m.data[..]), (3, &b"whole"[..]));
+        match reader.next().await {
+            Err(ReadError::Truncated { buffered }) => assert_eq!(buffered, 12 + 5),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_malformed_message_is_a_decode_error() {
+        let (mut w, r) = tokio::io::duplex(64);
+        // An io header declaring a length shorter than itself.
+        w.write_all(&[0, 0, 0, 0, 0, 0, 0, 3, 0, 0, 0, 1])
+            .await
+            .unwrap();
+        let mut reader = MessageReader::new(r, IoDecoder::default());
+        assert!(matches!(reader.next().await, Err(ReadError::Decode(_))));
+        assert_eq!(reader.buffered().len(), 12);
+    }
+
+    #[tokio::test]
+    async fn next_is_cancel_safe() {
+        let (mut w, r) = tokio::io::duplex(64);
+        let mut reader = MessageReader::new(r, IoDecoder::default());
+        let mut wire = BytesMut::new();
+        IoMessage::new(9, &b"late"[..])
+            .encode(&mut wire, 10240)
+            .unwrap();
+        w.write_all(&wire[..6]).await.unwrap();
+        // Cancelled with half a header buffered.
+        let r = tokio::time::timeout(std::time::Duration::from_millis(20), reader.next()).await;
+        assert!(r.is_err());
+        w.write_all(&wire[6..]).await.unwrap();
+        let m = reader.next().await.unwrap().expect("the message");
+        assert_eq!((m.seq, &m.data[..]), (9, &b"late"[..]));
+    }
+}
