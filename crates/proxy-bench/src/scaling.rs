@@ -459,6 +459,14 @@ fn fleet(b: &Bench<'_>, d: &Daemon, dir: &Path, m: &mut Metrics) -> Result<(), S
         );
         let rate = (r1 - r0) as f64 / TRICKLE_BYTES as f64 / secs;
         m.insert(format!("fleet.trickle_msgs_s.{n}"), rate);
+        // Per message delivered: fair where the bench (sharing the CPUs)
+        // did not keep up the offered rate.
+        if rate > 0.0 {
+            m.insert(
+                format!("fleet.cpu_us_per_msg.trickle.{n}"),
+                trickle_ms * 1000.0 / rate,
+            );
+        }
         // Everything written must arrive, byte for byte.
         let deadline = Instant::now() + IO_TIMEOUT;
         loop {
