@@ -368,6 +368,8 @@ pub fn rows(runs: &[Metrics], vol: &Volumes, judge: bool) -> Vec<Row> {
     ] {
         let unit = if kind.starts_with("rss") {
             "KiB"
+        } else if kind.contains("per_msg") {
+            "µs"
         } else {
             "µs/s"
         };
@@ -930,13 +932,24 @@ pub fn performance_md(r: &Report, commit: &str) -> String {
         s,
         "- **Fan-out, real shims.** With a thread per shim, cc-proxy reached {:.0} MiB/s; \
          with the same shims as tasks of one tokio thread, {:.0} MiB/s; the relay floor, \
-         {:.0} MiB/s (medians). One reader draining all 64 sockets in turn lets the \
-         proxy's writes to different shims pile up and go out in large batches; 64 \
-         blocking readers wake for every write, as real cc-shim processes do. The relay \
-         thread writes one frame per io message and so wakes a reader per message.",
+         {:.0} MiB/s (medians). The two reader models differ in what they let the \
+         proxy do: one thread draining all 64 sockets in turn reads late, so the proxy's \
+         writes to one shim can pile up and go out in large batches; 64 blocking readers \
+         each wake as soon as their socket has data, as real cc-shim processes do, so \
+         writes stay small. The relay thread writes one frame per io message and wakes a \
+         reader per message: the cost of demultiplexing without any batching.",
         med("fanout_threads"),
         med("fanout_tokio"),
         med("fanout_relay"),
+    );
+    let _ = writeln!(
+        s,
+        "- **Hyper calls per second, one runtime.** One runtime on one VM and one runtime \
+         on its own VM are the same setup; where their figures differ, that is where the \
+         kernel happened to place the three threads of a call (runtime, daemon, agent) for \
+         the window, not a difference of the daemon. Where the fleet's idle CPU is \
+         zero, no thread of the daemon ran at all in the idle windows (no on-CPU time in \
+         `schedstat`); its bend is then not defined and not judged."
     );
     let _ = writeln!(
         s,
