@@ -1,10 +1,13 @@
 //! `cargo xtask bench`: build the release `cc-proxy` (static) and `proxy-bench`,
 //! then run the bench against the daemon (see `crates/proxy-bench`).
 //!
-//! Arguments are passed to `proxy-bench`: `--quick` (a few seconds, fails
-//! only on wrong bytes), `--repeat N` (medians of N runs), `--report`
-//! (also write `docs/PERFORMANCE.md` and `docs/perf-throughput.svg`),
-//! `--only FIGURE,...` (part of the figures, for profiling).
+//! Arguments are passed to `proxy-bench`: `--quick` (a smoke run, well
+//! under a minute; fails only on wrong bytes, never on a target),
+//! `--repeat N` (min / median / max of N runs; targets are judged on the
+//! median and count with N >= 5), `--report` (also write
+//! `docs/PERFORMANCE.md`, `docs/perf-throughput.svg` and the scaling
+//! series' `docs/perf-*.svg`), `--note TEXT` (a note for the top of that
+//! page), `--only FIGURE,...` (part of the figures, for profiling).
 //! The JSON report goes to `target/bench/report.json`.
 
 use std::process::Command;

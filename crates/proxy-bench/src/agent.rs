@@ -135,7 +135,8 @@ impl Drop for Agent {
 }
 
 /// ACK with an empty payload.
-const ACK: [u8; CTL_HEADER_LEN] = [0, 0, 0, Code::Ack as u8, 0, 0, 0, CTL_HEADER_LEN as u8];
+pub(crate) const ACK: [u8; CTL_HEADER_LEN] =
+    [0, 0, 0, Code::Ack as u8, 0, 0, 0, CTL_HEADER_LEN as u8];
 
 fn serve(
     ctl_l: UnixListener,
@@ -214,7 +215,7 @@ fn answer(
 }
 
 /// The seqs the daemon wrote into a process's data.
-fn relocated(payload: &[u8]) -> Result<Started, String> {
+pub(crate) fn relocated(payload: &[u8]) -> Result<Started, String> {
     let v: serde_json::Value = serde_json::from_slice(payload)
         .map_err(|e| format!("newcontainer/execcmd data is not JSON: {e}"))?;
     let p = &v["process"];

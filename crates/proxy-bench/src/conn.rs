@@ -99,6 +99,12 @@ impl Conn {
         Ok(r.io.tokens)
     }
 
+    /// AttachVM: this connection's commands go to the VM `id` too.
+    pub fn attach_vm(&mut self, id: &str) -> Result<(), String> {
+        let p = serde_json::json!({ "containerId": id });
+        self.call(Command::AttachVm, json(&p)?).map(drop)
+    }
+
     /// UnregisterVM.
     pub fn unregister_vm(&mut self, id: &str) -> Result<(), String> {
         let p = serde_json::json!({ "containerId": id });

@@ -2,21 +2,23 @@
 //! its baseline over a direct unix socket pair, back to back.
 
 use std::collections::BTreeMap;
+use std::io::{IoSlice, Write as _};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use proxy_proto::payload::Hyper;
-use proxy_proto::{Command, Frame, FrameKind, Header, Stream};
+use proxy_proto::{Command, Frame, FrameKind, Header, Notification, Stream};
 use tokio::io::AsyncReadExt;
 
 use crate::agent::Agent;
 use crate::conn::{connect_shim_payload, json, Conn, IO_TIMEOUT};
 use crate::daemon::{machine_busy_seconds, self_cpu, Daemon, TempDir};
 use crate::hash::Digest;
+use crate::scaling::{self, ScaleVolumes};
 use crate::wire::{
-    drain, io_exit, next_frame, proxy_frame, stream_header, write_all, Cycle, Framing, IoEnd,
-    IoSink, Pattern, ProxyEnd, ProxySink, RecvBuf, Sink, BIG_BUF,
+    drain, io_exit, io_message, next_frame, proxy_frame, stream_header, write_all, Cycle, Framing,
+    IoEnd, IoSink, Pattern, ProxyEnd, ProxySink, RecvBuf, Sink, BIG_BUF,
 };
 
 /// The io message sizes of the stdout figures (data bytes; 10228 is the
@@ -34,6 +36,24 @@ const BLOCK_WARMUP: usize = 200;
 
 /// Sessions of the fan-out figure.
 pub const FANOUT_SESSIONS: usize = 64;
+
+/// io message size of the fan-out figure.
+const FANOUT_SIZE: usize = 4096;
+
+/// What a shim modelled as its own OS thread reads at once (as cc-shim
+/// does, with blocking reads).
+pub(crate) const SHIM_READ: usize = 1 << 20;
+
+/// How the fan-out's shims read.
+#[derive(Debug, Clone, Copy)]
+enum Readers {
+    /// One blocking OS thread per shim, 1 MiB reads: every cc-shim is its
+    /// own process.
+    Threads,
+    /// Every shim a task of one tokio thread (the earlier model; it lets
+    /// the proxy's writes to different shims coalesce).
+    Tokio,
+}
 
 /// Size of a pre-built cycle of messages.
 const CYCLE_BYTES: usize = 2 << 20;
@@ -54,6 +74,8 @@ pub struct Volumes {
     pub fanout_per_session: u64,
     /// Shims of the connect storm.
     pub storm: usize,
+    /// The scaling series.
+    pub scale: ScaleVolumes,
 }
 
 impl Volumes {
@@ -65,6 +87,7 @@ impl Volumes {
             hyper_warmup: 50,
             fanout_per_session: 256 << 10,
             storm: 1000,
+            scale: ScaleVolumes::quick(),
         }
     }
 
@@ -76,6 +99,7 @@ impl Volumes {
             hyper_warmup: 1000,
             fanout_per_session: 4 << 20,
             storm: 1000,
+            scale: ScaleVolumes::full(),
         }
     }
 }
@@ -96,7 +120,7 @@ pub struct Bench<'a> {
 }
 
 /// The figures `--only` can name.
-pub const FIGURES: [&str; 5] = ["stdout", "stdin", "hyper", "fanout", "storm"];
+pub const FIGURES: [&str; 6] = ["stdout", "stdin", "hyper", "fanout", "storm", "scaling"];
 
 impl Bench<'_> {
     fn wants(&self, figure: &str) -> bool {
@@ -111,15 +135,15 @@ struct Run<'a> {
     m: Metrics,
 }
 
-fn mib(bytes: u64) -> f64 {
+pub(crate) fn mib(bytes: u64) -> f64 {
     bytes as f64 / f64::from(1u32 << 20)
 }
 
-fn settle() {
+pub(crate) fn settle() {
     std::thread::sleep(Duration::from_millis(300));
 }
 
-fn check(what: &str, got: Digest, want: Digest) -> Result<(), String> {
+pub(crate) fn check(what: &str, got: Digest, want: Digest) -> Result<(), String> {
     if got == want {
         Ok(())
     } else {
@@ -129,7 +153,7 @@ fn check(what: &str, got: Digest, want: Digest) -> Result<(), String> {
     }
 }
 
-fn check_exit(what: &str, got: Option<u8>, want: u8) -> Result<(), String> {
+pub(crate) fn check_exit(what: &str, got: Option<u8>, want: u8) -> Result<(), String> {
     if got == Some(want) {
         Ok(())
     } else {
@@ -194,7 +218,7 @@ fn elapsed(t0: Instant, done: Option<Instant>) -> Result<f64, String> {
 }
 
 /// `newcontainer` data with stdio left for the daemon to relocate.
-fn newcontainer_data(id: &str) -> String {
+pub(crate) fn newcontainer_data(id: &str) -> String {
     serde_json::json!({
         "id": id,
         "rootfs": "rootfs",
@@ -209,6 +233,24 @@ fn newcontainer_data(id: &str) -> String {
         }
     })
     .to_string()
+}
+
+/// `newcontainer` with `token` through `rt`; `started` gives what the
+/// agent saw of it. Returns the seq the daemon gave its stdio.
+pub(crate) fn start_process(
+    rt: &mut Conn,
+    started: impl FnOnce() -> Result<crate::agent::Started, String>,
+    token: &str,
+    id: &str,
+) -> Result<u64, String> {
+    rt.hyper("newcontainer", Some(token), &newcontainer_data(id))?;
+    let s = started()?;
+    if s.id != id || s.stdio < 3 || s.stderr != s.stdio + 1 {
+        return Err(format!(
+            "newcontainer {id} reached the agent relocated as {s:?}"
+        ));
+    }
+    Ok(s.stdio)
 }
 
 /// Run one of everything against a fresh daemon.
@@ -251,7 +293,11 @@ pub fn run_once(b: &Bench<'_>) -> Result<Metrics, String> {
                     r.d.log_tail()
                 ));
             }
-            Ok(r.m)
+            let mut m = r.m;
+            if b.wants("scaling") {
+                scaling::run(b, &mut m)?;
+            }
+            Ok(m)
         }
         Err(e) => {
             let alive = r.d.check_alive().err().unwrap_or_default();
@@ -368,14 +414,7 @@ impl Run<'_> {
 
     /// `newcontainer` with `token`; the seq the daemon gave its stdio.
     fn start_process(rt: &mut Conn, agent: &Agent, token: &str, id: &str) -> Result<u64, String> {
-        rt.hyper("newcontainer", Some(token), &newcontainer_data(id))?;
-        let s = agent.next_started()?;
-        if s.id != id || s.stdio < 3 || s.stderr != s.stdio + 1 {
-            return Err(format!(
-                "newcontainer {id} reached the agent relocated as {s:?}"
-            ));
-        }
-        Ok(s.stdio)
+        start_process(rt, || agent.next_started(), token, id)
     }
 
     /// The daemon's and the harness's CPU seconds, and the daemon's write
@@ -688,92 +727,46 @@ impl Run<'_> {
 
     // ----- fan-out -----
 
+    /// The fan-out rows: through the proxy with one OS thread per shim and
+    /// with every shim a task of one tokio thread, and the relay floor (a
+    /// minimal demultiplexing thread instead of the proxy) under the same
+    /// OS-thread readers. Keys `fanout_threads`, `fanout_tokio`,
+    /// `fanout_relay` (`.proxy`).
     fn fanout(&mut self) -> Result<(), String> {
-        let what = "fan-out through the proxy";
-        let mut agent = Agent::start(&self.tmp.path().join("vm-fanout"))?;
-        let mut rt = Conn::connect(&self.d.socket, 64 << 10)?;
-        let tokens = rt.register_vm(
-            "bench-fanout",
-            &agent.ctl_path,
-            &agent.io_path,
-            FANOUT_SESSIONS as u32,
-        )?;
-        let mut shims = Vec::with_capacity(FANOUT_SESSIONS);
-        let mut seqs = Vec::with_capacity(FANOUT_SESSIONS);
-        for (i, t) in tokens.iter().enumerate() {
-            shims.push(self.shim(t, 256 << 10)?);
-            seqs.push(Self::start_process(
-                &mut rt,
-                &agent,
-                t,
-                &format!("fan-{i}"),
-            )?);
-        }
-        let size = 4096;
-        let cycle = Cycle::new(self.b.pattern, Framing::Io, &seqs, size, 4 << 20);
-        let n = FANOUT_SESSIONS as u64 * (self.b.vol.fanout_per_session / size as u64);
-        let want = cycle.expected(self.b.pattern, FANOUT_SESSIONS, n);
+        let t = self.fanout_proxy(Readers::Threads)?;
+        let k = self.fanout_proxy(Readers::Tokio)?;
+        let r = self.fanout_relay()?;
+        self.set("fanout_threads.proxy", t);
+        self.set("fanout_tokio.proxy", k);
+        self.set("fanout_relay.proxy", r);
+        eprintln!(
+            "  fan-out {FANOUT_SESSIONS} sessions x {:.2} MiB: proxy, a thread per shim {t:8.1} MiB/s; \
+             proxy, shims on one tokio thread {k:8.1} MiB/s; relay floor {r:8.1} MiB/s",
+            mib(self.b.vol.fanout_per_session)
+        );
+        Ok(())
+    }
+
+    /// The fan-out stream: 4096-byte io messages of every session in
+    /// turn, the digests each session must receive, and the exits.
+    fn fanout_stream(&self, seqs: &[u64]) -> (Cycle, u64, Vec<Digest>, Vec<u8>) {
+        let cycle = Cycle::new(self.b.pattern, Framing::Io, seqs, FANOUT_SIZE, 4 << 20);
+        let n = seqs.len() as u64 * (self.b.vol.fanout_per_session / FANOUT_SIZE as u64);
+        let want = cycle.expected(self.b.pattern, seqs.len(), n);
         let mut tail = Vec::new();
         for (i, &seq) in seqs.iter().enumerate() {
             tail.extend_from_slice(&io_exit(seq, i as u8 + 1));
         }
-        let io = agent.io()?;
-        let rtm = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| format!("tokio runtime: {e}"))?;
-        let mut tasks = Vec::with_capacity(FANOUT_SESSIONS);
-        {
-            let _g = rtm.enter();
-            for (i, shim) in shims.into_iter().enumerate() {
-                let Conn { s, mut rb } = shim;
-                s.set_nonblocking(true)
-                    .map_err(|e| format!("set_nonblocking: {e}"))?;
-                let mut s = tokio::net::UnixStream::from_std(s)
-                    .map_err(|e| format!("tokio socket: {e}"))?;
-                let mut sink = ProxySink::new(Stream::Stdout, want[i].len, ProxyEnd::Exit);
-                tasks.push(rtm.spawn(async move {
-                    loop {
-                        if sink.consume(&mut rb)? {
-                            return Ok::<_, String>(sink);
-                        }
-                        let n = s
-                            .read(rb.spare()?)
-                            .await
-                            .map_err(|e| format!("read: {e} ({})", sink.progress()))?;
-                        if n == 0 {
-                            return Err(format!("closed ({})", sink.progress()));
-                        }
-                        rb.filled(n);
-                    }
-                }));
-            }
-        }
-        let cpu0 = self.cpu_now()?;
-        let t0 = Instant::now();
-        let sinks = pump(
-            io,
-            || cycle.write(&mut &*io, n, &tail),
-            || {
-                rtm.block_on(async {
-                    let all = async {
-                        let mut out = Vec::with_capacity(tasks.len());
-                        for (i, t) in tasks.into_iter().enumerate() {
-                            let s = t
-                                .await
-                                .map_err(|e| format!("session {i}: {e}"))?
-                                .map_err(|e| format!("session {i}: {e}"))?;
-                            out.push(s);
-                        }
-                        Ok::<_, String>(out)
-                    };
-                    tokio::time::timeout(IO_TIMEOUT, all)
-                        .await
-                        .map_err(|_| "timed out".to_string())?
-                })
-            },
-        )
-        .map_err(|e| format!("{what}: {e}"))?;
+        (cycle, n, want, tail)
+    }
+
+    /// Check every session's bytes and exit code; aggregate MiB/s.
+    fn fanout_result(
+        what: &str,
+        sinks: &[ProxySink],
+        want: &[Digest],
+        t0: Instant,
+    ) -> Result<f64, String> {
         let mut done = t0;
         let mut total = 0;
         for (i, s) in sinks.iter().enumerate() {
@@ -782,17 +775,133 @@ impl Run<'_> {
             done = done.max(s.done_at.ok_or("a session finished without its data")?);
             total += want[i].len;
         }
-        self.cpu_since("fanout", cpu0)?;
         let secs = done.duration_since(t0).as_secs_f64().max(1e-9);
-        let v = mib(total) / secs;
-        self.set("fanout.proxy", v);
-        eprintln!(
-            "  fan-out {FANOUT_SESSIONS} sessions x {:.2} MiB: {v:8.1} MiB/s aggregate",
-            mib(self.b.vol.fanout_per_session)
-        );
-        drop(rtm);
-        rt.unregister_vm("bench-fanout")?;
-        Ok(())
+        Ok(mib(total) / secs)
+    }
+
+    fn fanout_proxy(&mut self, readers: Readers) -> Result<f64, String> {
+        let (what, key, buf) = match readers {
+            Readers::Threads => (
+                "fan-out through the proxy, a thread per shim",
+                "fanout_threads",
+                SHIM_READ,
+            ),
+            Readers::Tokio => (
+                "fan-out through the proxy, shims on one tokio thread",
+                "fanout_tokio",
+                256 << 10,
+            ),
+        };
+        let mut agent = Agent::start(&self.tmp.path().join(format!("vm-{key}")))?;
+        let mut rt = Conn::connect(&self.d.socket, 64 << 10)?;
+        let vm = format!("bench-{key}");
+        let tokens =
+            rt.register_vm(&vm, &agent.ctl_path, &agent.io_path, FANOUT_SESSIONS as u32)?;
+        let mut shims = Vec::with_capacity(FANOUT_SESSIONS);
+        let mut seqs = Vec::with_capacity(FANOUT_SESSIONS);
+        for (i, t) in tokens.iter().enumerate() {
+            shims.push(self.shim(t, buf)?);
+            seqs.push(Self::start_process(
+                &mut rt,
+                &agent,
+                t,
+                &format!("{key}-{i}"),
+            )?);
+        }
+        let (cycle, n, want, tail) = self.fanout_stream(&seqs);
+        let io = agent.io()?;
+        let cpu0 = self.cpu_now()?;
+        let t0 = Instant::now();
+        let sinks = match readers {
+            Readers::Threads => {
+                let socks: Vec<(UnixStream, RecvBuf)> =
+                    shims.into_iter().map(|c| (c.s, c.rb)).collect();
+                pump(
+                    io,
+                    || cycle.write(&mut &*io, n, &tail),
+                    || read_threads(socks, &want),
+                )
+            }
+            Readers::Tokio => {
+                let rtm = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|e| format!("tokio runtime: {e}"))?;
+                let tasks = spawn_tokio_readers(&rtm, shims, &want)?;
+                pump(
+                    io,
+                    || cycle.write(&mut &*io, n, &tail),
+                    || {
+                        rtm.block_on(async {
+                            let all = async {
+                                let mut out = Vec::with_capacity(tasks.len());
+                                for (i, t) in tasks.into_iter().enumerate() {
+                                    let s = t
+                                        .await
+                                        .map_err(|e| format!("session {i}: {e}"))?
+                                        .map_err(|e| format!("session {i}: {e}"))?;
+                                    out.push(s);
+                                }
+                                Ok::<_, String>(out)
+                            };
+                            tokio::time::timeout(IO_TIMEOUT, all)
+                                .await
+                                .map_err(|_| "timed out".to_string())?
+                        })
+                    },
+                )
+            }
+        }
+        .map_err(|e| format!("{what}: {e}"))?;
+        let v = Self::fanout_result(what, &sinks, &want, t0)?;
+        self.cpu_since(key, cpu0)?;
+        rt.unregister_vm(&vm)?;
+        Ok(v)
+    }
+
+    /// The floor of any fan-out: the same io stream through a socket pair
+    /// to one thread that reads it in 1 MiB reads, parses the io messages
+    /// and writes each as one stdout frame (`writev` of header and data)
+    /// to its session's socket pair; the ends of the processes become
+    /// ProcessExited frames. The same OS-thread readers as the proxy's row
+    /// read and hash them.
+    fn fanout_relay(&mut self) -> Result<f64, String> {
+        let what = "fan-out through a minimal relay thread";
+        let seqs: Vec<u64> = (0..FANOUT_SESSIONS as u64).map(|i| 3 + 2 * i).collect();
+        let (cycle, n, want, tail) = self.fanout_stream(&seqs);
+        let (aw, ar) = pair()?;
+        let mut relay_ends = Vec::with_capacity(FANOUT_SESSIONS);
+        let mut socks = Vec::with_capacity(FANOUT_SESSIONS);
+        for _ in 0..FANOUT_SESSIONS {
+            let (r, s) = pair()?;
+            relay_ends.push(r);
+            socks.push((s, RecvBuf::new(SHIM_READ)));
+        }
+        let t0 = Instant::now();
+        let sinks = pump(
+            &aw,
+            || cycle.write(&mut &aw, n, &tail),
+            || {
+                std::thread::scope(|sc| {
+                    let relay = sc.spawn(|| relay_io(&ar, &relay_ends, &seqs));
+                    let r = read_threads(socks, &want);
+                    if r.is_err() {
+                        let _ = ar.shutdown(std::net::Shutdown::Both);
+                        for s in &relay_ends {
+                            let _ = s.shutdown(std::net::Shutdown::Both);
+                        }
+                    }
+                    let relayed = relay
+                        .join()
+                        .unwrap_or_else(|_| Err("the relay thread panicked".into()))
+                        .map_err(|e| format!("relay: {e}"));
+                    let r = r?;
+                    relayed.map(|()| r)
+                })
+            },
+        )
+        .map_err(|e| format!("{what}: {e}"))?;
+        Self::fanout_result(what, &sinks, &want, t0)
     }
 
     // ----- connect storm -----
@@ -846,6 +955,139 @@ impl Run<'_> {
         drop(conns);
         rt.unregister_vm("bench-storm")?;
         Ok(())
+    }
+}
+
+/// One blocking reader thread per socket, each hashing the stdout frames
+/// of its session until ProcessExited.
+pub(crate) fn read_threads(
+    socks: Vec<(UnixStream, RecvBuf)>,
+    want: &[Digest],
+) -> Result<Vec<ProxySink>, String> {
+    std::thread::scope(|sc| {
+        let mut hs = Vec::with_capacity(socks.len());
+        for (i, ((s, mut rb), w)) in socks.into_iter().zip(want).enumerate() {
+            let h = std::thread::Builder::new()
+                .name(format!("shim-{i}"))
+                .stack_size(256 << 10)
+                .spawn_scoped(sc, move || {
+                    let mut sink = ProxySink::new(Stream::Stdout, w.len, ProxyEnd::Exit);
+                    let r = drain(&mut &s, &mut rb, &mut sink);
+                    if r.is_err() {
+                        let _ = s.shutdown(std::net::Shutdown::Both);
+                    }
+                    r.map(|()| sink)
+                })
+                .map_err(|e| format!("spawn a shim thread: {e}"))?;
+            hs.push(h);
+        }
+        let mut out = Vec::with_capacity(hs.len());
+        let mut first_err = None;
+        for (i, h) in hs.into_iter().enumerate() {
+            match h.join() {
+                Ok(Ok(s)) => out.push(s),
+                Ok(Err(e)) => {
+                    first_err.get_or_insert(format!("session {i}: {e}"));
+                }
+                Err(_) => {
+                    first_err.get_or_insert(format!("session {i}: the thread panicked"));
+                }
+            }
+        }
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(out),
+        }
+    })
+}
+
+/// The shims as tasks of `rtm` (one thread), each hashing its session.
+#[allow(clippy::type_complexity)]
+fn spawn_tokio_readers(
+    rtm: &tokio::runtime::Runtime,
+    shims: Vec<Conn>,
+    want: &[Digest],
+) -> Result<Vec<tokio::task::JoinHandle<Result<ProxySink, String>>>, String> {
+    let _g = rtm.enter();
+    let mut tasks = Vec::with_capacity(shims.len());
+    for (shim, w) in shims.into_iter().zip(want) {
+        let Conn { s, mut rb } = shim;
+        s.set_nonblocking(true)
+            .map_err(|e| format!("set_nonblocking: {e}"))?;
+        let mut s =
+            tokio::net::UnixStream::from_std(s).map_err(|e| format!("tokio socket: {e}"))?;
+        let mut sink = ProxySink::new(Stream::Stdout, w.len, ProxyEnd::Exit);
+        tasks.push(rtm.spawn(async move {
+            loop {
+                if sink.consume(&mut rb)? {
+                    return Ok::<_, String>(sink);
+                }
+                let n = s
+                    .read(rb.spare()?)
+                    .await
+                    .map_err(|e| format!("read: {e} ({})", sink.progress()))?;
+                if n == 0 {
+                    return Err(format!("closed ({})", sink.progress()));
+                }
+                rb.filled(n);
+            }
+        }));
+    }
+    Ok(tasks)
+}
+
+/// The relay floor's thread: io messages from `io` to stdout frames on
+/// `outs[i]` for `seqs[i]`, until every session's process has exited (EOF,
+/// then its one-byte exit code, as a ProcessExited frame).
+fn relay_io(io: &UnixStream, outs: &[UnixStream], seqs: &[u64]) -> Result<(), String> {
+    let index: std::collections::HashMap<u64, usize> =
+        seqs.iter().enumerate().map(|(i, &s)| (s, i)).collect();
+    let mut eof = vec![false; seqs.len()];
+    let mut left = seqs.len();
+    let mut rb = RecvBuf::new(SHIM_READ);
+    let exited = Header::new(FrameKind::Notification(Notification::ProcessExited), 1).to_bytes();
+    while left > 0 {
+        while let Some((seq, total)) = io_message(rb.data())? {
+            let &i = index
+                .get(&seq)
+                .ok_or_else(|| format!("an io message for unknown seq {seq}"))?;
+            let data = &rb.data()[proxy_proto::hyper::io::IO_HEADER_LEN..total];
+            let out = &outs[i];
+            if eof[i] {
+                let &[code] = data else {
+                    return Err(format!("a {}-byte io message after EOF", data.len()));
+                };
+                write_two(out, &exited, &[code])?;
+                left -= 1;
+            } else if data.is_empty() {
+                eof[i] = true;
+            } else {
+                write_two(out, &stream_header(Stream::Stdout, data.len()), data)?;
+            }
+            rb.consume(total);
+        }
+        if left > 0 && rb.read_from(&mut &*io)? == 0 {
+            return Err("the agent's io closed early".into());
+        }
+    }
+    Ok(())
+}
+
+/// `a` then `b` in one `writev` (finishing with plain writes if the
+/// kernel took less).
+fn write_two(s: &UnixStream, a: &[u8], b: &[u8]) -> Result<(), String> {
+    let n = loop {
+        match (&*s).write_vectored(&[IoSlice::new(a), IoSlice::new(b)]) {
+            Ok(n) => break n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(format!("writev: {e}")),
+        }
+    };
+    if n < a.len() {
+        write_all(&mut &*s, &a[n..])?;
+        write_all(&mut &*s, b)
+    } else {
+        write_all(&mut &*s, &b[n - a.len()..])
     }
 }
 
@@ -971,7 +1213,7 @@ impl Rtt {
 /// `n` sequential round trips: write `req`, read one response to Hyper
 /// (empty payload, no error). Pushes each time (ns) to `lat`; returns the
 /// seconds they took.
-fn round_trips(
+pub(crate) fn round_trips(
     s: &UnixStream,
     rb: &mut RecvBuf,
     req: &[u8],

@@ -11,11 +11,18 @@
 //!    io messages;
 //! 2. stdin throughput (shim → agent), 4 KiB frames;
 //! 3. Hyper `ping` round trips: p50, p99, calls/s;
-//! 4. fan-out: 64 sessions of one VM read by 64 shims at once;
+//! 4. fan-out: 64 sessions of one VM read by 64 shims at once, the shims
+//!    each its own OS thread (with the single-thread tokio readers and a
+//!    minimal relaying thread as further rows);
 //! 5. a connect storm of 1000 ConnectShim;
-//! 6. the daemon's RSS (idle, one VM, 1000 shims) and CPU time.
+//! 6. the daemon's RSS (idle, one VM, 1000 shims) and CPU time;
+//! 7. how cost grows (`scaling`): RSS and CPU with 1 to 1000 VMs,
+//!    aggregate stdout with 1 to 64 VMs streaming, Hyper calls/s with 1 to
+//!    64 runtimes.
 //!
-//! Each throughput and latency figure has its baseline over a socket pair.
+//! Each figure has its baseline measured in the same run (a socket pair,
+//! a relay thread, fewer VMs). Every run reports its own values; the
+//! report gives min / median / max and judges targets on the median.
 //! Every byte stream is hashed on both ends; a mismatch fails the bench.
 
 use std::path::PathBuf;
@@ -27,6 +34,8 @@ mod daemon;
 mod figures;
 mod hash;
 mod report;
+mod scaling;
+mod series;
 mod wire;
 
 use figures::{Bench, Volumes};
@@ -34,17 +43,19 @@ use report::{DaemonOut, Machine, Report, VolumesOut};
 
 const USAGE: &str = "usage: proxy-bench --cc-proxy PATH [--quick] [--repeat N] [--report]
                    [--out DIR] [--docs DIR] [--proxy-arg ARG]...
-                   [--only FIGURE,...]
+                   [--only FIGURE,...] [--note TEXT]
 
   --cc-proxy PATH   the daemon binary to measure (release build)
-  --quick           small volumes, a few seconds; fails only on wrong bytes
-  --repeat N        run everything N times and report medians (default 1)
-  --report          also write DOCS/PERFORMANCE.md and DOCS/perf-throughput.svg
+  --quick           small volumes, a smoke run; fails only on wrong bytes
+  --repeat N        run everything N times; report min / median / max and
+                    judge targets on the median (they count with N >= 5)
+  --report          also write DOCS/PERFORMANCE.md and DOCS/perf-*.svg
+  --note TEXT       a note for the top of PERFORMANCE.md (with --report)
   --out DIR         where report.json goes (default target/bench)
   --docs DIR        where --report writes (default docs)
   --proxy-arg ARG   one more argument for the daemon (repeatable)
-  --only LIST       only these figures (stdout, stdin, hyper, fanout, storm;
-                    comma-separated); RSS and CPU are always measured.
+  --only LIST       only these figures (stdout, stdin, hyper, fanout, storm,
+                    scaling; comma-separated); RSS and CPU are always measured.
                     Targets are not judged and --report is refused";
 
 #[derive(Debug)]
@@ -57,6 +68,7 @@ struct Args {
     docs: PathBuf,
     proxy_args: Vec<String>,
     only: Option<Vec<String>>,
+    note: Option<String>,
 }
 
 fn parse_args(args: &[String]) -> Result<Args, String> {
@@ -69,6 +81,7 @@ fn parse_args(args: &[String]) -> Result<Args, String> {
         docs: PathBuf::from("docs"),
         proxy_args: Vec::new(),
         only: None,
+        note: None,
     };
     let mut it = args.iter();
     while let Some(arg) = it.next() {
@@ -97,6 +110,7 @@ fn parse_args(args: &[String]) -> Result<Args, String> {
             "--out" => a.out = PathBuf::from(value(flag)?),
             "--docs" => a.docs = PathBuf::from(value(flag)?),
             "--proxy-arg" => a.proxy_args.push(value(flag)?),
+            "--note" => a.note = Some(value(flag)?),
             "--only" => {
                 let v = value(flag)?;
                 let list: Vec<String> = v.split(',').map(|f| f.trim().to_string()).collect();
@@ -181,7 +195,9 @@ fn run(a: &Args) -> Result<bool, String> {
         eprintln!("run {}/{}", i + 1, a.repeat);
         runs.push(figures::run_once(&bench)?);
     }
-    let rows = report::rows(&runs, &vol);
+    let judge = !a.quick && a.only.is_none();
+    let rows = report::rows(&runs, &vol, judge);
+    let series = series::all(&runs);
     let misses: Vec<String> = rows
         .iter()
         .filter(|r| r.pass == Some(false))
@@ -189,21 +205,32 @@ fn run(a: &Args) -> Result<bool, String> {
         .collect();
     println!();
     println!(
-        "cc-proxy vs direct unix sockets, median of {} run(s){}:",
+        "cc-proxy, {} run(s), median [min–max]; ratios within each run{}:",
         a.repeat,
-        if a.quick {
-            " (--quick volumes; targets not enforced)"
+        if judge {
+            if a.repeat < report::RUNS_FOR_VERDICT {
+                " (verdicts marked * are provisional: fewer than 5 runs)"
+            } else {
+                ""
+            }
+        } else if a.quick {
+            " (--quick volumes; targets not judged)"
         } else {
-            ""
+            " (--only; targets not judged)"
         }
     );
-    print!("{}", report::terminal_table(&rows));
+    print!("{}", report::terminal_table(&rows, a.repeat));
+    for s in &series {
+        println!();
+        print!("{}", series::terminal(s));
+    }
+    println!();
     println!("every byte stream matched end to end (XXH64).");
     let other = report::other_load(&runs);
     println!("other processes kept {other:.2} CPUs busy during the runs (median).");
 
     let rep = Report {
-        format: 1,
+        format: 2,
         quick: a.quick,
         repeat: a.repeat,
         volumes: VolumesOut::from(&vol),
@@ -223,7 +250,9 @@ fn run(a: &Args) -> Result<bool, String> {
                 v
             },
         },
+        note: a.note.clone(),
         figures: rows,
+        series,
         runs,
         all_targets_met: misses.is_empty(),
         misses,
@@ -236,16 +265,26 @@ fn run(a: &Args) -> Result<bool, String> {
     println!("wrote {}", json_path.display());
     if a.report {
         std::fs::create_dir_all(&a.docs).map_err(|e| format!("{}: {e}", a.docs.display()))?;
-        let md = a.docs.join("PERFORMANCE.md");
-        let svg = a.docs.join("perf-throughput.svg");
-        std::fs::write(&md, report::performance_md(&rep, &git_commit()))
-            .map_err(|e| format!("{}: {e}", md.display()))?;
-        std::fs::write(&svg, report::throughput_svg(&rep.figures, rep.repeat))
-            .map_err(|e| format!("{}: {e}", svg.display()))?;
-        println!("wrote {} and {}", md.display(), svg.display());
+        let write = |name: &str, text: String| {
+            let p = a.docs.join(name);
+            std::fs::write(&p, text).map_err(|e| format!("{}: {e}", p.display()))?;
+            println!("wrote {}", p.display());
+            Ok::<_, String>(())
+        };
+        write(
+            "PERFORMANCE.md",
+            report::performance_md(&rep, &git_commit()),
+        )?;
+        write(
+            "perf-throughput.svg",
+            report::throughput_svg(&rep.figures, rep.repeat),
+        )?;
+        for s in rep.series.iter().filter(|s| s.chart) {
+            write(&format!("perf-{}.svg", s.id), series::svg(s, rep.repeat))?;
+        }
     }
     if !rep.misses.is_empty() {
-        println!("targets missed: {}", rep.misses.join(", "));
+        println!("targets not met: {}", rep.misses.join(", "));
     }
     Ok(a.quick || a.only.is_some() || rep.misses.is_empty())
 }

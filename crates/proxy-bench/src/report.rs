@@ -1,5 +1,10 @@
-//! Medians over runs, targets, the terminal table, `report.json`,
-//! `docs/PERFORMANCE.md` and the hand-written SVG chart.
+//! Min / median / max over runs, targets, the terminal table,
+//! `report.json`, `docs/PERFORMANCE.md` and the hand-written SVG chart.
+//!
+//! Every figure is a value and, for most, a baseline measured in the same
+//! run (direct sockets, the relay thread, the same series at fewer VMs).
+//! Ratios are taken per run (value / baseline of that run); a target is
+//! judged on the median over the runs, of the ratio or of the value.
 
 use std::fmt::Write as _;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -7,16 +12,21 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::Serialize;
 
 use crate::figures::{Metrics, Volumes, FANOUT_SESSIONS, STDOUT_SIZES};
+use crate::series::Series;
+
+/// Runs a target needs before its verdict counts (with fewer it is
+/// provisional).
+pub const RUNS_FOR_VERDICT: usize = 5;
 
 /// A target for a figure.
 #[derive(Debug, Clone, Copy, Serialize)]
 #[serde(tag = "kind", content = "value", rename_all = "snake_case")]
 pub enum Target {
-    /// proxy / direct must be at least this.
+    /// value / baseline must be at least this.
     RatioMin(f64),
-    /// proxy / direct must be at most this.
+    /// value / baseline must be at most this.
     RatioMax(f64),
-    /// The proxy value must be at most this.
+    /// The value must be at most this.
     Max(f64),
 }
 
@@ -29,23 +39,52 @@ impl Target {
         }
     }
 
-    fn met(self, proxy: f64, ratio: Option<f64>) -> bool {
+    fn met(self, value: f64, ratio: Option<f64>) -> bool {
         match (self, ratio) {
             (Self::RatioMin(t), Some(r)) => r >= t,
             (Self::RatioMax(t), Some(r)) => r <= t,
-            (Self::Max(t), _) => proxy <= t,
+            (Self::Max(t), _) => value <= t,
             _ => false,
         }
+    }
+}
+
+/// Minimum, median and maximum of a figure over the runs.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Stat {
+    /// Smallest.
+    pub min: f64,
+    /// Median.
+    pub median: f64,
+    /// Largest.
+    pub max: f64,
+}
+
+impl Stat {
+    /// Of the finite values of `v`; `None` if there are none.
+    pub fn of(v: &[f64]) -> Option<Self> {
+        let mut s: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();
+        if s.is_empty() {
+            return None;
+        }
+        s.sort_by(f64::total_cmp);
+        Some(Self {
+            min: s[0],
+            median: median(&s),
+            max: s[s.len() - 1],
+        })
     }
 }
 
 /// Values of one figure over the runs.
 #[derive(Debug, Clone, Serialize)]
 pub struct Runs {
-    /// Through the proxy, per run.
-    pub proxy: Vec<f64>,
-    /// Direct baseline, per run (empty if none).
-    pub direct: Vec<f64>,
+    /// The figure, per run.
+    pub value: Vec<f64>,
+    /// Its baseline, per run (empty if none).
+    pub baseline: Vec<f64>,
+    /// value / baseline, per run that has both.
+    pub ratio: Vec<f64>,
 }
 
 /// One line of the table.
@@ -57,17 +96,20 @@ pub struct Row {
     pub label: String,
     /// Unit of the values.
     pub unit: &'static str,
-    /// Median through the proxy.
-    pub proxy: f64,
-    /// Median of the direct baseline.
-    pub direct: Option<f64>,
-    /// proxy / direct.
-    pub ratio: Option<f64>,
+    /// The figure (through the proxy, unless the label says otherwise).
+    pub value: Stat,
+    /// What it is compared with (`direct`, `relay thread`, `10 VMs`…).
+    pub baseline_name: Option<&'static str>,
+    /// The baseline, measured in the same runs.
+    pub baseline: Option<Stat>,
+    /// value / baseline of the same run, over the runs.
+    pub ratio: Option<Stat>,
     /// The target, if the figure has one.
     pub target: Option<Target>,
     /// The target as text.
     pub target_text: Option<String>,
-    /// Whether the target is met.
+    /// Whether the target is met, on the medians (`None`: no target, or
+    /// not judged: `--quick`, `--only`).
     pub pass: Option<bool>,
     /// Every run's values.
     pub runs: Runs,
@@ -87,110 +129,161 @@ fn median(v: &[f64]) -> f64 {
     }
 }
 
-fn series(runs: &[Metrics], key: &str) -> Vec<f64> {
+/// The values of `key` in every run that has it.
+pub fn series_of(runs: &[Metrics], key: &str) -> Vec<f64> {
     runs.iter().filter_map(|m| m.get(key).copied()).collect()
 }
 
-/// id, label, unit, proxy key, direct key, target.
-type Spec = (
-    String,
-    String,
-    &'static str,
-    String,
-    Option<String>,
-    Option<Target>,
-);
+/// A row before the runs are looked at.
+struct Spec {
+    id: String,
+    label: String,
+    unit: &'static str,
+    key: String,
+    base: Option<(&'static str, String)>,
+    target: Option<Target>,
+}
 
-/// The table's rows from every run's metrics.
-pub fn rows(runs: &[Metrics], vol: &Volumes) -> Vec<Row> {
-    let mut spec: Vec<Spec> = Vec::new();
+fn spec(
+    id: impl Into<String>,
+    label: impl Into<String>,
+    unit: &'static str,
+    key: impl Into<String>,
+    base: Option<(&'static str, String)>,
+    target: Option<Target>,
+) -> Spec {
+    Spec {
+        id: id.into(),
+        label: label.into(),
+        unit,
+        key: key.into(),
+        base,
+        target,
+    }
+}
+
+fn direct(key: &str) -> Option<(&'static str, String)> {
+    Some(("direct", key.to_string()))
+}
+
+/// The table's rows from every run's metrics; targets are judged only if
+/// `judge`.
+pub fn rows(runs: &[Metrics], vol: &Volumes, judge: bool) -> Vec<Row> {
+    let mut v: Vec<Spec> = Vec::new();
     for size in STDOUT_SIZES {
-        let t = (size == 4096).then_some(Target::RatioMin(0.6));
-        spec.push((
+        let t = match size {
+            512 => Some(Target::RatioMin(0.5)),
+            4096 => Some(Target::RatioMin(0.7)),
+            _ => None,
+        };
+        v.push(spec(
             format!("stdout_{size}"),
             format!("stdout, {size}-byte io messages"),
             "MiB/s",
             format!("stdout_{size}.proxy"),
-            Some(format!("stdout_{size}.direct")),
+            direct(&format!("stdout_{size}.direct")),
             t,
         ));
     }
-    spec.push((
-        "stdin_4096".into(),
-        "stdin, 4 KiB frames".into(),
+    v.push(spec(
+        "stdin_4096",
+        "stdin, 4 KiB frames",
         "MiB/s",
-        "stdin_4096.proxy".into(),
-        Some("stdin_4096.direct".into()),
+        "stdin_4096.proxy",
+        direct("stdin_4096.direct"),
         Some(Target::RatioMin(0.5)),
     ));
-    for (k, label, unit, t) in [
-        ("hyper_p50_us", "Hyper ping round trip, p50", "µs", None),
-        (
-            "hyper_p99_us",
-            "Hyper ping round trip, p99",
+    // Hyper: judged against the minimal relay thread of the same blocks
+    // (one more hop, nothing else: the floor for any proxy), unpinned and
+    // with every thread on one CPU; shown against direct too.
+    for (tag, what, t) in [("", "", 1.0), ("_pinned", ", all on one CPU", 1.3)] {
+        let k = |p: &str| format!("hyper{tag}_{p}_us");
+        v.push(spec(
+            k("p50"),
+            format!("Hyper ping round trip{what}, p50"),
             "µs",
-            Some(Target::RatioMax(2.5)),
-        ),
-        (
-            "hyper_calls_s",
-            "Hyper ping, sequential calls",
-            "calls/s",
+            format!("{}.proxy", k("p50")),
+            direct(&format!("{}.direct", k("p50"))),
             None,
-        ),
-    ] {
-        spec.push((
-            k.into(),
-            label.into(),
-            unit,
-            format!("{k}.proxy"),
-            Some(format!("{k}.direct")),
-            t,
         ));
-    }
-    // Not the proxy: a thread relaying each frame unparsed, with blocking
-    // reads and writes. What one more hop costs on this machine, whatever
-    // the proxy does: the floor for the Hyper ratio. Then all of it again
-    // with every thread on one CPU (no cross-CPU wake-ups). Reported, not
-    // judged.
-    for (tag, what) in [("", ""), ("_pinned", ", all on one CPU")] {
+        v.push(spec(
+            k("p99"),
+            format!("Hyper ping round trip{what}, p99"),
+            "µs",
+            format!("{}.proxy", k("p99")),
+            Some(("relay thread", format!("{}.relay", k("p99")))),
+            Some(Target::RatioMax(t)),
+        ));
+        v.push(spec(
+            format!("{}_vs_direct", k("p99")),
+            format!("Hyper ping round trip{what}, p99"),
+            "µs",
+            format!("{}.proxy", k("p99")),
+            direct(&format!("{}.direct", k("p99"))),
+            None,
+        ));
         for p in ["p50", "p99"] {
-            let k = format!("hyper{tag}_{p}_us");
-            if !tag.is_empty() {
-                spec.push((
-                    k.clone(),
-                    format!("Hyper ping round trip{what}, {p}"),
-                    "µs",
-                    format!("{k}.proxy"),
-                    Some(format!("{k}.direct")),
-                    None,
-                ));
-            }
-            spec.push((
-                format!("{k}_relay_floor"),
+            v.push(spec(
+                format!("{}_relay_floor", k(p)),
                 format!("  minimal relay thread instead of the proxy{what}, {p}"),
                 "µs",
-                format!("{k}.relay"),
-                Some(format!("{k}.direct")),
+                format!("{}.relay", k(p)),
+                direct(&format!("{}.direct", k(p))),
+                None,
+            ));
+        }
+        if tag.is_empty() {
+            v.push(spec(
+                "hyper_calls_s",
+                "Hyper ping, sequential calls",
+                "calls/s",
+                "hyper_calls_s.proxy",
+                direct("hyper_calls_s.direct"),
                 None,
             ));
         }
     }
-    spec.push((
-        "fanout".into(),
-        format!(
-            "fan-out, {FANOUT_SESSIONS} sessions x {} (vs direct stdout 4096)",
-            size_text(vol.fanout_per_session)
-        ),
+    let fan = format!(
+        "fan-out, {FANOUT_SESSIONS} sessions x {}",
+        size_text(vol.fanout_per_session)
+    );
+    v.push(spec(
+        "fanout_threads",
+        format!("{fan}, a thread per shim (vs direct stdout 4096)"),
         "MiB/s",
-        "fanout.proxy".into(),
-        Some("stdout_4096.direct".into()),
+        "fanout_threads.proxy",
+        direct("stdout_4096.direct"),
         Some(Target::RatioMin(0.5)),
     ));
-    spec.push((
-        "storm_ms".into(),
+    v.push(spec(
+        "fanout_threads_vs_relay",
+        format!("{fan}, a thread per shim (vs the relay floor)"),
+        "MiB/s",
+        "fanout_threads.proxy",
+        Some(("relay floor", "fanout_relay.proxy".into())),
+        Some(Target::RatioMin(1.5)),
+    ));
+    v.push(spec(
+        "fanout_tokio",
+        format!("{fan}, shims on one tokio thread"),
+        "MiB/s",
+        "fanout_tokio.proxy",
+        direct("stdout_4096.direct"),
+        None,
+    ));
+    v.push(spec(
+        "fanout_relay",
+        "  relay floor: a demultiplexing thread instead of the proxy, a thread per shim",
+        "MiB/s",
+        "fanout_relay.proxy",
+        direct("stdout_4096.direct"),
+        None,
+    ));
+    v.push(spec(
+        "storm_ms",
         format!("connect storm, {} shims, all answered", vol.storm),
         "ms",
-        "storm_ms.proxy".into(),
+        "storm_ms.proxy",
         None,
         None,
     ));
@@ -204,61 +297,129 @@ pub fn rows(runs: &[Metrics], vol: &Volumes) -> Vec<Row> {
         (
             "rss_1000_shims_mib",
             format!("daemon RSS, {} shims connected", vol.storm),
-            Some(Target::Max(12.0)),
+            Some(Target::Max(8.0)),
         ),
     ] {
-        spec.push((k.into(), label.clone(), "MiB", k.into(), None, t));
-        spec.push((
+        v.push(spec(k, label, "MiB", k, None, t));
+        v.push(spec(
             format!("{k}.anon"),
-            "  of which anonymous (RssAnon)".to_string(),
+            "  of which anonymous (RssAnon)",
             "MiB",
             format!("{k}.anon"),
             None,
             None,
         ));
     }
-    spec.push((
-        "cpu_run_s".into(),
-        "daemon CPU (user+sys) per run".into(),
+    v.push(spec(
+        "cpu_run_s",
+        "daemon CPU (user+sys) per run",
         "s",
-        "cpu_run_s".into(),
+        "cpu_run_s",
         None,
         None,
     ));
-    spec.push((
-        "cpu_stdout_4096".into(),
-        "daemon CPU per GiB of stdout, 4096-byte messages".into(),
+    v.push(spec(
+        "cpu_stdout_4096",
+        "daemon CPU per GiB of stdout, 4096-byte messages",
         "s/GiB",
-        "cpu_per_gib.stdout_4096".into(),
+        "cpu_per_gib.stdout_4096",
         None,
-        None,
+        Some(Target::Max(0.2)),
     ));
+    // How cost grows (the scaling series; see their own tables).
+    for kind in ["idle", "trickle"] {
+        v.push(spec(
+            format!("fleet_rss_added_per_vm_{kind}"),
+            format!("daemon RSS per added VM (2 sessions), 1 to 1000 VMs, {kind}"),
+            "KiB",
+            format!("fleet.rss_added_kib_per_vm.{kind}"),
+            None,
+            Some(Target::Max(24.0)),
+        ));
+    }
+    for t in crate::scaling::STREAM_THREADS {
+        v.push(spec(
+            format!("streams_16_t{t}"),
+            format!("stdout, 16 VMs streaming at once, --threads {t} (vs 1 VM)"),
+            "MiB/s",
+            format!("streams.t{t}.16"),
+            Some(("1 VM", format!("streams.t{t}.1"))),
+            Some(Target::RatioMin(1.0)),
+        ));
+    }
+    for (kind, what, t) in [
+        (
+            "rss_per_vm_kib.idle",
+            "RSS per VM, idle",
+            Some(Target::RatioMax(1.2)),
+        ),
+        (
+            "rss_per_vm_kib.trickle",
+            "RSS per VM, trickling",
+            Some(Target::RatioMax(1.2)),
+        ),
+        ("cpu_us_s_per_vm.trickle", "CPU per VM, trickling", None),
+        (
+            "cpu_us_per_msg.trickle",
+            "CPU per trickle message delivered",
+            Some(Target::RatioMax(1.2)),
+        ),
+        ("cpu_us_s_per_vm.idle", "CPU per VM, idle", None),
+    ] {
+        let unit = if kind.starts_with("rss") {
+            "KiB"
+        } else if kind.contains("per_msg") {
+            "µs"
+        } else {
+            "µs/s"
+        };
+        v.push(spec(
+            format!("fleet_bend_{}", kind.replace('.', "_")),
+            format!("daemon {what}, at 1000 VMs (vs at 10)"),
+            unit,
+            format!("fleet.{kind}.1000"),
+            Some(("10 VMs", format!("fleet.{kind}.10"))),
+            t,
+        ));
+    }
 
-    spec.into_iter()
-        .filter_map(|(id, label, unit, pk, dk, target)| {
-            let p = series(runs, &pk);
+    v.into_iter()
+        .filter_map(|sp| {
+            let p = series_of(runs, &sp.key);
             // A figure `--only` left out.
-            if p.is_empty() {
-                return None;
-            }
-            let d = dk.map(|k| series(runs, &k)).unwrap_or_default();
-            let proxy = median(&p);
-            let direct = (!d.is_empty()).then(|| median(&d));
-            let ratio = direct.map(|d| proxy / d);
-            let pass = target.map(|t| t.met(proxy, ratio));
+            let value = Stat::of(&p)?;
+            let (baseline_name, d, ratios) = match &sp.base {
+                Some((name, bk)) => {
+                    let d = series_of(runs, bk);
+                    let ratios: Vec<f64> = runs
+                        .iter()
+                        .filter_map(|m| Some(m.get(&sp.key)? / m.get(bk)?))
+                        .collect();
+                    (Some(*name), d, ratios)
+                }
+                None => (None, Vec::new(), Vec::new()),
+            };
+            let baseline = Stat::of(&d);
+            let ratio = Stat::of(&ratios);
+            let pass = sp
+                .target
+                .filter(|_| judge)
+                .map(|t| t.met(value.median, ratio.map(|r| r.median)));
             Some(Row {
-                id,
-                label,
-                unit,
-                proxy,
-                direct,
+                id: sp.id,
+                label: sp.label,
+                unit: sp.unit,
+                value,
+                baseline_name: baseline_name.filter(|_| baseline.is_some()),
+                baseline,
                 ratio,
-                target,
-                target_text: target.map(|t| t.text(unit)),
+                target: sp.target,
+                target_text: sp.target.map(|t| t.text(sp.unit)),
                 pass,
                 runs: Runs {
-                    proxy: p,
-                    direct: d,
+                    value: p,
+                    baseline: d,
+                    ratio: ratios,
                 },
             })
         })
@@ -276,53 +437,80 @@ pub fn size_text(b: u64) -> String {
     }
 }
 
-fn num(v: f64, unit: &str) -> String {
+/// A value in its unit's precision.
+pub fn num(v: f64, unit: &str) -> String {
     if !v.is_finite() {
         return "-".into();
     }
     match unit {
-        "MiB/s" | "calls/s" => format!("{v:.0}"),
-        "MiB" | "s" | "s/GiB" => format!("{v:.2}"),
+        "MiB/s" | "calls/s" | "msgs/s" => format!("{v:.0}"),
+        "MiB" | "s" | "s/GiB" | "ms/s" => format!("{v:.2}"),
         _ => format!("{v:.1}"),
     }
 }
 
-fn verdict(r: &Row) -> &'static str {
-    match r.pass {
-        Some(true) => "PASS",
-        Some(false) => "MISS",
-        None => "",
+/// `median [min–max]`, or the median alone when all runs agree or there
+/// is one.
+pub fn stat_text(s: &Stat, f: impl Fn(f64) -> String) -> String {
+    let (lo, mid, hi) = (f(s.min), f(s.median), f(s.max));
+    if lo == hi {
+        mid
+    } else {
+        format!("{mid} [{lo}–{hi}]")
     }
 }
 
-/// Cells of a row: figure, proxy, direct, ratio, target, verdict.
-fn cells(r: &Row) -> [String; 6] {
+fn verdict(r: &Row, repeat: usize) -> String {
+    let mark = if repeat < RUNS_FOR_VERDICT { "*" } else { "" };
+    match r.pass {
+        Some(true) => format!("met{mark}"),
+        Some(false) => format!("NOT MET{mark}"),
+        None => String::new(),
+    }
+}
+
+const COLS: usize = 7;
+
+/// Cells of a row: figure, value, baseline name, baseline, ratio, target,
+/// verdict.
+fn cells(r: &Row, repeat: usize) -> [String; COLS] {
+    let n = |v: f64| num(v, r.unit);
     [
         format!("{} ({})", r.label, r.unit),
-        num(r.proxy, r.unit),
-        r.direct.map_or("-".into(), |d| num(d, r.unit)),
-        r.ratio.map_or("-".into(), |x| format!("{x:.2}x")),
+        stat_text(&r.value, n),
+        r.baseline_name.unwrap_or("-").to_string(),
+        r.baseline.map_or("-".into(), |b| stat_text(&b, n)),
+        r.ratio
+            .map_or("-".into(), |x| stat_text(&x, |v| format!("{v:.2}x"))),
         r.target_text.clone().unwrap_or_else(|| "-".into()),
-        verdict(r).into(),
+        verdict(r, repeat),
     ]
 }
 
-const HEADS: [&str; 6] = ["figure", "proxy", "direct", "ratio", "target", ""];
+const HEADS: [&str; COLS] = [
+    "figure",
+    "value: median [min–max]",
+    "vs",
+    "baseline",
+    "ratio",
+    "target",
+    "verdict",
+];
 
 /// The table for a terminal.
-pub fn terminal_table(rows: &[Row]) -> String {
-    let all: Vec<[String; 6]> = rows.iter().map(cells).collect();
+pub fn terminal_table(rows: &[Row], repeat: usize) -> String {
+    let all: Vec<[String; COLS]> = rows.iter().map(|r| cells(r, repeat)).collect();
     let mut w = HEADS.map(|h| h.chars().count());
     for c in &all {
         for (i, s) in c.iter().enumerate() {
             w[i] = w[i].max(s.chars().count());
         }
     }
-    let line = |c: &[String; 6]| -> String {
+    let line = |c: &[String; COLS]| -> String {
         let mut s = String::new();
         for (i, cell) in c.iter().enumerate() {
             let pad = w[i] - cell.chars().count();
-            if i == 0 || i == 4 || i == 5 {
+            if matches!(i, 0 | 2 | 5 | 6) {
                 s.push_str(cell);
                 s.push_str(&" ".repeat(pad));
             } else {
@@ -334,7 +522,7 @@ pub fn terminal_table(rows: &[Row]) -> String {
         s.trim_end().to_string() + "\n"
     };
     let mut out = line(&HEADS.map(String::from));
-    out.push_str(&"-".repeat(w.iter().sum::<usize>() + 2 * 5));
+    out.push_str(&"-".repeat(w.iter().sum::<usize>() + 2 * (COLS - 1)));
     out.push('\n');
     for c in &all {
         out.push_str(&line(c));
@@ -343,24 +531,27 @@ pub fn terminal_table(rows: &[Row]) -> String {
 }
 
 /// The table in Markdown.
-pub fn markdown_table(rows: &[Row]) -> String {
+pub fn markdown_table(rows: &[Row], repeat: usize) -> String {
     let mut out = String::from(
-        "| figure | proxy | direct | ratio | target | |\n|---|---:|---:|---:|---|---|\n",
+        "| figure | value: median [min–max] | vs | baseline | ratio | target | verdict |\n\
+         |---|---:|---|---:|---:|---|---|\n",
     );
     for r in rows {
-        let c = cells(r);
+        let c = cells(r, repeat);
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {} | {} | {} |",
-            c[0],
+            "| {} | {} | {} | {} | {} | {} | {} |",
+            c[0].strip_prefix("  ")
+                .map_or_else(|| c[0].clone(), |rest| format!("↳ {rest}")),
             c[1],
             c[2],
             c[3],
-            c[4].replace(">=", "≥").replace("<=", "≤").replace('x', "×"),
-            if c[5].is_empty() {
+            c[4].replace('x', "×"),
+            c[5].replace(">=", "≥").replace("<=", "≤").replace('x', "×"),
+            if c[6].is_empty() {
                 String::new()
             } else {
-                format!("**{}**", c[5])
+                format!("**{}**", c[6])
             }
         );
     }
@@ -450,7 +641,7 @@ pub struct Report {
     pub format: u32,
     /// `--quick`.
     pub quick: bool,
-    /// Runs whose medians are reported.
+    /// Runs summarised.
     pub repeat: usize,
     /// Bytes and counts of each figure.
     pub volumes: VolumesOut,
@@ -458,8 +649,12 @@ pub struct Report {
     pub machine: Machine,
     /// The daemon's binary and arguments.
     pub daemon: DaemonOut,
+    /// A note at the top of PERFORMANCE.md (`--note`).
+    pub note: Option<String>,
     /// The table.
     pub figures: Vec<Row>,
+    /// The scaling series.
+    pub series: Vec<Series>,
     /// Every run's raw metrics.
     pub runs: Vec<Metrics>,
     /// Figures that missed their target.
@@ -483,6 +678,14 @@ pub struct VolumesOut {
     pub fanout_bytes_per_session: u64,
     /// Connect-storm shims.
     pub storm_shims: usize,
+    /// Fleet series: idle window, seconds.
+    pub fleet_idle_s: f64,
+    /// Fleet series: trickle window, seconds.
+    pub fleet_trickle_s: f64,
+    /// Streams series: bytes per step, over all VMs.
+    pub streams_total_bytes: u64,
+    /// Hyper series: seconds per step.
+    pub hyper_window_s: f64,
 }
 
 impl From<&Volumes> for VolumesOut {
@@ -493,6 +696,10 @@ impl From<&Volumes> for VolumesOut {
             fanout_sessions: FANOUT_SESSIONS,
             fanout_bytes_per_session: v.fanout_per_session,
             storm_shims: v.storm,
+            fleet_idle_s: v.scale.idle.as_secs_f64(),
+            fleet_trickle_s: v.scale.trickle.as_secs_f64(),
+            streams_total_bytes: v.scale.stream_total,
+            hyper_window_s: v.scale.hyper_window.as_secs_f64(),
         }
     }
 }
@@ -508,7 +715,7 @@ pub struct DaemonOut {
 
 /// Median CPUs other processes kept busy during the runs.
 pub fn other_load(runs: &[Metrics]) -> f64 {
-    median(&series(runs, "other_load_cpus"))
+    median(&series_of(runs, "other_load_cpus"))
 }
 
 /// `docs/PERFORMANCE.md`.
@@ -516,33 +723,56 @@ pub fn performance_md(r: &Report, commit: &str) -> String {
     let m = &r.machine;
     let mut s = String::new();
     let _ = writeln!(s, "# Performance\n");
+    if let Some(note) = &r.note {
+        let _ = writeln!(s, "> {note}\n");
+    }
     let _ = writeln!(
         s,
         "Measured by `cargo xtask bench` (crate `crates/proxy-bench`): the release \
          `cc-proxy` daemon, started as a child process, against a mock hyperstart agent \
-         and mock shims; every figure is paired with a baseline over a direct unix socket \
-         pair carrying the same framed messages, in the same run. Every byte stream is \
-         checked end to end (XXH64 of the bytes sent = XXH64 of the bytes received).\n"
+         and mock shims; every figure is paired with a baseline measured in the same run \
+         (a direct unix socket pair carrying the same framed messages, a minimal relay \
+         thread, or the same series at fewer VMs). Every byte stream is checked end to \
+         end (XXH64 of the bytes sent = XXH64 of the bytes received; the scaling \
+         series' trickle byte for byte).\n"
     );
     let _ = writeln!(
         s,
-        "Values are medians of {} run{}{}.\n",
+        "{} run{}{}, each against fresh daemons. Every figure shows the median and, in \
+         brackets, the smallest and the largest of the runs; a ratio is taken within each \
+         run (value / baseline of the same run) and then summarised the same way. A \
+         target is judged on the median, and counts only with {RUNS_FOR_VERDICT} runs or \
+         more (`--repeat {RUNS_FOR_VERDICT}`); verdicts marked * come from fewer runs and \
+         are provisional.\n",
         r.repeat,
         if r.repeat == 1 { "" } else { "s" },
         if r.quick { " (`--quick` volumes)" } else { "" }
     );
     let _ = writeln!(s, "## Results\n");
-    s.push_str(&markdown_table(&r.figures));
+    s.push_str(&markdown_table(&r.figures, r.repeat));
     s.push('\n');
-    if r.misses.is_empty() {
+    if r.quick {
+        let _ = writeln!(s, "`--quick` volumes: targets not judged.\n");
+    } else if r.misses.is_empty() {
         let _ = writeln!(s, "All targets are met.\n");
     } else {
-        let _ = writeln!(s, "Targets missed: {}.\n", r.misses.join(", "));
+        let _ = writeln!(s, "Targets not met: {}.\n", r.misses.join(", "));
     }
     let _ = writeln!(
         s,
         "![stdout throughput by io message size, proxy vs direct](perf-throughput.svg)\n"
     );
+    if !r.series.is_empty() {
+        let _ = writeln!(s, "## How cost grows\n");
+        for se in &r.series {
+            let _ = writeln!(s, "### {}\n", se.title);
+            s.push_str(&crate::series::markdown(se));
+            s.push('\n');
+            if se.chart {
+                let _ = writeln!(s, "![{}](perf-{}.svg)\n", se.title, se.id);
+            }
+        }
+    }
     let _ = writeln!(s, "## Machine\n");
     let _ = writeln!(s, "| | |\n|---|---|");
     let _ = writeln!(s, "| CPUs (`nproc`) | {} |", m.nproc);
@@ -564,11 +794,10 @@ pub fn performance_md(r: &Report, commit: &str) -> String {
     let _ = writeln!(s, "## Reproduce\n");
     let _ = writeln!(
         s,
-        "```sh\ncargo xtask bench --repeat {} --report   # this page and perf-throughput.svg\n\
-         cargo xtask bench                        # one run, table only (fails on a missed target)\n\
-         cargo xtask bench --quick                # a few seconds; fails only on wrong bytes (CI)\n\
-         cargo xtask bench --only hyper,fanout    # some figures, for profiling; nothing judged\n```\n",
-        r.repeat
+        "```sh\ncargo xtask bench --repeat {RUNS_FOR_VERDICT} --report   # this page and its charts (docs/perf-*.svg)\n\
+         cargo xtask bench                        # one run, table only (fails on a target not met)\n\
+         cargo xtask bench --quick                # a smoke run; fails only on wrong bytes (CI)\n\
+         cargo xtask bench --only fanout,scaling  # some figures, for profiling; nothing judged\n```\n"
     );
     let _ = writeln!(
         s,
@@ -578,7 +807,8 @@ pub fn performance_md(r: &Report, commit: &str) -> String {
          `--target x86_64-unknown-linux-gnu`), and `proxy-bench`, and runs `proxy-bench \
          --cc-proxy target/x86_64-unknown-linux-gnu/release/cc-proxy`; the daemon \
          runs with `-socket-path <tmp>/proxy.sock -log warn -ksm off` and its defaults \
-         otherwise (one worker thread, 4 MiB session buffers).\n"
+         otherwise (one worker thread, 4 MiB session buffers), except where a series sets \
+         `--threads`.\n"
     );
     let _ = writeln!(s, "## What is measured\n");
     let _ = writeln!(
@@ -599,21 +829,27 @@ pub fn performance_md(r: &Report, commit: &str) -> String {
         s,
         "- **Hyper**: {} sequential `ping` calls with data `{{}}` (after a warm-up), each \
          answered by the agent's ACK; p50/p99 of the round trip and calls per second. \
-         Direct: the same request frame to a peer that answers with a response frame of the \
-         same size. Reported next to them (not judged): the same calls through a minimal \
-         relay thread instead of the proxy, and all of it again with the daemon and every \
-         thread of the bench pinned to one CPU. Blocks of proxy, direct and relayed calls \
-         alternate.",
+         The p99 is judged against a minimal relay thread in the same blocks: the same \
+         frames relayed unparsed, with blocking reads and writes (one more hop each way and \
+         nothing else, the floor for any proxy). Direct: the same request frame to a peer \
+         that answers with a response frame of the same size. All of it again with the \
+         daemon and every thread of the bench pinned to one CPU. Blocks of proxy, direct \
+         and relayed calls alternate.",
         v.hyper_calls
     );
     let _ = writeln!(
         s,
-        "- **fan-out**: {} sessions on one VM, {} each; the agent interleaves 4096-byte \
-         messages of every session on io; {} shims (tokio tasks on one thread) each read and \
-         hash their own. Aggregate MiB/s, compared with the direct stdout baseline at 4096 bytes.",
-        v.fanout_sessions,
+        "- **fan-out**: {n} sessions on one VM, {} each; the agent interleaves 4096-byte \
+         messages of every session on io. Every cc-shim is its own process, so the judged \
+         row reads each session with its own OS thread (blocking 1 MiB reads on a std \
+         `UnixStream` that sent ConnectShim). Second row: the {n} shims as tasks of one \
+         tokio thread (the earlier model: one reader that drains every socket in turn lets \
+         the proxy's writes coalesce, which flatters it). Relay floor: no proxy; the same \
+         io stream through a socket pair to one thread that reads it in 1 MiB reads and \
+         writes each io message as one stdout frame (`writev`) to its session's socket \
+         pair, read by the same {n} OS threads. Aggregate MiB/s; every session hashed.",
         size_text(v.fanout_bytes_per_session),
-        v.fanout_sessions
+        n = v.fanout_sessions,
     );
     let _ = writeln!(
         s,
@@ -636,62 +872,100 @@ pub fn performance_md(r: &Report, commit: &str) -> String {
     );
     let _ = writeln!(
         s,
+        "- **fleet** (how cost grows): a fresh daemon; VMs are added to 1, 10, 100 and \
+         1000, each with 2 sessions (a shim connected with ConnectShim, a process started \
+         with newcontainer). The agents and shims of all the VMs are tasks of one tokio \
+         runtime (two worker threads) in the bench (two listening unix sockets per VM, dialled by the daemon). \
+         At each step: {} idle, then {} with a trickle on every session (one {}-byte io \
+         message every {} ms), each shim checking every byte it gets. RSS is VmRSS at the \
+         end of each window; CPU is the daemon's on-CPU time over the window (`schedstat`, \
+         nanoseconds; utime + stime of `/proc/<pid>/stat` is in `report.json` as \
+         `fleet.cpu_ticks_ms_s.*`, but its 10 ms ticks are too coarse for the idle \
+         windows). Per VM: (RSS − RSS before the first VM) / VMs and CPU / VMs. The RSS \
+         per added VM is (RSS at 1000 − RSS at 1) / 999. The idle windows of later steps \
+         follow the earlier steps' trickle, so buffers a session kept count there. Where \
+         the bench, sharing the CPUs, delivers less than the offered trickle (see the \
+         delivered rate), CPU per VM understates the cost; the CPU bend is therefore \
+         judged per message delivered.",
+        secs_text(v.fleet_idle_s),
+        secs_text(v.fleet_trickle_s),
+        crate::scaling::TRICKLE_BYTES,
+        crate::scaling::TRICKLE_EVERY.as_millis()
+    );
+    let _ = writeln!(
+        s,
+        "- **streams**: a fresh daemon with `--threads 1`, another with `--threads 2`; \
+         1, 4, 16 and 64 VMs stream at once, one session each, {} of 4096-byte io \
+         messages in all per step (split between the VMs); every agent writer and every \
+         shim reader is its own OS thread. Aggregate MiB/s from the first write to the \
+         last byte; every stream hashed.",
+        size_text(v.streams_total_bytes)
+    );
+    let _ = writeln!(
+        s,
+        "- **Hyper calls per second**: 1, 8 and 64 runtimes (connections, each an OS \
+         thread making sequential `ping` calls) for {} each: all attached to one VM \
+         (one agent answering them in turn), and each on its own VM.",
+        secs_text(v.hyper_window_s)
+    );
+    let _ = writeln!(
+        s,
         "\nThe bench and the daemon share the machine's {} CPUs: through the proxy, three \
          busy threads (agent writer, daemon, shim reader) share them, where the direct \
-         baseline has two.",
+         baseline has two; with 64 shim threads, more.",
         m.nproc
     );
-    let _ = writeln!(s, "\n## Where the misses come from\n");
+    let _ = writeln!(s, "\n## Reading the figures\n");
+    let load = other_load(&r.runs);
+    if load > 0.2 {
+        let _ = writeln!(
+            s,
+            "- **This machine was not quiet**: other processes kept {load:.2} of its {} CPUs \
+             busy during the runs (median). Every figure that needs CPU time is disturbed, \
+             throughput and tail latency most; the spread columns show by how much.",
+            m.nproc
+        );
+    }
     let row = |id: &str| r.figures.iter().find(|f| f.id == id);
-    let pair = |id: &str| {
-        row(id).map_or_else(
-            || "(not measured)".to_string(),
-            |f| {
-                format!(
-                    "{:.1} µs against {:.1} µs direct, {:.2}×",
-                    f.proxy,
-                    f.direct.unwrap_or(f64::NAN),
-                    f.ratio.unwrap_or(f64::NAN)
-                )
-            },
-        )
-    };
+    let med = |id: &str| row(id).map_or(f64::NAN, |f| f.value.median);
     let _ = writeln!(
         s,
-        "- **Hyper p99.** A call through any proxy crosses four sockets and wakes three \
-         threads where the direct round trip crosses two and wakes two. The bench measures \
-         what that alone costs here, in the same blocks: the same frames through a thread \
-         that relays them unparsed with blocking reads and writes (no event loop, no work). \
-         Its p99 is {relay}; cc-proxy's is {proxy}. On these machines (2 vCPUs under nested \
-         virtualization, guest halt polling off: `haltpoll.guest_halt_poll_ns=0`) waking a \
-         thread on an idle vCPU costs tens of microseconds, and where the kernel places three \
-         threads on two CPUs decides the figure; the direct pair's two threads answer each \
-         other on one CPU in under 4 µs. With every thread of the bench and the daemon pinned \
-         to one CPU no wake-up crosses CPUs: the relay thread's p99 is {relay_pinned}, \
-         cc-proxy's {proxy_pinned}. So the target of 2.5× is at the floor of what one more \
-         hop costs on this machine. What cc-proxy adds above the floor is its event loop: \
-         six syscalls per call (two `epoll_wait`, two reads, two writes; strace), where the \
-         relay thread makes four. The absolute p99 is still well under the reference \
-         daemon's 303 µs.",
-        relay = pair("hyper_p99_us_relay_floor"),
-        proxy = pair("hyper_p99_us"),
-        relay_pinned = pair("hyper_pinned_p99_us_relay_floor"),
-        proxy_pinned = pair("hyper_pinned_p99_us"),
+        "- **Fan-out, real shims.** With a thread per shim, cc-proxy reached {:.0} MiB/s; \
+         with the same shims as tasks of one tokio thread, {:.0} MiB/s; the relay floor, \
+         {:.0} MiB/s (medians). The two reader models differ in what they let the \
+         proxy do: one thread draining all 64 sockets in turn reads late, so the proxy's \
+         writes to one shim can pile up and go out in large batches; 64 blocking readers \
+         each wake as soon as their socket has data, as real cc-shim processes do, so \
+         writes stay small. The relay thread writes one frame per io message and wakes a \
+         reader per message: the cost of demultiplexing without any batching.",
+        med("fanout_threads"),
+        med("fanout_tokio"),
+        med("fanout_relay"),
     );
     let _ = writeln!(
         s,
-        "- **Fan-out.** Three busy threads (agent writer, daemon, the shims' reader) share \
-         two CPUs where the direct stream has two, so every figure here is bound by CPU \
-         time per byte, and the single stream through the proxy reaches about 0.6× direct. \
-         The agent interleaves the 64 sessions one 4 KiB message at a time, so one read \
-         of io holds about one message per session; shim writers therefore wait a few \
-         scheduler turns, and while the agent streams they wait for the next read of io \
-         (autocorking, ended by a small read, a quiet millisecond, or a full queue), so \
-         that a `writev` carries tens of KiB instead of one message \
-         (`daemon_writes.fanout` in `report.json`). Where the kernel puts the three \
-         threads still moves single runs by a factor of two or more."
+        "- **Hyper calls per second, one runtime.** One runtime on one VM and one runtime \
+         on its own VM are the same setup; where their figures differ, that is where the \
+         kernel happened to place the three threads of a call (runtime, daemon, agent) for \
+         the window, not a difference of the daemon. Where the fleet's idle CPU is \
+         zero, no thread of the daemon ran at all in the idle windows (no on-CPU time in \
+         `schedstat`); its bend is then not defined and not judged."
+    );
+    let _ = writeln!(
+        s,
+        "- **Spread.** Single runs of the same figure differ by up to 2× on this class of \
+         machine (where the kernel places three or more busy threads on two vCPUs); \
+         judge by the median of {RUNS_FOR_VERDICT} runs, and read the brackets."
     );
     s
+}
+
+fn secs_text(s: f64) -> String {
+    if s >= 1.0 {
+        format!("{s:.0} s")
+    } else {
+        format!("{:.0} ms", s * 1000.0)
+    }
 }
 
 /// The SVG chart of stdout MiB/s by message size, proxy vs direct.
@@ -700,7 +974,11 @@ pub fn throughput_svg(rows: &[Row], repeat: usize) -> String {
         .iter()
         .filter_map(|&size| {
             let r = rows.iter().find(|r| r.id == format!("stdout_{size}"))?;
-            Some((size, r.proxy, r.direct.unwrap_or(f64::NAN)))
+            Some((
+                size,
+                r.value.median,
+                r.baseline.map_or(f64::NAN, |b| b.median),
+            ))
         })
         .collect();
     let (w, h) = (720.0_f64, 400.0_f64);
@@ -815,7 +1093,7 @@ pub fn throughput_svg(rows: &[Row], repeat: usize) -> String {
     s
 }
 
-fn nice_step(raw: f64) -> f64 {
+pub(crate) fn nice_step(raw: f64) -> f64 {
     if raw <= 0.0 || !raw.is_finite() {
         return 1.0;
     }
@@ -856,27 +1134,50 @@ mod tests {
     #[test]
     fn rows_leave_out_figures_without_data_and_judge_the_rest() {
         // What `--only hyper` records: Hyper figures and RSS, no streams.
-        let mut m = Metrics::new();
-        for (k, v) in [
-            ("hyper_p99_us.proxy", 10.0),
-            ("hyper_p99_us.direct", 5.0),
-            ("hyper_p99_us.relay", 7.5),
-            ("rss_one_vm_mib", 2.5),
-        ] {
-            m.insert(k.to_string(), v);
+        let mut runs = Vec::new();
+        for (proxy, relay) in [(10.0, 12.0), (30.0, 10.0), (11.0, 10.0)] {
+            let mut m = Metrics::new();
+            for (k, v) in [
+                ("hyper_p99_us.proxy", proxy),
+                ("hyper_p99_us.direct", 5.0),
+                ("hyper_p99_us.relay", relay),
+                ("rss_one_vm_mib", 2.5),
+            ] {
+                m.insert(k.to_string(), v);
+            }
+            runs.push(m);
         }
-        let rows = rows(&[m], &Volumes::quick());
+        let rows = rows(&runs, &Volumes::quick(), true);
         let ids: Vec<&str> = rows.iter().map(|r| r.id.as_str()).collect();
         assert_eq!(
             ids,
-            ["hyper_p99_us", "hyper_p99_us_relay_floor", "rss_one_vm_mib"]
+            [
+                "hyper_p99_us",
+                "hyper_p99_us_vs_direct",
+                "hyper_p99_us_relay_floor",
+                "rss_one_vm_mib"
+            ]
         );
-        assert_eq!(rows[0].ratio, Some(2.0));
-        assert_eq!(rows[0].pass, Some(true));
-        // The relay floor is reported against the direct pair, not judged.
-        assert_eq!(rows[1].ratio, Some(1.5));
+        // Ratios within each run: 10/12, 30/10, 11/10; the verdict on
+        // their median (1.1 > 1.0), not on the ratio of the medians.
+        let r = rows[0].ratio.unwrap();
+        assert!((r.min - 10.0 / 12.0).abs() < 1e-9);
+        assert!((r.median - 1.1).abs() < 1e-9);
+        assert!((r.max - 3.0).abs() < 1e-9);
+        assert_eq!(rows[0].baseline_name, Some("relay thread"));
+        assert_eq!(rows[0].pass, Some(false));
+        assert_eq!(rows[0].value.median, 11.0);
+        assert_eq!(rows[1].baseline_name, Some("direct"));
         assert_eq!(rows[1].pass, None);
-        assert_eq!(rows[2].pass, Some(true));
+        // The relay floor is reported against the direct pair, not judged.
+        assert_eq!(rows[2].ratio.unwrap().median, 2.0);
+        assert_eq!(rows[2].pass, None);
+        assert_eq!(rows[3].pass, Some(true));
+        // Not judged (--quick, --only): no verdicts.
+        let rows = super::rows(&runs, &Volumes::quick(), false);
+        assert!(rows.iter().all(|r| r.pass.is_none()));
+        let t = terminal_table(&rows, 3);
+        assert!(t.contains("11.0 [10.0–30.0]"), "{t}");
     }
 
     #[test]
