@@ -66,5 +66,6 @@ pub mod reader;
 pub mod redact;
 pub mod server;
 pub mod session;
+pub mod timer;
 pub mod vm;
 mod wire;
