@@ -572,7 +572,7 @@ impl Conn {
         let (plan, vm) = {
             let mut st = self.shared.state();
             let plan = st.registry.plan_hyper(Some(client_vm), &req)?;
-            let vm = st.vms.get(&plan.vm).cloned();
+            let vm = st.registry.vm_handle(plan.vm).cloned();
             (plan, vm)
         };
         let token = plan.session.as_ref().map(|(t, _)| t.clone());
@@ -657,7 +657,7 @@ impl Conn {
     fn claim(&self, token: &str) -> Result<(VmId, Arc<Vm>, Arc<Session>), ProxyError> {
         let mut st = self.shared.state();
         let (vm_id, io_base) = st.registry.connect_shim(self.id, token)?;
-        let vm = st.vms.get(&vm_id).cloned();
+        let vm = st.registry.vm_handle(vm_id).cloned();
         let session = vm.as_ref().and_then(|v| v.session(io_base));
         match (vm, session) {
             (Some(vm), Some(s)) => Ok((vm_id, vm, s)),
@@ -677,7 +677,10 @@ impl Conn {
             let Some(t) = st.registry.token(token) else {
                 return;
             };
-            let s = st.vms.get(&t.vm).and_then(|v| v.session(t.io_base));
+            let s = st
+                .registry
+                .vm_handle(t.vm)
+                .and_then(|v| v.session(t.io_base));
             (s, matches!(t.claim, crate::registry::Claim::Releasing(_)))
         };
         let Some(session) = session else { return };

@@ -269,9 +269,9 @@ impl Snapshot {
             (
                 st.registry.vm_count() as u64,
                 st.registry.token_count() as u64,
-                st.vms
-                    .values()
-                    .map(|vm| (vm.clone(), st.registry.vm_registered(vm.id)))
+                st.registry
+                    .vm_handles()
+                    .map(|(id, vm)| (vm.clone(), st.registry.vm_registered(id)))
                     .collect::<Vec<_>>(),
             )
         };

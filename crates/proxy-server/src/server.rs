@@ -1,7 +1,6 @@
 //! The daemon: the listening socket, the shared state, VM registration and
 //! teardown, shutdown.
 
-use std::collections::HashMap;
 use std::io;
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
 use std::os::unix::io::FromRawFd;
@@ -27,10 +26,9 @@ use crate::vm::{Channels, Vm, VmEvents, VmOptions};
 /// The state every task shares. Locked briefly, never across an await.
 #[derive(Debug, Default)]
 pub struct State {
-    /// The rules.
-    pub registry: Registry,
-    /// VMs at run time.
-    pub vms: HashMap<VmId, Arc<Vm>>,
+    /// The rules, and the single owner of every VM (its running handle
+    /// included), token, claim and process.
+    pub registry: Registry<Arc<Vm>>,
 }
 
 /// What the daemon's tasks share.
@@ -84,17 +82,14 @@ impl Shared {
         ksm: Option<Arc<Ksm>>,
         connector: Arc<dyn AgentConnector>,
     ) -> Arc<Self> {
-        let registry = Registry::with_limits(crate::registry::TokenLimits {
+        let registry = Registry::with_handles(crate::registry::TokenLimits {
             per_vm: config.max_tokens_per_vm,
             total: config.max_tokens,
         });
         let budget = crate::session::budget(config.memory_budget as usize);
         Arc::new(Self {
             config,
-            state: Mutex::new(State {
-                registry,
-                vms: HashMap::new(),
-            }),
+            state: Mutex::new(State { registry }),
             budget,
             connections: std::sync::atomic::AtomicUsize::new(0),
             url: format!("unix://{}", socket_path.display()),
@@ -120,7 +115,7 @@ impl Shared {
 
     /// A VM by id.
     pub fn vm(&self, id: VmId) -> Option<Arc<Vm>> {
-        self.state().vms.get(&id).cloned()
+        self.state().registry.vm_handle(id).cloned()
     }
 
     /// RegisterVM: reserve, connect the channels, wait READY, start the
@@ -196,14 +191,11 @@ impl Shared {
         for t in tokens {
             vm.add_session(t.token.clone(), t.io_base);
         }
-        let mut st = self.state();
-        if !st.registry.vm_exists(vm_id) {
-            drop(st);
+        let refused = self.state().registry.vm_ready(vm_id, vm);
+        if let Err(vm) = refused {
             vm.shut("registration abandoned");
             return Err(ProxyError::ShuttingDown);
         }
-        st.registry.vm_ready(vm_id);
-        st.vms.insert(vm_id, vm);
         Ok(())
     }
 
@@ -211,7 +203,11 @@ impl Shared {
     pub fn attach_vm(&self, req: &AttachVm) -> Result<(VmId, IoResponse), ProxyError> {
         let mut st = self.state();
         let (vm_id, tokens) = st.registry.attach_vm(req, new_token)?;
-        let vm = st.vms.get(&vm_id).cloned().ok_or(ProxyError::VmGone)?;
+        let vm = st
+            .registry
+            .vm_handle(vm_id)
+            .cloned()
+            .ok_or(ProxyError::VmGone)?;
         drop(st);
         for t in &tokens {
             vm.add_session(t.token.clone(), t.io_base);
@@ -229,12 +225,8 @@ impl Shared {
     /// Tear a VM down: forget it and its tokens, close its sessions (their
     /// shims' connections close once their queued output is written).
     pub fn teardown(&self, vm_id: VmId, reason: &str) {
-        let vm = {
-            let mut st = self.state();
-            st.registry.vm_gone(vm_id, reason);
-            st.vms.remove(&vm_id)
-        };
-        if let Some(vm) = vm {
+        let gone = self.state().registry.vm_gone(vm_id, reason);
+        if let Some(vm) = gone.handle {
             vm.shut(reason);
         }
     }
@@ -246,7 +238,10 @@ impl Shared {
             (
                 st.registry.vm_count(),
                 st.registry.token_count(),
-                st.vms.values().cloned().collect::<Vec<_>>(),
+                st.registry
+                    .vm_handles()
+                    .map(|(_, vm)| vm.clone())
+                    .collect::<Vec<_>>(),
             )
         };
         info!(vms, tokens, "stats");
@@ -705,9 +700,14 @@ pub async fn serve(shared: Arc<Shared>, listener: UnixListener, signals: Signals
     drop(listener);
     crate::notify::stopping();
     shared.stop();
-    let vms: Vec<Arc<Vm>> = shared.state().vms.values().cloned().collect();
+    let vms: Vec<VmId> = shared
+        .state()
+        .registry
+        .vm_handles()
+        .map(|(id, _)| id)
+        .collect();
     for vm in vms {
-        shared.teardown(vm.id, "the proxy is shutting down");
+        shared.teardown(vm, "the proxy is shutting down");
     }
     tasks.close();
     if tokio::time::timeout(Duration::from_secs(3), tasks.wait())

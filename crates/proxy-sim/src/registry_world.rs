@@ -138,7 +138,11 @@ pub fn run(seed: u64, steps: usize) -> Result<Stats, String> {
                 let vm = reserved.swap_remove(i);
                 if rng.chance(80) {
                     what = format!("READY on {vm:?}");
-                    r.vm_ready(vm);
+                    if r.vm_ready(vm, ()).is_err() {
+                        return Err(format!(
+                            "step {step}: {what}: a reserved VM could not be made ready"
+                        ));
+                    }
                     vms.push(vm);
                 } else {
                     what = format!("bring-up of {vm:?} failed");
@@ -409,7 +413,11 @@ pub fn run(seed: u64, steps: usize) -> Result<Stats, String> {
                     continue;
                 };
                 what = format!("agent of {vm:?} gone");
-                for t in r.vm_gone(vm, "the agent closed the io channel") {
+                let gone = r.vm_gone(vm, "the agent closed the io channel");
+                if r.vm_handle(vm).is_some() {
+                    return Err(format!("step {step}: {what}: a gone VM kept its handle"));
+                }
+                for t in gone.tokens {
                     process.remove(&t);
                 }
             }

@@ -405,9 +405,12 @@ pub enum VmPhase {
 }
 
 #[derive(Debug)]
-struct VmEntry {
+struct VmEntry<V> {
     container_id: String,
     phase: VmPhase,
+    /// The driver's handle on the running VM (its tasks and sessions),
+    /// from READY until its agent is gone.
+    handle: Option<V>,
     next_io_base: u64,
     /// Its tokens in `Registry::tokens`.
     live_tokens: u32,
@@ -453,10 +456,22 @@ pub enum SignalPlan {
     },
 }
 
-/// The proxy's state, without I/O.
-#[derive(Debug, Default)]
-pub struct Registry {
-    vms: HashMap<VmId, VmEntry>,
+/// What [`Registry::vm_gone`] took away.
+#[derive(Debug)]
+pub struct GoneVm<V> {
+    /// The VM's tokens, forgotten.
+    pub tokens: Vec<String>,
+    /// The driver's handle, to shut the VM's tasks down.
+    pub handle: Option<V>,
+}
+
+/// The proxy's state, without I/O: the single owner of every VM, token,
+/// claim and process. `V` is the driver's handle on a running VM (the
+/// daemon's `Arc<Vm>`; `()` in tests and the simulation), kept here so
+/// that a VM is never known in one place and missing in another.
+#[derive(Debug)]
+pub struct Registry<V = ()> {
+    vms: HashMap<VmId, VmEntry<V>>,
     by_container: HashMap<String, VmId>,
     tokens: HashMap<String, TokenEntry>,
     next_vm: u64,
@@ -482,6 +497,18 @@ impl Default for TokenLimits {
     }
 }
 
+impl<V> Default for Registry<V> {
+    fn default() -> Self {
+        Registry {
+            vms: HashMap::new(),
+            by_container: HashMap::new(),
+            tokens: HashMap::new(),
+            next_vm: 0,
+            limits: TokenLimits::default(),
+        }
+    }
+}
+
 impl Registry {
     /// An empty registry.
     pub fn new() -> Self {
@@ -490,6 +517,14 @@ impl Registry {
 
     /// An empty registry with these token limits.
     pub fn with_limits(limits: TokenLimits) -> Self {
+        Self::with_handles(limits)
+    }
+}
+
+impl<V> Registry<V> {
+    /// An empty registry with these token limits, keeping handles of type
+    /// `V` for running VMs.
+    pub fn with_handles(limits: TokenLimits) -> Self {
         Registry {
             limits,
             ..Self::default()
@@ -542,6 +577,7 @@ impl Registry {
             VmEntry {
                 container_id: req.container_id.clone(),
                 phase: VmPhase::Reserved,
+                handle: None,
                 next_io_base: FIRST_IO_BASE,
                 live_tokens: 0,
             },
@@ -551,13 +587,31 @@ impl Registry {
         Ok((vm, tokens))
     }
 
-    /// The agent sent READY: the VM becomes attachable.
-    pub fn vm_ready(&mut self, vm: VmId) {
-        if let Some(v) = self.vms.get_mut(&vm) {
-            if v.phase == VmPhase::Reserved {
+    /// The agent sent READY and the VM runs (its driver's `handle`): it
+    /// becomes attachable. `false` if it is no longer reserved (the
+    /// registration was abandoned, e.g. at shutdown): the handle is given
+    /// back in `Err` to be shut down.
+    pub fn vm_ready(&mut self, vm: VmId, handle: V) -> Result<(), V> {
+        match self.vms.get_mut(&vm) {
+            Some(v) if v.phase == VmPhase::Reserved => {
                 v.phase = VmPhase::Live;
+                v.handle = Some(handle);
+                Ok(())
             }
+            _ => Err(handle),
         }
+    }
+
+    /// The driver's handle on a running VM (none once its agent is gone).
+    pub fn vm_handle(&self, vm: VmId) -> Option<&V> {
+        self.vms.get(&vm).and_then(|v| v.handle.as_ref())
+    }
+
+    /// The handles of every running VM.
+    pub fn vm_handles(&self) -> impl Iterator<Item = (VmId, &V)> {
+        self.vms
+            .iter()
+            .filter_map(|(id, v)| v.handle.as_ref().map(|h| (*id, h)))
     }
 
     /// AttachVM: allocates more tokens on a registered VM.
@@ -660,15 +714,17 @@ impl Registry {
     /// forgotten; a registered VM stays known by its container id (Hyper
     /// and AttachVM are refused) until UnregisterVM, an unregistered one is
     /// forgotten at once. Returns the tokens.
-    pub fn vm_gone(&mut self, vm: VmId, reason: &str) -> Vec<String> {
-        match self.vms.get_mut(&vm) {
+    pub fn vm_gone(&mut self, vm: VmId, reason: &str) -> GoneVm<V> {
+        let handle = self.vms.get_mut(&vm).and_then(|v| v.handle.take());
+        let tokens = match self.vms.get_mut(&vm) {
             Some(v) if v.phase == VmPhase::Live => {
                 v.phase = VmPhase::AgentGone(reason.to_owned());
                 self.remove_tokens(vm)
             }
             Some(v) if matches!(v.phase, VmPhase::AgentGone(_)) => self.remove_tokens(vm),
             _ => self.remove_vm(vm),
-        }
+        };
+        GoneVm { tokens, handle }
     }
 
     fn remove_tokens(&mut self, vm: VmId) -> Vec<String> {
@@ -903,6 +959,14 @@ impl Registry {
                     tokens.len()
                 ));
             }
+            let runs = matches!(v.phase, VmPhase::Live | VmPhase::Unregistered);
+            if runs != v.handle.is_some() {
+                return Err(format!(
+                    "VM {id:?} is {:?} and {} a running VM's handle",
+                    v.phase,
+                    if v.handle.is_some() { "has" } else { "lacks" }
+                ));
+            }
             if matches!(v.phase, VmPhase::AgentGone(_)) && !tokens.is_empty() {
                 return Err(format!("VM {id:?}'s agent is gone and it keeps tokens"));
             }
@@ -1023,7 +1087,7 @@ mod tests {
         let (vm, t) = r
             .register_vm(&reg(id, n), || format!("{id}-{}", g()))
             .unwrap();
-        r.vm_ready(vm);
+        r.vm_ready(vm, ()).unwrap();
         (vm, t)
     }
 
@@ -1110,7 +1174,7 @@ mod tests {
         ));
         let (vm, _) = r.register_vm(&reg("a", 1), tokgen()).unwrap();
         assert!(r.attach_vm(&attach, tokgen()).is_err(), "not ready yet");
-        r.vm_ready(vm);
+        r.vm_ready(vm, ()).unwrap();
         let mut g = || "x".to_string() + &r.token_count().to_string();
         let _ = &mut g;
         let (vm2, t) = r
@@ -1363,7 +1427,7 @@ mod tests {
         let mut r = Registry::new();
         let (a, ta) = ready_vm(&mut r, "a", 1);
         assert_eq!(
-            r.vm_gone(a, "its channels closed"),
+            r.vm_gone(a, "its channels closed").tokens,
             vec![ta[0].token.clone()]
         );
         assert!(!r.vm_exists(a));
