@@ -3,6 +3,7 @@
 //! they decide, and a writer that sends responses and, once the connection is a
 //! shim, its session's output.
 
+use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,11 +14,13 @@ use proxy_proto::payload::{
     UnregisterVm,
 };
 use proxy_proto::{
-    Command, Decode, Frame, FrameDecoder, FrameKind, Header, Limits, RawHeader, Stream,
+    Command, Decode, Frame, FrameDecoder, FrameError, FrameKind, Header, Limits, RawHeader, Stream,
 };
 use serde::de::DeserializeOwned;
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit};
+use tokio::task::JoinHandle;
 use tracing::{debug, info, warn, Instrument};
 
 use crate::registry::{ConnId, ProxyError, SignalPlan, VmId};
@@ -25,6 +28,7 @@ use crate::rules::client::{self, Action, Client, CloseReason, StdinAction};
 use crate::rules::output::{Gather, Held, Inflight, Step};
 use crate::server::Shared;
 use crate::session::{Budget, IoFlow, Output, OutputQueue, Session, WriteOutcome};
+use crate::timer::Deadline;
 use crate::vm::{Gone, Vm};
 use crate::wire::Batch;
 
@@ -87,188 +91,161 @@ async fn serve_inner(shared: Arc<Shared>, stream: UnixStream, conn: ConnId) {
     let (r, w) = stream.into_split();
     let (tx, rx) = mpsc::channel::<ToWriter>(64);
     let (stop_tx, stop_rx) = watch::channel(false);
-    let mut writer = tokio::spawn(writer(w, rx, stop_rx).in_current_span());
-    let mut c = Conn {
-        shared: shared.clone(),
-        id: conn,
-        tx,
-        rules: Client::new(client::Limits {
-            frame_timeout: shared.config.frame_timeout,
-            process_timeout: shared.config.process_timeout,
-            session_buffer: usize::try_from(shared.config.session_buffer).unwrap_or(usize::MAX),
-        }),
-        shim: None,
-        stdin_budget: None,
-    };
-    let limits = Limits {
-        max_payload: shared.config.max_frame_size,
-    };
-    let mut dec = FrameDecoder::new(limits);
-    // The read buffer is allocated only while bytes are pending: an idle
-    // connection (1000 waiting shims) holds no buffer at all.
-    let mut buf = BytesMut::new();
-    let mut read_size = MIN_READ;
-    let single_threaded = tokio::runtime::Handle::current().runtime_flavor()
-        == tokio::runtime::RuntimeFlavor::CurrentThread;
-    let mut shutdown = shared.shutdown.subscribe();
-    let mut gone: Option<watch::Receiver<Gone>> = None;
-    let mut drain = false;
-    // The memory budget the read buffer holds beyond its first MIN_READ
-    // bytes (a large frame, or large reads).
-    let mut held: Option<OwnedSemaphorePermit> = None;
-    // The timer for the rules' next deadline (a partial frame's, waiting
-    // stdin's). Boxed (only connections that ever had a deadline pay for
-    // one) and moved only when the deadline comes earlier than it, or when
-    // it fires before anything is due, like the ctl timer: not once per
-    // read.
-    let mut timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
-    'conn: loop {
-        let mut decoded = false;
-        loop {
-            if let Some(opcode) = client::ignored_error_flag(&buf) {
-                debug!(
-                    opcode,
-                    "the Error flag is set on a command; ignored, as the reference does"
-                );
-            }
-            match Decode::decode(&mut dec, &mut buf) {
-                Ok(Some(frame)) => {
-                    decoded = true;
-                    match c.handle(frame).await {
-                        Flow::Continue => {
-                            if gone.is_none() {
-                                gone = c.shim.as_ref().map(|s| s.vm.gone.subscribe());
-                            }
-                        }
-                        Flow::Close => break 'conn,
-                    }
-                }
-                Ok(None) => break,
-                Err(e) => {
-                    let close = c.rules.on_malformed(&buf, e);
-                    c.perform(close).await;
-                    break 'conn;
-                }
-            }
+    let writer = tokio::spawn(ShimWriter::new(w, rx, stop_rx).run().in_current_span());
+    let mut reader = ClientReader::new(r, &shared);
+    let mut c = Conn::new(shared, conn, tx);
+    let end = c.run(&mut reader).await;
+    c.end(end, writer, stop_tx).await;
+}
+
+/// How a connection's read loop ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    /// The connection closes: the writer writes what it was given.
+    Close,
+    /// The VM is gone: the writer also writes what its session queued.
+    Drain,
+}
+
+/// What woke a connection's reader.
+enum Wake {
+    /// The socket is readable.
+    Readable,
+    /// The shim's process started: the stdin that waited for it goes.
+    Started,
+    /// The rules' deadline passed.
+    Deadline,
+    /// The connection ends.
+    End(End),
+}
+
+/// What a connection's reader waits for besides its socket.
+struct Waits {
+    shutdown: watch::Receiver<bool>,
+    /// The VM's end, once the connection is a shim.
+    gone: Option<watch::Receiver<Gone>>,
+    /// The rules' next deadline (a partial frame's, waiting stdin's).
+    timer: Deadline,
+}
+
+/// The read half of a client connection, its buffer and its decoder.
+struct ClientReader {
+    r: OwnedReadHalf,
+    dec: FrameDecoder,
+    /// The read buffer is allocated only while bytes are pending: an idle
+    /// connection (1000 waiting shims) holds no buffer at all.
+    buf: BytesMut,
+    read_size: usize,
+    single_threaded: bool,
+    /// The memory budget the read buffer holds beyond its first MIN_READ
+    /// bytes (a large frame, or large reads).
+    held: Option<OwnedSemaphorePermit>,
+}
+
+/// What filling the read buffer came to.
+enum Fill {
+    /// It read, or there was nothing to read yet.
+    Read,
+    /// The connection ends (end of stream, a failed read, shutdown).
+    Closed,
+    /// No memory budget came before the rules' deadline: what is due is
+    /// carried out, and the connection ends.
+    Starved,
+}
+
+impl ClientReader {
+    fn new(r: OwnedReadHalf, shared: &Shared) -> Self {
+        let limits = Limits {
+            max_payload: shared.config.max_frame_size,
+        };
+        Self {
+            r,
+            dec: FrameDecoder::new(limits),
+            buf: BytesMut::new(),
+            read_size: MIN_READ,
+            single_threaded: tokio::runtime::Handle::current().runtime_flavor()
+                == tokio::runtime::RuntimeFlavor::CurrentThread,
+            held: None,
         }
-        if buf.is_empty() {
-            buf = BytesMut::new();
-            held = None;
+    }
+
+    /// The next whole frame in the buffer.
+    fn next_frame(&mut self) -> Result<Option<Frame>, FrameError> {
+        if let Some(opcode) = client::ignored_error_flag(&self.buf) {
+            debug!(
+                opcode,
+                "the Error flag is set on a command; ignored, as the reference does"
+            );
         }
-        c.rules.partial_frame(&buf, decoded, now());
-        let deadline = c.rules.poll_timeout().map(tokio::time::Instant::from_std);
-        if let Some(d) = deadline {
-            match &mut timer {
-                None => timer = Some(Box::pin(tokio::time::sleep_until(d))),
-                Some(t) if d < t.deadline() || t.is_elapsed() => t.as_mut().reset(d),
-                Some(_) => {}
-            }
+        Decode::decode(&mut self.dec, &mut self.buf)
+    }
+
+    /// Nothing is pending: let go of the buffer and its budget.
+    fn release_if_idle(&mut self) {
+        if self.buf.is_empty() {
+            self.buf = BytesMut::new();
+            self.held = None;
         }
-        let mut started = false;
-        let mut timed_out = false;
-        tokio::select! {
-            r = r.readable() => {
-                if let Err(e) = r {
-                    debug!(error = %e, "read failed");
-                    break;
-                }
-            }
-            _ = shutdown.wait_for(|s| *s) => break,
-            _ = vm_gone(&mut gone) => {
-                drain = true;
-                break;
-            }
-            r = process_start(&mut c.shim), if c.rules.waiting_for_start() => match r {
-                Ok(()) => started = true,
-                Err(e) => {
-                    warn!(error = %e, "stdin cannot be delivered; closing");
-                    break;
-                }
-            },
-            () = poll_timer(&mut timer), if deadline.is_some() => timed_out = true,
-        }
-        if timed_out {
-            match c.rules.handle_timeout(now()) {
-                Some(close) => {
-                    c.perform(close).await;
-                    break;
-                }
-                // Fired before anything was due (a deadline moved later).
-                None => {
-                    if let (Some(d), Some(t)) = (c.rules.poll_timeout(), timer.as_mut()) {
-                        t.as_mut().reset(tokio::time::Instant::from_std(d));
-                    }
-                }
-            }
-        }
-        if started {
-            match c.flush_stdin().await {
-                Flow::Continue => continue,
-                Flow::Close => break,
-            }
-        }
+    }
+
+    /// Read what the socket holds, with room for what is pending.
+    async fn fill(&mut self, shared: &Shared, rules: &Client) -> Fill {
         // Room for what is pending: the rest of a partial frame, or more.
-        let want = RawHeader::peek(&buf)
-            .map(|h| (h.header_len() + h.payload_len as usize).saturating_sub(buf.len()))
+        let want = RawHeader::peek(&self.buf)
+            .map(|h| (h.header_len() + h.payload_len as usize).saturating_sub(self.buf.len()))
             .unwrap_or(0)
-            .max(read_size);
-        // Beyond its first MIN_READ bytes the buffer draws from the memory
-        // budget; while none is left, this peer is not read (the rest of
-        // its frame waits in its socket), until its frame times out.
-        let need = (buf.len() + want).saturating_sub(MIN_READ);
-        let have = held.as_ref().map_or(0, |p| p.num_permits());
-        if need > have {
-            let more = u32::try_from(need - have).unwrap_or(u32::MAX);
-            let got = match shared.budget.clone().try_acquire_many_owned(more) {
-                Ok(p) => Some(p),
-                Err(_) => {
-                    debug!(
-                        bytes = more,
-                        "memory budget spent; not reading this client until some is free"
-                    );
-                    // Boxed: a rare wait, kept out of every connection's
-                    // task.
-                    let budget = shared.budget.clone();
-                    let mut stop = shared.shutdown.subscribe();
-                    let deadline = c.rules.poll_timeout().map(tokio::time::Instant::from_std);
-                    let got = Box::pin(async move {
-                        tokio::select! {
-                            p = budget.acquire_many_owned(more) => Ok(p.ok()),
-                            _ = stop.wait_for(|s| *s) => Err(()),
-                            () = sleep_until(deadline) => Ok(None),
-                        }
-                    })
-                    .await;
-                    let Ok(got) = got else { break };
-                    if got.is_none() {
-                        if let Some(close) = c.rules.handle_timeout(now()) {
-                            c.perform(close).await;
-                        }
-                        break;
-                    }
-                    got
-                }
-            };
-            match (&mut held, got) {
-                (Some(h), Some(p)) => h.merge(p),
-                (h @ None, Some(p)) => *h = Some(p),
-                (_, None) => break,
-            }
+            .max(self.read_size);
+        if let Err(end) = self.budget(shared, rules, want).await {
+            return end;
         }
-        buf.reserve(want);
-        let room = buf.capacity() - buf.len();
-        match r.try_read_buf(&mut buf) {
+        self.read(want)
+    }
+
+    /// Beyond its first MIN_READ bytes the buffer draws from the memory
+    /// budget; while none is left, this peer is not read (the rest of its
+    /// frame waits in its socket), until its frame times out.
+    async fn budget(&mut self, shared: &Shared, rules: &Client, want: usize) -> Result<(), Fill> {
+        let need = (self.buf.len() + want).saturating_sub(MIN_READ);
+        let have = self.held.as_ref().map_or(0, |p| p.num_permits());
+        if need <= have {
+            return Ok(());
+        }
+        let more = u32::try_from(need - have).unwrap_or(u32::MAX);
+        let p = match shared.budget.clone().try_acquire_many_owned(more) {
+            Ok(p) => p,
+            Err(_) => {
+                debug!(
+                    bytes = more,
+                    "memory budget spent; not reading this client until some is free"
+                );
+                // Boxed: a rare wait, kept out of every connection's task.
+                let budget = shared.budget.clone();
+                let stop = shared.shutdown.subscribe();
+                Box::pin(wait_budget(budget, more, stop, rules.poll_timeout())).await?
+            }
+        };
+        match &mut self.held {
+            Some(h) => h.merge(p),
+            h @ None => *h = Some(p),
+        }
+        Ok(())
+    }
+
+    fn read(&mut self, want: usize) -> Fill {
+        self.buf.reserve(want);
+        let room = self.buf.capacity() - self.buf.len();
+        match self.r.try_read_buf(&mut self.buf) {
             Ok(0) => {
-                if !buf.is_empty() {
-                    debug!(left = buf.len(), "client closed mid-frame");
+                if !self.buf.is_empty() {
+                    debug!(left = self.buf.len(), "client closed mid-frame");
                 }
-                break;
+                Fill::Closed
             }
             Ok(n) => {
-                if n >= read_size {
-                    read_size = (read_size * 2).min(MAX_READ);
+                if n >= self.read_size {
+                    self.read_size = (self.read_size * 2).min(MAX_READ);
                 }
-                if n < room && single_threaded {
+                if n < room && self.single_threaded {
                     // A short read drained the socket: forget the
                     // readiness now rather than learn it from one more
                     // read that fails with EAGAIN (a syscall per command).
@@ -276,45 +253,34 @@ async fn serve_inner(shared: Arc<Shared>, stream: UnixStream, conn: ConnId) {
                     // driver cannot record a newer event between the read
                     // and this, so only readiness the read consumed is
                     // cleared; data arriving later brings a new event.
-                    let _ = r.as_ref().try_io(tokio::io::Interest::READABLE, || {
+                    let _ = self.r.as_ref().try_io(tokio::io::Interest::READABLE, || {
                         Err::<(), _>(std::io::ErrorKind::WouldBlock.into())
                     });
                 }
+                Fill::Read
             }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Fill::Read,
             Err(e) => {
                 debug!(error = %e, "read failed");
-                break;
+                Fill::Closed
             }
         }
     }
-    // Ending: the writer flushes what it was given, gives the session's
-    // queue back, and only then is the token claimable again.
-    c.rules.closed();
-    if let Some(s) = &c.shim {
-        shared.state().registry.shim_closing(conn, &s.token);
+}
+
+/// Wait for `more` of the memory budget, until shutdown or `deadline`.
+async fn wait_budget(
+    budget: Budget,
+    more: u32,
+    mut stop: watch::Receiver<bool>,
+    deadline: Option<std::time::Instant>,
+) -> Result<OwnedSemaphorePermit, Fill> {
+    let deadline = deadline.map(tokio::time::Instant::from_std);
+    tokio::select! {
+        p = budget.acquire_many_owned(more) => p.map_err(|_| Fill::Starved),
+        _ = stop.wait_for(|s| *s) => Err(Fill::Closed),
+        () = sleep_until(deadline) => Err(Fill::Starved),
     }
-    if drain {
-        let _ = c.tx.send(ToWriter::Drain).await;
-    }
-    let Conn { tx, shim, .. } = c;
-    drop(tx);
-    // A peer that stopped reading cannot hold the session's queue hostage:
-    // after a grace period the writer gives up and hands the queue back.
-    if tokio::time::timeout(WRITER_GRACE, &mut writer)
-        .await
-        .is_err()
-    {
-        debug!("client not reading; abandoning its pending output");
-        stop_tx.send_replace(true);
-        let _ = writer.await;
-    }
-    if let Some(s) = shim {
-        shared.state().registry.shim_gone(conn, &s.token);
-        s.session.shim.send_replace(false);
-        debug!(token = %crate::redact::Token(&s.token), "shim gone; token claimable again");
-    }
-    debug!("client disconnected");
 }
 
 /// The rules' clock: tokio's (paused in tests), as a std instant.
@@ -332,14 +298,6 @@ async fn process_start(shim: &mut Option<ShimRole>) -> Result<(), ProxyError> {
             .await
             .map(|_| ())
             .map_err(|_| ProxyError::VmGone),
-        None => std::future::pending().await,
-    }
-}
-
-/// Await a boxed timer if there is one.
-async fn poll_timer(t: &mut Option<std::pin::Pin<Box<tokio::time::Sleep>>>) {
-    match t {
-        Some(t) => t.as_mut().await,
         None => std::future::pending().await,
     }
 }
@@ -375,6 +333,158 @@ struct Conn {
     stdin_budget: Option<OwnedSemaphorePermit>,
 }
 
+/// The read loop and the ending.
+impl Conn {
+    fn new(shared: Arc<Shared>, id: ConnId, tx: mpsc::Sender<ToWriter>) -> Self {
+        let rules = Client::new(client::Limits {
+            frame_timeout: shared.config.frame_timeout,
+            process_timeout: shared.config.process_timeout,
+            session_buffer: usize::try_from(shared.config.session_buffer).unwrap_or(usize::MAX),
+        });
+        Self {
+            shared,
+            id,
+            tx,
+            rules,
+            shim: None,
+            stdin_budget: None,
+        }
+    }
+
+    /// Read frames and carry them out until the connection ends.
+    async fn run(&mut self, rd: &mut ClientReader) -> End {
+        let mut waits = Waits {
+            shutdown: self.shared.shutdown.subscribe(),
+            gone: None,
+            timer: Deadline::new(),
+        };
+        loop {
+            if let Flow::Close = self.take_frames(rd, &mut waits.gone).await {
+                return End::Close;
+            }
+            waits.timer.set(self.rules.poll_timeout());
+            match self.wait(rd, &mut waits).await {
+                Wake::Readable => {}
+                Wake::End(end) => return end,
+                Wake::Started => match self.flush_stdin().await {
+                    Flow::Continue => continue,
+                    Flow::Close => return End::Close,
+                },
+                // None: it fired before anything was due (a deadline moved
+                // later); the timer is set again.
+                Wake::Deadline => {
+                    if let Some(close) = self.rules.handle_timeout(now()) {
+                        self.perform(close).await;
+                        return End::Close;
+                    }
+                }
+            }
+            match rd.fill(&self.shared, &self.rules).await {
+                Fill::Read => {}
+                Fill::Closed => return End::Close,
+                Fill::Starved => {
+                    if let Some(close) = self.rules.handle_timeout(now()) {
+                        self.perform(close).await;
+                    }
+                    return End::Close;
+                }
+            }
+        }
+    }
+
+    /// Carry out the whole frames the buffer holds, then tell the rules
+    /// what is left of it (a partial frame has a deadline).
+    async fn take_frames(
+        &mut self,
+        rd: &mut ClientReader,
+        gone: &mut Option<watch::Receiver<Gone>>,
+    ) -> Flow {
+        let mut decoded = false;
+        loop {
+            match rd.next_frame() {
+                Ok(Some(frame)) => {
+                    decoded = true;
+                    if let Flow::Close = self.handle(frame).await {
+                        return Flow::Close;
+                    }
+                    if gone.is_none() {
+                        *gone = self.shim.as_ref().map(|s| s.vm.gone.subscribe());
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    let close = self.rules.on_malformed(&rd.buf, e);
+                    self.perform(close).await;
+                    return Flow::Close;
+                }
+            }
+        }
+        rd.release_if_idle();
+        self.rules.partial_frame(&rd.buf, decoded, now());
+        Flow::Continue
+    }
+
+    /// Wait for the socket, the process's start, the rules' deadline, or
+    /// the connection's end.
+    async fn wait(&mut self, rd: &ClientReader, w: &mut Waits) -> Wake {
+        tokio::select! {
+            r = rd.r.readable() => match r {
+                Ok(()) => Wake::Readable,
+                Err(e) => {
+                    debug!(error = %e, "read failed");
+                    Wake::End(End::Close)
+                }
+            },
+            _ = w.shutdown.wait_for(|s| *s) => Wake::End(End::Close),
+            _ = vm_gone(&mut w.gone) => Wake::End(End::Drain),
+            r = process_start(&mut self.shim), if self.rules.waiting_for_start() => match r {
+                Ok(()) => Wake::Started,
+                Err(e) => {
+                    warn!(error = %e, "stdin cannot be delivered; closing");
+                    Wake::End(End::Close)
+                }
+            },
+            () = w.timer.fired(), if w.timer.is_armed() => Wake::Deadline,
+        }
+    }
+
+    /// Ending: the writer flushes what it was given, gives the session's
+    /// queue back, and only then is the token claimable again.
+    async fn end(mut self, end: End, mut writer: JoinHandle<()>, stop: watch::Sender<bool>) {
+        self.rules.closed();
+        if let Some(s) = &self.shim {
+            self.shared.state().registry.shim_closing(self.id, &s.token);
+        }
+        if end == End::Drain {
+            let _ = self.tx.send(ToWriter::Drain).await;
+        }
+        let Conn {
+            shared,
+            id,
+            tx,
+            shim,
+            ..
+        } = self;
+        drop(tx);
+        // A peer that stopped reading cannot hold the session's queue
+        // hostage: after a grace period the writer gives up and hands the
+        // queue back.
+        if tokio::time::timeout(WRITER_GRACE, &mut writer)
+            .await
+            .is_err()
+        {
+            debug!("client not reading; abandoning its pending output");
+            stop.send_replace(true);
+            let _ = writer.await;
+        }
+        if let Some(s) = shim {
+            shared.state().registry.shim_gone(id, &s.token);
+            s.session.shim.send_replace(false);
+            debug!(token = %crate::redact::Token(&s.token), "shim gone; token claimable again");
+        }
+        debug!("client disconnected");
+    }
+}
 /// Take `n` bytes of `budget` for stdin that waits for its process.
 fn reserve(budget: &Budget, held: &mut Option<OwnedSemaphorePermit>, n: usize) -> bool {
     let Some(permit) = u32::try_from(n)
@@ -895,173 +1005,221 @@ async fn wait_true(
 }
 
 /// Frames and session output to the client, batched into vectored writes.
-async fn writer(
-    mut w: tokio::net::unix::OwnedWriteHalf,
-    mut rx: mpsc::Receiver<ToWriter>,
-    mut stop: watch::Receiver<bool>,
-) {
-    let mut session: Option<(Arc<Session>, OutputQueue)> = None;
-    let mut batch = Batch::new();
-    // Output items in the batch, to account for (or put back) after writing.
-    let mut inflight = Inflight::default();
-    // What the shim's socket held unread after the last write (SIOCOUTQ):
-    // lost if the shim dies without reading it.
-    let mut unread = 0usize;
-    let mut closing = false;
-    let mut drain = false;
-    // The batch holds a frame other than output (a response): no waiting.
-    let mut urgent = false;
-    // The session's io flow (the corking policy's input), kept from batch
-    // to batch.
-    let mut flow: Option<Arc<IoFlow>> = None;
-    loop {
-        // Wait for something to write.
-        if batch.is_empty() {
-            let msg = match &mut session {
-                Some((_, q)) => tokio::select! {
-                    biased;
-                    m = rx.recv() => Some(m),
-                    o = q.next() => {
-                        if let Some(o) = o {
-                            queue_output(&mut inflight, &mut batch, o);
-                        }
-                        None
+struct ShimWriter {
+    w: OwnedWriteHalf,
+    rx: mpsc::Receiver<ToWriter>,
+    stop: watch::Receiver<bool>,
+    session: Option<(Arc<Session>, OutputQueue)>,
+    batch: Batch,
+    /// Output items in the batch, to account for (or put back) after
+    /// writing.
+    inflight: Inflight,
+    /// What the shim's socket held unread after the last write (SIOCOUTQ):
+    /// lost if the shim dies without reading it.
+    unread: usize,
+    closing: bool,
+    drain: bool,
+    /// The batch holds a frame other than output (a response): no waiting.
+    urgent: bool,
+    /// The session's io flow (the corking policy's input), kept from batch
+    /// to batch.
+    flow: Option<Arc<IoFlow>>,
+}
+
+impl ShimWriter {
+    fn new(w: OwnedWriteHalf, rx: mpsc::Receiver<ToWriter>, stop: watch::Receiver<bool>) -> Self {
+        Self {
+            w,
+            rx,
+            stop,
+            session: None,
+            batch: Batch::new(),
+            inflight: Inflight::default(),
+            unread: 0,
+            closing: false,
+            drain: false,
+            urgent: false,
+            flow: None,
+        }
+    }
+
+    async fn run(mut self) {
+        loop {
+            if self.batch.is_empty() {
+                self.wait_for_work().await;
+            }
+            self.gather().await;
+            self.urgent = false;
+            if self.drain {
+                if let Some((_, q)) = self.session.as_mut() {
+                    while let Some(o) = q.try_next() {
+                        queue_output(&mut self.inflight, &mut self.batch, o);
                     }
-                },
-                None => Some(rx.recv().await),
-            };
-            match msg {
-                Some(Some(m)) => urgent = handle_msg(m, &mut batch, &mut session, &mut drain),
-                Some(None) => closing = true,
-                None => {}
+                }
+            }
+            if !self.batch.is_empty() && self.write().await.is_break() {
+                break;
+            }
+            if self.closing || self.drain {
+                break;
             }
         }
-        // Gather more without waiting, and ask the corking policy
-        // (`Gather`) whether to write, to yield a turn of the scheduler,
-        // or, while the agent streams, to wait for the io reader's next
-        // read (see `IoFlow`).
-        match (&flow, &session) {
+        if let Some((s, q)) = self.session.take() {
+            s.return_queue(q);
+        }
+        use tokio::io::AsyncWriteExt;
+        let _ = self.w.shutdown().await;
+    }
+
+    /// Wait for something to write.
+    async fn wait_for_work(&mut self) {
+        let msg = match &mut self.session {
+            Some((_, q)) => tokio::select! {
+                biased;
+                m = self.rx.recv() => Some(m),
+                o = q.next() => {
+                    if let Some(o) = o {
+                        queue_output(&mut self.inflight, &mut self.batch, o);
+                    }
+                    None
+                }
+            },
+            None => Some(self.rx.recv().await),
+        };
+        match msg {
+            Some(Some(m)) => self.urgent = self.take(m),
+            Some(None) => self.closing = true,
+            None => {}
+        }
+    }
+
+    /// Gather more without waiting, and ask the corking policy (`Gather`)
+    /// whether to write, to yield a turn of the scheduler, or, while the
+    /// agent streams, to wait for the io reader's next read (see `IoFlow`).
+    async fn gather(&mut self) {
+        match (&self.flow, &self.session) {
             (Some(f), Some((s, _))) if Arc::ptr_eq(f, &s.flow) => {}
-            _ => flow = session.as_ref().map(|(s, _)| s.flow.clone()),
+            _ => self.flow = self.session.as_ref().map(|(s, _)| s.flow.clone()),
         }
         let mut gather = Gather::new();
         loop {
-            while !closing && batch.len() < 256 * 1024 && batch.chunks() < 512 {
-                match rx.try_recv() {
-                    Ok(m) => {
-                        urgent |= handle_msg(m, &mut batch, &mut session, &mut drain);
-                        continue;
-                    }
-                    Err(mpsc::error::TryRecvError::Disconnected) => {
-                        closing = true;
-                        break;
-                    }
-                    Err(mpsc::error::TryRecvError::Empty) => {}
-                }
-                match session.as_mut().and_then(|(_, q)| q.try_next()) {
-                    Some(o) => queue_output(&mut inflight, &mut batch, o),
-                    None => break,
-                }
-            }
+            self.gather_ready();
             // Created before the flag is read: a wake-up in between is
             // not missed.
-            let next_read = flow.as_ref().map(|f| f.next_read());
+            let next_read = self.flow.as_ref().map(|f| f.next_read());
             let held = Held {
-                len: batch.len(),
-                output: !inflight.is_empty(),
-                urgent,
-                closing: closing || drain,
-                streaming: flow.as_ref().is_some_and(|f| f.streaming()),
+                len: self.batch.len(),
+                output: !self.inflight.is_empty(),
+                urgent: self.urgent,
+                closing: self.closing || self.drain,
+                streaming: self.flow.as_ref().is_some_and(|f| f.streaming()),
             };
-            match gather.step(held) {
-                Step::Write => break,
-                Step::Yield => tokio::task::yield_now().await,
-                Step::WaitNextRead => {
-                    let Some(next_read) = next_read else { break };
-                    tokio::select! {
-                        biased;
-                        m = rx.recv() => match m {
-                            Some(m) => urgent |= handle_msg(m, &mut batch, &mut session, &mut drain),
-                            None => closing = true,
-                        },
-                        () = next_read => {}
-                    }
+            // `next_read` moved whole into the match: no borrow of `flow`
+            // outlives it.
+            let next_read = match (gather.step(held), next_read) {
+                (Step::Write, _) | (Step::WaitNextRead, None) => break,
+                (Step::Yield, _) => {
+                    tokio::task::yield_now().await;
+                    continue;
                 }
-            }
-        }
-        urgent = false;
-        if drain {
-            if let Some((_, q)) = session.as_mut() {
-                while let Some(o) = q.try_next() {
-                    queue_output(&mut inflight, &mut batch, o);
-                }
-            }
-        }
-        if !batch.is_empty() {
-            let mut progress = 0usize;
-            let r = tokio::select! {
-                r = batch.write_counted(&mut w, &mut progress) => r,
-                _ = stop.wait_for(|s| *s) => Err(std::io::Error::other("abandoned")),
+                (Step::WaitNextRead, Some(next_read)) => next_read,
             };
-            if let Err(e) = r {
-                debug!(error = %e, "write to client failed");
-                // A byte the kernel took is never sent again: what was
-                // handed over went to this shim (or is lost with its
-                // socket); only the rest goes back in front, for the next.
-                if let Some((s, q)) = session.as_mut() {
-                    let lost =
-                        s.write_done(&mut inflight, q, WriteOutcome::Failed { progress }, unread);
-                    if lost > 0 {
-                        info!(
-                            token = %crate::redact::Token(&s.token),
-                            up_to_bytes = lost,
-                            "a shim's connection failed with output unread in its socket; that output is lost"
-                        );
-                    }
-                }
-                batch = Batch::new();
-                break;
+            let m = tokio::select! {
+                biased;
+                m = self.rx.recv() => Some(m),
+                () = next_read => None,
+            };
+            match m {
+                Some(Some(m)) => self.urgent |= self.take(m),
+                Some(None) => self.closing = true,
+                None => {}
             }
-            if let Some((s, q)) = session.as_mut() {
-                s.write_done(&mut inflight, q, WriteOutcome::Done, 0);
-                unread = unread_in_kernel(&w);
-            }
-            inflight.clear();
-        }
-        if closing || drain {
-            break;
         }
     }
-    let _ = batch;
-    if let Some((s, q)) = session.take() {
-        s.return_queue(q);
-    }
-    use tokio::io::AsyncWriteExt;
-    let _ = w.shutdown().await;
-}
 
-/// Returns whether `m` put a frame other than output in the batch.
-fn handle_msg(
-    m: ToWriter,
-    batch: &mut Batch,
-    session: &mut Option<(Arc<Session>, OutputQueue)>,
-    drain: &mut bool,
-) -> bool {
-    match m {
-        ToWriter::Frame(f) => {
-            push_frame(batch, f.header(), f.payload);
-            return true;
-        }
-        ToWriter::Attach(s) => {
-            if let Some(q) = s.take_queue() {
-                *session = Some((s, q));
-            } else {
-                warn!(token = %crate::redact::Token(&s.token), "session output queue is held elsewhere");
+    /// Put in the batch what is ready: messages first, then output.
+    fn gather_ready(&mut self) {
+        while !self.closing && self.batch.len() < 256 * 1024 && self.batch.chunks() < 512 {
+            match self.rx.try_recv() {
+                Ok(m) => {
+                    self.urgent |= self.take(m);
+                    continue;
+                }
+                Err(mpsc::error::TryRecvError::Disconnected) => {
+                    self.closing = true;
+                    break;
+                }
+                Err(mpsc::error::TryRecvError::Empty) => {}
+            }
+            match self.session.as_mut().and_then(|(_, q)| q.try_next()) {
+                Some(o) => queue_output(&mut self.inflight, &mut self.batch, o),
+                None => break,
             }
         }
-        ToWriter::Drain => *drain = true,
     }
-    false
+
+    /// Write the batch, and account for its output. Break: the write
+    /// failed (or was abandoned); the writer stops.
+    async fn write(&mut self) -> ControlFlow<()> {
+        let mut progress = 0usize;
+        let r = tokio::select! {
+            r = self.batch.write_counted(&mut self.w, &mut progress) => r,
+            _ = self.stop.wait_for(|s| *s) => Err(std::io::Error::other("abandoned")),
+        };
+        if let Err(e) = r {
+            debug!(error = %e, "write to client failed");
+            self.write_failed(progress);
+            self.batch = Batch::new();
+            return ControlFlow::Break(());
+        }
+        if let Some((s, q)) = self.session.as_mut() {
+            s.write_done(&mut self.inflight, q, WriteOutcome::Done, 0);
+            self.unread = unread_in_kernel(&self.w);
+        }
+        self.inflight.clear();
+        ControlFlow::Continue(())
+    }
+
+    /// A byte the kernel took is never sent again: what was handed over
+    /// went to this shim (or is lost with its socket); only the rest goes
+    /// back in front, for the next.
+    fn write_failed(&mut self, progress: usize) {
+        let Some((s, q)) = self.session.as_mut() else {
+            return;
+        };
+        let lost = s.write_done(
+            &mut self.inflight,
+            q,
+            WriteOutcome::Failed { progress },
+            self.unread,
+        );
+        if lost > 0 {
+            info!(
+                token = %crate::redact::Token(&s.token),
+                up_to_bytes = lost,
+                "a shim's connection failed with output unread in its socket; that output is lost"
+            );
+        }
+    }
+
+    /// Returns whether `m` put a frame other than output in the batch.
+    fn take(&mut self, m: ToWriter) -> bool {
+        match m {
+            ToWriter::Frame(f) => {
+                push_frame(&mut self.batch, f.header(), f.payload);
+                return true;
+            }
+            ToWriter::Attach(s) => {
+                if let Some(q) = s.take_queue() {
+                    self.session = Some((s, q));
+                } else {
+                    warn!(token = %crate::redact::Token(&s.token), "session output queue is held elsewhere");
+                }
+            }
+            ToWriter::Drain => self.drain = true,
+        }
+        false
+    }
 }
 
 fn push_frame(batch: &mut Batch, h: Header, payload: Bytes) {
@@ -1083,7 +1241,7 @@ fn queue_output(inflight: &mut Inflight, batch: &mut Batch, o: Output) {
 }
 
 /// Bytes written to `w` that its reader has not read yet (SIOCOUTQ).
-fn unread_in_kernel(w: &tokio::net::unix::OwnedWriteHalf) -> usize {
+fn unread_in_kernel(w: &OwnedWriteHalf) -> usize {
     use std::os::fd::AsRawFd;
     let fd = w.as_ref().as_raw_fd();
     let mut n: libc::c_int = 0;
