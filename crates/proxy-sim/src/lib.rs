@@ -15,9 +15,11 @@
 //!   ([`proxy_server::rules::demux::simulate`]);
 //! - [`stream_world`]: one session's output through the demux, the queue,
 //!   the budget, the replay window and the writer's accounting to shims that
-//!   die and reconnect. The same seed gives the same schedule everywhere, so a
-//! failing seed reproduces exactly with `cargo xtask sim --seed S` and
-//! becomes a regression test (`tests/regressions.rs`).
+//!   die and reconnect.
+//!
+//! The same seed gives the same schedule everywhere, so a failing seed
+//! reproduces exactly with `cargo xtask sim --seed S` and becomes a
+//! regression test (`tests/regressions.rs`).
 //!
 //! ```
 //! let report = proxy_sim::run_seed(42, 200).expect("seed 42 is clean");
