@@ -28,19 +28,38 @@ pub enum ReadError<E> {
     },
 }
 
+/// How a [`MessageReader`] makes room in its buffer before a read.
+#[derive(Debug, Clone, Copy)]
+enum Room {
+    /// Reserve the read size, which starts at 4 KiB and doubles while
+    /// reads fill it, up to 256 KiB.
+    Growing { read_size: usize },
+    /// Reserve `chunk` bytes when fewer than `low` are free. The messages
+    /// split off the buffer share its allocation, so reserving more than
+    /// is free allocates anew: this does so once per `chunk - low` bytes
+    /// or so, not once per read.
+    Chunked { low: usize, chunk: usize },
+}
+
 /// Reads `R` and decodes it with `D`.
 ///
 /// The buffer is kept and reused from one message to the next (it grows to
 /// the largest message and the read size, which doubles while reads fill
-/// it, up to 256 KiB). [`MessageReader::next`] is cancel-safe: dropped
-/// between reads, it loses nothing (the bytes read stay buffered), so it may
-/// be one branch of a `select!`.
+/// it, up to 256 KiB; or see [`MessageReader::chunked`]).
+/// [`MessageReader::next`] and [`MessageReader::read_more`] are
+/// cancel-safe: dropped between reads, they lose nothing (the bytes read
+/// stay buffered), so either may be one branch of a `select!`.
+///
+/// [`MessageReader::next`] reads until a message comes; a driver that
+/// acts on every read ([`crate::vm`]'s io reader judges each read's size)
+/// calls [`MessageReader::read_more`] and then
+/// [`MessageReader::decode_buffered`] until it gives nothing.
 #[derive(Debug)]
 pub struct MessageReader<R, D> {
     io: R,
     decoder: D,
     buf: BytesMut,
-    read_size: usize,
+    room: Room,
 }
 
 impl<R: AsyncRead + Unpin, D: Decode> MessageReader<R, D> {
@@ -50,37 +69,67 @@ impl<R: AsyncRead + Unpin, D: Decode> MessageReader<R, D> {
             io,
             decoder,
             buf: BytesMut::new(),
-            read_size: MIN_READ,
+            room: Room::Growing {
+                read_size: MIN_READ,
+            },
+        }
+    }
+
+    /// A reader whose buffer starts with `chunk` bytes of room and is given
+    /// `chunk` more whenever fewer than `low` are free before a read.
+    pub fn chunked(io: R, decoder: D, low: usize, chunk: usize) -> Self {
+        Self {
+            io,
+            decoder,
+            buf: BytesMut::with_capacity(chunk),
+            room: Room::Chunked { low, chunk },
         }
     }
 
     /// The next message. `Ok(None)`: the stream ended between messages.
     pub async fn next(&mut self) -> Result<Option<D::Item>, ReadError<D::Error>> {
         loop {
-            if let Some(m) = self
-                .decoder
-                .decode(&mut self.buf)
-                .map_err(ReadError::Decode)?
-            {
+            if let Some(m) = self.decode_buffered().map_err(ReadError::Decode)? {
                 return Ok(Some(m));
             }
-            self.buf.reserve(self.read_size);
-            let room = self.buf.capacity().saturating_sub(self.buf.len());
-            let n = self
-                .io
-                .read_buf(&mut self.buf)
-                .await
-                .map_err(ReadError::Io)?;
-            if n == 0 {
+            if self.read_more().await.map_err(ReadError::Io)? == 0 {
                 return match self.buf.len() {
                     0 => Ok(None),
                     buffered => Err(ReadError::Truncated { buffered }),
                 };
             }
-            if n >= room.min(self.read_size) {
-                self.read_size = self.read_size.saturating_mul(2).min(MAX_READ);
+        }
+    }
+
+    /// Read once into the buffer, decoding nothing: the bytes read (0: the
+    /// stream ended, maybe in the middle of a message, see
+    /// [`buffered`](Self::buffered)).
+    pub async fn read_more(&mut self) -> std::io::Result<usize> {
+        let room = match self.room {
+            Room::Growing { read_size } => {
+                self.buf.reserve(read_size);
+                self.buf.capacity().saturating_sub(self.buf.len())
+            }
+            Room::Chunked { low, chunk } => {
+                if self.buf.capacity().saturating_sub(self.buf.len()) < low {
+                    self.buf.reserve(chunk);
+                }
+                0
+            }
+        };
+        let n = self.io.read_buf(&mut self.buf).await?;
+        if let Room::Growing { read_size } = &mut self.room {
+            if n >= room.min(*read_size) {
+                *read_size = read_size.saturating_mul(2).min(MAX_READ);
             }
         }
+        Ok(n)
+    }
+
+    /// The next message among the bytes already read, reading nothing.
+    /// `Ok(None)`: no whole message is buffered.
+    pub fn decode_buffered(&mut self) -> Result<Option<D::Item>, D::Error> {
+        self.decoder.decode(&mut self.buf)
     }
 
     /// Bytes read but not decoded yet (the start of the next message).
@@ -91,6 +140,12 @@ impl<R: AsyncRead + Unpin, D: Decode> MessageReader<R, D> {
     /// The decoder.
     pub fn decoder(&self) -> &D {
         &self.decoder
+    }
+
+    /// The decoder, mutably (a decoder with state of its own, such as
+    /// [`crate::rules::demux::IoDemux`]'s routes).
+    pub fn decoder_mut(&mut self) -> &mut D {
+        &mut self.decoder
     }
 
     /// The stream.
@@ -181,5 +236,35 @@ mod tests {
         w.write_all(&wire[6..]).await.unwrap();
         let m = reader.next().await.unwrap().expect("the message");
         assert_eq!((m.seq, &m.data[..]), (9, &b"late"[..]));
+    }
+
+    #[tokio::test]
+    async fn read_more_reads_once_and_decode_buffered_drains_without_reading() {
+        let (mut w, r) = tokio::io::duplex(1 << 16);
+        let mut wire = BytesMut::new();
+        for i in 0..3u8 {
+            IoMessage::new(3, vec![i; 100])
+                .encode(&mut wire, 10240)
+                .unwrap();
+        }
+        // Two whole messages and the header of the third.
+        let cut = 2 * 112 + 12;
+        w.write_all(&wire[..cut]).await.unwrap();
+        let mut reader = MessageReader::chunked(r, IoDecoder::default(), 256, 1024);
+        assert_eq!(reader.read_more().await.unwrap(), cut);
+        for i in 0..2u8 {
+            let m = reader.decode_buffered().unwrap().expect("buffered");
+            assert_eq!(m.data[..], [i; 100]);
+        }
+        assert!(reader.decode_buffered().unwrap().is_none());
+        assert_eq!(reader.buffered().len(), 12);
+        w.write_all(&wire[cut..]).await.unwrap();
+        drop(w);
+        assert_eq!(reader.read_more().await.unwrap(), 100);
+        assert_eq!(
+            reader.decode_buffered().unwrap().unwrap().data[..],
+            [2; 100]
+        );
+        assert_eq!(reader.read_more().await.unwrap(), 0);
     }
 }

@@ -9,7 +9,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use bytes::BytesMut;
 use proxy_proto::payload::{AttachVm, IoResponse, RegisterVm};
 use proxy_vsock::AgentConnector;
 use tokio::net::UnixListener;
@@ -19,6 +18,7 @@ use tracing::{debug, error, info, warn, Instrument};
 
 use crate::config::Config;
 use crate::ksm::Ksm;
+use crate::reader::MessageReader;
 use crate::registry::{ConnId, NewToken, ProxyError, Registry, VmId};
 use crate::rules::ctl::CtlChannel;
 use crate::vm::{Channels, Vm, VmEvents, VmOptions};
@@ -160,12 +160,12 @@ impl Shared {
             dial_timeout: self.config.dial_timeout,
             connector: self.connector.clone(),
         };
-        let (mut ctl_r, ctl_w) = dial.connect("ctl", &req.ctl_serial).await?;
+        let (ctl_r, ctl_w) = dial.connect("ctl", &req.ctl_serial).await?;
         let (io_r, io_w) = dial.connect("io", &req.io_serial).await?;
         debug!("agent channels connected, waiting for READY");
-        let mut ctl_buf = BytesMut::with_capacity(4096);
         let mut ctl = CtlChannel::new(opts.ctl_options(waited), deadline.into_std());
-        crate::vm::wait_ready(&mut ctl_r, &mut ctl_buf, &mut ctl).await?;
+        let mut ctl_r = MessageReader::new(ctl_r, ctl.decoder());
+        crate::vm::wait_ready(&mut ctl_r, &mut ctl).await?;
         if !req.console.is_empty() {
             spawn_console(
                 req.console.clone(),
@@ -180,7 +180,6 @@ impl Shared {
             Channels {
                 ctl_r,
                 ctl_w,
-                ctl_buf,
                 ctl,
                 io_r,
                 io_w,

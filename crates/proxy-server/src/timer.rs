@@ -29,10 +29,13 @@ impl Deadline {
         Self::default()
     }
 
-    /// Follow the machine's next deadline (`poll_timeout()`).
+    /// Follow the machine's next deadline (`poll_timeout()`). `None`
+    /// leaves a timer that is set where it is: it fires once more, for
+    /// nothing, rather than be moved again for the machine's next
+    /// deadline (a ctl channel between two commands has none: were the
+    /// timer cleared then, every command would move it).
     pub fn set(&mut self, deadline: Option<Instant>) {
         let Some(d) = deadline else {
-            self.armed = None;
             return;
         };
         if self.armed.is_some_and(|at| at <= d) {
@@ -84,6 +87,12 @@ mod tests {
         d.set(Some((t0 + Duration::from_secs(15)).into_std()));
         d.fired().await;
         assert_eq!(t0.elapsed(), Duration::from_secs(15));
+        // No deadline, while it is set: it fires where it was set.
+        d.set(Some((t0 + Duration::from_secs(25)).into_std()));
+        d.set(None);
+        assert!(d.is_armed());
+        d.fired().await;
+        assert_eq!(t0.elapsed(), Duration::from_secs(25));
         // No deadline: it never fires.
         d.set(None);
         let r = tokio::time::timeout(Duration::from_secs(3600), d.fired()).await;

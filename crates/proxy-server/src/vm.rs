@@ -7,25 +7,41 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
-use proxy_proto::hyper::ctl::Code;
-use proxy_proto::hyper::io::{IoHeader, IO_HEADER_LEN, MAX_IO_DATA};
+use bytes::Bytes;
+use proxy_proto::hyper::ctl::{Code, CtlDecoder};
+use proxy_proto::hyper::io::{IoHeader, IoMessage, IO_HEADER_LEN, MAX_IO_DATA};
 use proxy_proto::hyper::MAX_MESSAGE_LEN;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tracing::{debug, info, Instrument};
 
+use crate::metrics::Metrics;
+use crate::reader::MessageReader;
 use crate::registry::{During, ProxyError, VmId};
 use crate::rules::ctl::{CtlChannel, CtlEvent, CtlOptions, TxnId};
-use crate::rules::demux::{Discarded, IoDemux, Routed, Streaming, Wake, STREAM_PAUSE};
+use crate::rules::demux::{Discarded, IoDemux, Routed, Streaming, Wake};
 use crate::session::{Budget, IoFlow, Output, Session};
+use crate::timer::Deadline;
 use crate::wire::Batch;
 
 /// Read half of an agent channel.
 pub type AgentRead = Box<dyn AsyncRead + Send + Unpin>;
 /// Write half of an agent channel.
 pub type AgentWrite = Box<dyn AsyncWrite + Send + Unpin>;
+/// The ctl channel's reader (made with [`CtlChannel::decoder`]).
+pub type CtlReader = MessageReader<AgentRead, CtlDecoder>;
+/// The io channel's reader: its decoder is the demux.
+type IoReadHalf = MessageReader<AgentRead, IoDemux<Arc<Session>>>;
+
+/// The io reader makes room for the next read when less than this is free
+/// in its buffer...
+const IO_LOW_ROOM: usize = 16 * 1024;
+/// ...this much.
+const IO_CHUNK: usize = 64 * 1024;
+
+/// A caller waiting for its ctl transaction's result.
+type CtlReply = oneshot::Sender<Result<Bytes, ProxyError>>;
 
 /// Largest ctl data the agent takes in one message.
 pub use crate::rules::ctl::MAX_CTL_DATA;
@@ -37,7 +53,7 @@ const CTL_QUEUE: usize = 64;
 struct CtlRequest {
     code: Code,
     data: Bytes,
-    reply: oneshot::Sender<Result<Bytes, ProxyError>>,
+    reply: CtlReply,
 }
 
 /// stdin on its way to the agent.
@@ -140,12 +156,10 @@ pub fn agent_message_bound(max_payload: u32) -> usize {
 
 /// The agent's two channels, connected, READY seen.
 pub struct Channels {
-    /// ctl read half.
-    pub ctl_r: AgentRead,
+    /// ctl read half, with the bytes read after READY.
+    pub ctl_r: CtlReader,
     /// ctl write half.
     pub ctl_w: AgentWrite,
-    /// Bytes read from ctl after READY.
-    pub ctl_buf: BytesMut,
     /// The ctl channel's rules, READY seen ([`wait_ready`]).
     pub ctl: CtlChannel,
     /// io read half.
@@ -164,15 +178,9 @@ impl std::fmt::Debug for Channels {
 /// with the READY deadline) what is read until it says READY came, or why
 /// not (garbage, the channel closed or failed, the deadline passed).
 /// Messages before READY (there should be none) are logged and skipped;
-/// bytes read past it stay in `buf` for the ctl task.
-pub async fn wait_ready(
-    ctl_r: &mut AgentRead,
-    buf: &mut BytesMut,
-    ctl: &mut CtlChannel,
-) -> Result<(), ProxyError> {
-    let deadline = ctl.poll_timeout();
-    let timer = tokio::time::sleep_until(deadline.map_or_else(Instant::now, Instant::from_std));
-    tokio::pin!(timer);
+/// bytes read past it stay in `ctl_r` for the ctl task.
+pub async fn wait_ready(ctl_r: &mut CtlReader, ctl: &mut CtlChannel) -> Result<(), ProxyError> {
+    let mut timer = Deadline::new();
     loop {
         while let Some(ev) = ctl.poll_event() {
             match ev {
@@ -182,17 +190,29 @@ pub async fn wait_ready(
                 CtlEvent::Reply { .. } => {}
             }
         }
-        buf.reserve(4096);
+        timer.set(ctl.poll_timeout());
         tokio::select! {
-            n = ctl_r.read_buf(buf) => match n {
-                Ok(0) => ctl.handle_closed(None),
-                Ok(_) => ctl.handle_input(buf),
-                Err(e) => ctl.handle_closed(Some(e)),
-            },
-            () = &mut timer, if deadline.is_some() => {
-                ctl.handle_timeout(Instant::now().into_std());
+            n = ctl_r.read_more() => ctl_input(ctl, ctl_r, n),
+            () = timer.fired() => ctl.handle_timeout(Instant::now().into_std()),
+        }
+    }
+}
+
+/// Feed `ctl` what one read of `r` brought (`read`, the read's result):
+/// every whole message buffered, or the end of the channel.
+fn ctl_input(ctl: &mut CtlChannel, r: &mut CtlReader, read: std::io::Result<usize>) {
+    match read {
+        Ok(0) => ctl.handle_closed(None),
+        Ok(_) => {
+            while !ctl.is_broken() {
+                match r.decode_buffered() {
+                    Ok(Some(m)) => ctl.handle_message(m),
+                    Ok(None) => break,
+                    Err(e) => ctl.handle_garbage(e),
+                }
             }
         }
+        Err(e) => ctl.handle_closed(Some(e)),
     }
 }
 
@@ -241,7 +261,6 @@ impl Vm {
             vm.clone(),
             ch.ctl_r,
             ch.ctl_w,
-            ch.ctl_buf,
             ch.ctl,
             ctl_rx,
             events.clone(),
@@ -391,230 +410,316 @@ impl Vm {
 /// flight and notices the VM going; every rule is the channel's.
 async fn ctl_task(
     vm: Arc<Vm>,
-    mut r: AgentRead,
-    mut w: AgentWrite,
-    mut buf: BytesMut,
-    mut ctl: CtlChannel,
+    mut r: CtlReader,
+    w: AgentWrite,
+    ctl: CtlChannel,
     mut rx: mpsc::Receiver<CtlRequest>,
     events: Arc<dyn VmEvents>,
 ) {
     let mut gone = vm.gone.subscribe();
-    let metrics = events.metrics();
     let max_queue = ctl.options().max_queue;
-    let mut callers: HashMap<TxnId, oneshot::Sender<Result<Bytes, ProxyError>>> = HashMap::new();
+    let metrics = events.metrics();
+    let mut t = CtlTask {
+        vm,
+        w,
+        ctl,
+        events,
+        metrics,
+        callers: HashMap::new(),
+    };
     // The reply timeout. Arming a timer for every transaction costs a
     // timer-wheel insert and, often, a wake-up of the I/O driver (a syscall)
     // per command; instead one timer lives as long as the task and is moved
     // only when it would fire after the channel's deadline, or when it
     // fired before it (the transaction it was set for has ended): so it is
     // re-armed at most once per timeout however many commands pass.
-    let timer = tokio::time::sleep(Duration::from_secs(3600));
-    tokio::pin!(timer);
-    // Where the timer is set, while it has not fired.
-    let mut armed: Option<std::time::Instant> = None;
+    let mut timer = Deadline::new();
     // Whether the VM went for a reason of its own (not a broken channel).
     let mut went = false;
     loop {
-        // Carry out what the channel says.
-        loop {
-            while let Some(ev) = ctl.poll_event() {
-                match ev {
-                    CtlEvent::Ready => {}
-                    CtlEvent::Reply {
-                        id,
-                        result,
-                        sent_at,
-                        ..
-                    } => {
-                        if let (Some(m), Some(sent)) = (&metrics, sent_at) {
-                            let took = Instant::now().into_std().saturating_duration_since(sent);
-                            m.ctl_done(took, &result);
-                        }
-                        if let Some(reply) = callers.remove(&id) {
-                            let _ = reply.send(result);
-                        }
-                    }
-                    CtlEvent::Broken { error } => {
-                        if let (Some(m), ProxyError::AgentGarbage { .. }) = (&metrics, &error) {
-                            m.error(crate::metrics::ErrorKind::AgentGarbage);
-                        }
-                        events.vm_failed(vm.id, error.to_string());
-                    }
-                }
-            }
-            let Some(out) = ctl.poll_transmit(Instant::now().into_std()) else {
-                break;
-            };
-            if let Err(e) = w.write_all(&out).await {
-                ctl.handle_write_failed(e);
-            }
-        }
-        if ctl.is_broken() {
+        t.carry_out().await;
+        if t.ctl.is_broken() {
             break;
         }
-        match ctl.poll_timeout() {
-            Some(d) if armed.is_none_or(|a| a > d) => {
-                timer.as_mut().reset(Instant::from_std(d));
-                armed = Some(d);
-            }
-            _ => {}
-        }
-        buf.reserve(4096);
+        timer.set(t.ctl.poll_timeout());
         tokio::select! {
-            req = rx.recv(), if ctl.queued() < max_queue => match req {
-                Some(req) => match ctl.submit(req.code, req.data) {
-                    Ok(id) => {
-                        callers.insert(id, req.reply);
-                    }
-                    Err(e) => {
-                        let _ = req.reply.send(Err(e));
-                    }
-                },
+            req = rx.recv(), if t.ctl.queued() < max_queue => match req {
+                Some(req) => t.submit(req),
                 None => {
                     went = true;
-                    ctl.teardown("no more requests");
+                    t.ctl.teardown("no more requests");
                 }
             },
-            n = r.read_buf(&mut buf) => match n {
-                Ok(0) => ctl.handle_closed(None),
-                Ok(_) => ctl.handle_input(&mut buf),
-                Err(e) => ctl.handle_closed(Some(e)),
-            },
-            () = &mut timer, if armed.is_some() => {
-                armed = None;
-                ctl.handle_timeout(Instant::now().into_std());
-            }
+            n = r.read_more() => ctl_input(&mut t.ctl, &mut r, n),
+            () = timer.fired() => t.ctl.handle_timeout(Instant::now().into_std()),
             _ = gone.changed() => {
                 went = true;
-                ctl.teardown(&vm.gone_reason());
+                t.ctl.teardown(&t.vm.gone_reason());
             }
         }
     }
-    let reason = ctl.broken_reason().unwrap_or("VM torn down").to_owned();
-    if went {
-        events.vm_failed(vm.id, reason.clone());
+    t.finish(rx, went).await;
+}
+
+/// What the ctl task carries out the channel's word with.
+struct CtlTask {
+    vm: Arc<Vm>,
+    w: AgentWrite,
+    ctl: CtlChannel,
+    events: Arc<dyn VmEvents>,
+    metrics: Option<Arc<Metrics>>,
+    callers: HashMap<TxnId, CtlReply>,
+}
+
+impl CtlTask {
+    /// Carry out what the channel says: its events, then the next request
+    /// to write, until it says nothing more.
+    async fn carry_out(&mut self) {
+        loop {
+            while let Some(ev) = self.ctl.poll_event() {
+                self.event(ev);
+            }
+            let Some(out) = self.ctl.poll_transmit(Instant::now().into_std()) else {
+                return;
+            };
+            if let Err(e) = self.w.write_all(&out).await {
+                self.ctl.handle_write_failed(e);
+            }
+        }
     }
-    // Callers still waiting in the mpsc.
-    rx.close();
-    while let Some(req) = rx.recv().await {
-        let _ = req.reply.send(Err(ProxyError::VmTornDown {
-            during: During::Idle,
-            reason: reason.clone(),
-        }));
+
+    fn event(&mut self, ev: CtlEvent) {
+        match ev {
+            CtlEvent::Ready => {}
+            CtlEvent::Reply {
+                id,
+                result,
+                sent_at,
+                ..
+            } => {
+                if let (Some(m), Some(sent)) = (&self.metrics, sent_at) {
+                    let took = Instant::now().into_std().saturating_duration_since(sent);
+                    m.ctl_done(took, &result);
+                }
+                if let Some(reply) = self.callers.remove(&id) {
+                    let _ = reply.send(result);
+                }
+            }
+            CtlEvent::Broken { error } => {
+                if let (Some(m), ProxyError::AgentGarbage { .. }) = (&self.metrics, &error) {
+                    m.error(crate::metrics::ErrorKind::AgentGarbage);
+                }
+                self.events.vm_failed(self.vm.id, error.to_string());
+            }
+        }
+    }
+
+    /// A caller's request: queued on the channel, or refused at once.
+    fn submit(&mut self, req: CtlRequest) {
+        match self.ctl.submit(req.code, req.data) {
+            Ok(id) => {
+                self.callers.insert(id, req.reply);
+            }
+            Err(e) => {
+                let _ = req.reply.send(Err(e));
+            }
+        }
+    }
+
+    /// The channel broke or was torn down (`went`: for a reason of the
+    /// VM's own): fail the callers still waiting in the mpsc.
+    async fn finish(self, mut rx: mpsc::Receiver<CtlRequest>, went: bool) {
+        let reason = self
+            .ctl
+            .broken_reason()
+            .unwrap_or("VM torn down")
+            .to_owned();
+        if went {
+            self.events.vm_failed(self.vm.id, reason.clone());
+        }
+        rx.close();
+        while let Some(req) = rx.recv().await {
+            let _ = req.reply.send(Err(ProxyError::VmTornDown {
+                during: During::Idle,
+                reason: reason.clone(),
+            }));
+        }
     }
 }
 
-async fn io_reader(vm: Arc<Vm>, mut r: AgentRead, max_message: usize, events: Arc<dyn VmEvents>) {
-    let mut buf = BytesMut::with_capacity(64 * 1024);
-    // Routes to the sessions output went to: its own map spares the VM's
-    // shared one's lock per message.
-    let mut demux: IoDemux<Arc<Session>> = IoDemux::new(max_message);
-    let mut streaming = Streaming::new();
-    let mut gone = vm.gone.subscribe();
-    let metrics = events.metrics();
-    let flow = vm.io_flow.clone();
-    // The writers are told what the streaming machine says.
-    let tell = |s: &Streaming, wake: Wake| {
-        flow.set_streaming(s.is_streaming());
-        if wake == Wake::Writers {
-            flow.wake_writers();
-        }
+async fn io_reader(vm: Arc<Vm>, r: AgentRead, max_message: usize, events: Arc<dyn VmEvents>) {
+    let demux = IoDemux::new(max_message);
+    let mut io = IoReader {
+        gone: vm.gone.subscribe(),
+        metrics: events.metrics(),
+        vm,
+        events,
+        reader: MessageReader::chunked(r, demux, IO_LOW_ROOM, IO_CHUNK),
+        streaming: Streaming::new(),
+        pause: Deadline::new(),
     };
-    // The read to judge once its messages are queued: its size and when.
-    let mut fresh: Option<(usize, Instant)> = None;
-    // Fires the streaming machine's timeout; moved lazily (when it fires
-    // early), like the ctl timer.
-    let pause = tokio::time::sleep(STREAM_PAUSE);
-    tokio::pin!(pause);
-    let reason = 'outer: loop {
+    let reason = io.run().await;
+    // Nobody waits for io that will not come.
+    let wake = io.streaming.close();
+    tell(&io.vm.io_flow, &io.streaming, wake);
+    io.events.vm_failed(io.vm.id, reason);
+}
+
+/// The io reader: demultiplexes the agent's output into the sessions'
+/// queues and tells the writers what the streaming machine says.
+struct IoReader {
+    vm: Arc<Vm>,
+    events: Arc<dyn VmEvents>,
+    metrics: Option<Arc<Metrics>>,
+    /// Reads io. Its decoder, the demux, holds the routes to the sessions
+    /// output went to: its own map spares the VM's shared one's lock per
+    /// message.
+    reader: IoReadHalf,
+    streaming: Streaming,
+    /// Fires the streaming machine's timeout.
+    pause: Deadline,
+    gone: watch::Receiver<Gone>,
+}
+
+impl IoReader {
+    /// Read and route until io ends or fails or the VM goes: why it did.
+    async fn run(&mut self) -> String {
         loop {
-            let m = match demux.decode(&mut buf) {
+            self.pause.set(self.streaming.poll_timeout());
+            let n = tokio::select! {
+                n = self.reader.read_more() => match n {
+                    Ok(0) => return "the agent closed the io channel".to_string(),
+                    Ok(n) => n,
+                    Err(e) => return format!("reading io: {e}"),
+                },
+                () = self.pause.fired(), if self.streaming.is_streaming() => {
+                    let wake = self.streaming.handle_timeout(Instant::now().into_std());
+                    tell(&self.vm.io_flow, &self.streaming, wake);
+                    continue;
+                }
+                _ = self.gone.changed() => return "VM torn down".to_string(),
+            };
+            let at = Instant::now();
+            if let Err(reason) = self.route_buffered().await {
+                return reason;
+            }
+            self.read_done(n, at);
+        }
+    }
+
+    /// Queue every whole message read on its session. Err: why reading
+    /// ends (garbage, or the VM went while a queue was full).
+    async fn route_buffered(&mut self) -> Result<(), String> {
+        loop {
+            let m = match self.reader.decode_buffered() {
                 Ok(Some(m)) => m,
-                Ok(None) => break,
+                Ok(None) => return Ok(()),
                 Err(e) => {
-                    if let Some(m) = &metrics {
+                    if let Some(m) = &self.metrics {
                         m.error(crate::metrics::ErrorKind::AgentGarbage);
                     }
-                    break 'outer e.to_string();
+                    return Err(e.to_string());
                 }
             };
-            let len = m.data.len();
-            let (base, item, session) = match demux.route_to(m, |base| vm.session(base)) {
-                Routed::Deliver { base, item, to } => (base, item, to),
-                Routed::Discard(Discarded::UnknownSeq { seq }) => {
-                    debug!(seq, len, "io for an unknown seq dropped");
-                    continue;
-                }
-                Routed::Discard(Discarded::SeqZero) => {
-                    debug!(len, "io for seq 0 dropped");
-                    continue;
-                }
-                Routed::Discard(_) => continue,
-            };
-            let exited = match item {
-                Output::Exited(code) => {
-                    events.process_exited(vm.id, &session.token, code);
-                    true
-                }
-                _ => false,
-            };
-            // Room in the queue (the usual case): no waiting, and no
-            // teardown watch to set up and take down per message.
-            let pushed = match session.try_push(item) {
-                Ok(pushed) => pushed,
-                Err(item) => {
-                    // Reading stops until this queue has room: writers
-                    // waiting for the next read must write what they hold
-                    // (some of it may be what makes the room).
-                    let wake = streaming.queue_full();
-                    tell(&streaming, wake);
-                    tokio::select! {
-                        pushed = session.push(item) => pushed,
-                        _ = gone.changed() => break 'outer "VM torn down".to_string(),
-                    }
-                }
-            };
-            // A session gone, or whose process exited: nothing more comes
-            // for it.
-            if !pushed || exited {
-                demux.forget(base);
-            }
+            self.deliver(m).await?;
         }
+    }
+
+    /// Queue one message on its session (the hot path: one lookup in the
+    /// demux's routes, and a push into a queue with room).
+    async fn deliver(&mut self, m: IoMessage) -> Result<(), String> {
+        let len = m.data.len();
+        let vm = &self.vm;
+        let (base, item, session) = match self
+            .reader
+            .decoder_mut()
+            .route_to(m, |base| vm.session(base))
+        {
+            Routed::Deliver { base, item, to } => (base, item, to),
+            Routed::Discard(d) => {
+                log_discarded(d, len);
+                return Ok(());
+            }
+        };
+        let exited = match item {
+            Output::Exited(code) => {
+                self.events.process_exited(vm.id, &session.token, code);
+                true
+            }
+            _ => false,
+        };
+        // Room in the queue (the usual case): no waiting, and no
+        // teardown watch to set up and take down per message.
+        let pushed = match session.try_push(item) {
+            Ok(pushed) => pushed,
+            Err(item) => {
+                // Reading stops until this queue has room: writers
+                // waiting for the next read must write what they hold
+                // (some of it may be what makes the room).
+                let wake = self.streaming.queue_full();
+                tell(&vm.io_flow, &self.streaming, wake);
+                Box::pin(push_waiting(session, item, &mut self.gone))
+                    .await
+                    .ok_or_else(|| "VM torn down".to_string())?
+            }
+        };
+        // A session gone, or whose process exited: nothing more comes
+        // for it.
+        if !pushed || exited {
+            self.reader.decoder_mut().forget(base);
+        }
+        Ok(())
+    }
+
+    /// A read of `n` bytes at `at` is routed: count its messages, and let
+    /// the streaming machine judge it.
+    fn read_done(&mut self, n: usize, at: Instant) {
+        let demux = self.reader.decoder_mut();
         let counts = demux.take_counts();
         if counts.bytes > 0 {
-            vm.bytes_from_agent
+            self.vm
+                .bytes_from_agent
                 .fetch_add(counts.bytes, Ordering::Relaxed);
         }
         if counts.msgs > 0 {
-            vm.msgs_from_agent.fetch_add(counts.msgs, Ordering::Relaxed);
+            self.vm
+                .msgs_from_agent
+                .fetch_add(counts.msgs, Ordering::Relaxed);
         }
-        if let Some((n, at)) = fresh.take() {
-            let wake = streaming.read_done(n, demux.take_switches(), at.into_std());
-            tell(&streaming, wake);
-        }
-        if buf.capacity() - buf.len() < 16 * 1024 {
-            buf.reserve(64 * 1024);
-        }
-        tokio::select! {
-            n = r.read_buf(&mut buf) => match n {
-                Ok(0) => break "the agent closed the io channel".to_string(),
-                Ok(n) => fresh = Some((n, Instant::now())),
-                Err(e) => break format!("reading io: {e}"),
-            },
-            () = &mut pause, if streaming.is_streaming() => {
-                let wake = streaming.handle_timeout(Instant::now().into_std());
-                tell(&streaming, wake);
-                if let Some(at) = streaming.poll_timeout() {
-                    pause.as_mut().reset(Instant::from_std(at));
-                }
-            }
-            _ = gone.changed() => break "VM torn down".to_string(),
-        }
-    };
-    // Nobody waits for io that will not come.
-    let wake = streaming.close();
-    tell(&streaming, wake);
-    events.vm_failed(vm.id, reason);
+        let wake = self
+            .streaming
+            .read_done(n, demux.take_switches(), at.into_std());
+        tell(&self.vm.io_flow, &self.streaming, wake);
+    }
+}
+
+/// The slow path: wait for room in `session`'s queue. None: the VM went
+/// first.
+async fn push_waiting(
+    session: &Session,
+    item: Output,
+    gone: &mut watch::Receiver<Gone>,
+) -> Option<bool> {
+    tokio::select! {
+        pushed = session.push(item) => Some(pushed),
+        _ = gone.changed() => None,
+    }
+}
+
+fn log_discarded(d: Discarded, len: usize) {
+    match d {
+        Discarded::UnknownSeq { seq } => debug!(seq, len, "io for an unknown seq dropped"),
+        Discarded::SeqZero => debug!(len, "io for seq 0 dropped"),
+        _ => {}
+    }
+}
+
+/// Tell the writers what the streaming machine says.
+fn tell(flow: &IoFlow, s: &Streaming, wake: Wake) {
+    flow.set_streaming(s.is_streaming());
+    if wake == Wake::Writers {
+        flow.wake_writers();
+    }
 }
 
 async fn io_writer(
@@ -660,8 +765,10 @@ async fn io_writer(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use proxy_proto::hyper::ctl::{CtlDecoder, CtlMessage};
+    use bytes::BytesMut;
+    use proxy_proto::hyper::ctl::CtlMessage;
     use proxy_proto::hyper::io::{IoDecoder, IoMessage};
+    use tokio::io::AsyncReadExt;
 
     /// A ctl channel past READY (the tests' agents send none).
     fn ready_ctl(opts: &VmOptions) -> CtlChannel {
@@ -753,9 +860,8 @@ mod tests {
             VmId(1),
             "vm".into(),
             Channels {
-                ctl_r: Box::new(ctl_r),
+                ctl_r: MessageReader::new(Box::new(ctl_r), ctl.decoder()),
                 ctl_w: Box::new(ctl_w),
-                ctl_buf: BytesMut::new(),
                 ctl,
                 io_r: Box::new(io_r),
                 io_w: Box::new(io_w),
@@ -1018,9 +1124,8 @@ mod tests {
             VmId(7),
             "vm".into(),
             Channels {
-                ctl_r: Box::new(ctl_r),
+                ctl_r: MessageReader::new(Box::new(ctl_r), ctl.decoder()),
                 ctl_w: Box::new(ctl_w),
-                ctl_buf: BytesMut::new(),
                 ctl,
                 io_r: Box::new(PanickingRead),
                 io_w: Box::new(io_w),

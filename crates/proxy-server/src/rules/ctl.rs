@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use proxy_proto::hyper::ctl::{Code, CtlDecoder, CtlMessage, CTL_HEADER_LEN};
 use proxy_proto::hyper::MAX_MESSAGE_LEN;
+use proxy_proto::HyperError;
 use tracing::{debug, warn};
 
 use crate::registry::{Channel, During, ProxyError};
@@ -193,19 +194,34 @@ impl CtlChannel {
                 buf.clear();
                 return;
             }
-            let m = match self.dec.decode(buf) {
-                Ok(Some(m)) => m,
+            match self.dec.decode(buf) {
+                Ok(Some(m)) => self.message(m),
                 Ok(None) => return,
-                Err(e) => {
-                    return self.fail(true, |during| ProxyError::AgentGarbage {
-                        channel: Channel::Ctl,
-                        during,
-                        source: e,
-                    });
-                }
-            };
-            self.message(m);
+                Err(e) => return self.handle_garbage(e),
+            }
         }
+    }
+
+    /// A decoder with this channel's message bound, for a driver that
+    /// decodes what it reads itself and hands over each message
+    /// ([`CtlChannel::handle_message`], [`CtlChannel::handle_garbage`])
+    /// instead of the bytes ([`CtlChannel::handle_input`]).
+    pub fn decoder(&self) -> CtlDecoder {
+        CtlDecoder::new(self.opts.max_message)
+    }
+
+    /// One message decoded from ctl (ignored once the channel is broken).
+    pub fn handle_message(&mut self, m: CtlMessage) {
+        self.message(m);
+    }
+
+    /// What came on ctl is not ctl framing: the channel is unusable.
+    pub fn handle_garbage(&mut self, error: HyperError) {
+        self.fail(true, |during| ProxyError::AgentGarbage {
+            channel: Channel::Ctl,
+            during,
+            source: error,
+        });
     }
 
     fn message(&mut self, m: CtlMessage) {

@@ -258,6 +258,17 @@ impl<R> IoDemux<R> {
     }
 }
 
+/// The demux is the io reader's decoder ([`crate::reader::MessageReader`]):
+/// [`IoDemux::decode`], counted.
+impl<R> proxy_proto::Decode for IoDemux<R> {
+    type Item = IoMessage;
+    type Error = ProxyError;
+    #[inline]
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<IoMessage>, ProxyError> {
+        IoDemux::decode(self, src)
+    }
+}
+
 impl IoDemux<()> {
     /// Route `msg`; `is_session` says whether a session has the io base
     /// it is asked about.
