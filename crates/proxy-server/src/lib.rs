@@ -52,20 +52,17 @@
 //! assert!(r.register_vm(&req, || "x".into()).is_err(), "duplicate containerId");
 //! ```
 
-pub mod agent;
 pub mod config;
-pub mod conn;
-pub mod rules;
-pub use rules::registry;
+pub mod driver;
 pub mod ksm;
 pub mod logging;
 pub mod metrics;
 pub mod notify;
 pub mod panics;
-pub mod reader;
 pub mod redact;
-pub mod server;
+pub mod rules;
 pub mod session;
-pub mod timer;
-pub mod vm;
-mod wire;
+
+// The drivers and the registry where they have always been found.
+pub use driver::{agent, conn, reader, server, timer, vm};
+pub use rules::registry;

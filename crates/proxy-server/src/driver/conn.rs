@@ -23,6 +23,7 @@ use tokio::sync::{mpsc, watch, OwnedSemaphorePermit};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn, Instrument};
 
+use crate::driver::wire::Batch;
 use crate::registry::{ConnId, ProxyError, SignalPlan, VmId};
 use crate::rules::client::{self, Action, Client, CloseReason, StdinAction};
 use crate::rules::output::{Gather, Held, Inflight, Step};
@@ -30,7 +31,6 @@ use crate::server::Shared;
 use crate::session::{Budget, IoFlow, Output, OutputQueue, Session, WriteOutcome};
 use crate::timer::Deadline;
 use crate::vm::{Gone, Vm};
-use crate::wire::Batch;
 
 /// First read size on a connection; doubled while reads fill it.
 const MIN_READ: usize = 4 * 1024;

@@ -16,6 +16,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tracing::{debug, info, Instrument};
 
+use crate::driver::wire::Batch;
 use crate::metrics::Metrics;
 use crate::reader::MessageReader;
 use crate::registry::{During, ProxyError, VmId};
@@ -23,7 +24,6 @@ use crate::rules::ctl::{CtlChannel, CtlEvent, CtlOptions, TxnId};
 use crate::rules::demux::{Discarded, IoDemux, Routed, Streaming, Wake};
 use crate::session::{Budget, IoFlow, Output, Session};
 use crate::timer::Deadline;
-use crate::wire::Batch;
 
 /// Read half of an agent channel.
 pub type AgentRead = Box<dyn AsyncRead + Send + Unpin>;
