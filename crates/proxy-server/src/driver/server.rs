@@ -657,29 +657,7 @@ pub async fn serve(shared: Arc<Shared>, listener: UnixListener, signals: Signals
     loop {
         tokio::select! {
             r = listener.accept() => match r {
-                Ok((stream, _)) => {
-                    if let Some((n, took, error)) = failures.recovered(Instant::now()) {
-                        info!(failed_accepts = n, over = ?took, last_error = %error, "accepting connections again");
-                    }
-                    let open = shared.connections.load(Ordering::Relaxed);
-                    if open >= shared.config.max_connections as usize {
-                        if refused.failed(&io::Error::other("the connection limit is reached"), Instant::now()) {
-                            warn!(open, limit = shared.config.max_connections, "connection limit reached; new connections are closed at once until some end");
-                        }
-                        drop(stream);
-                        continue;
-                    }
-                    if let Some((n, took, _)) = refused.recovered(Instant::now()) {
-                        info!(refused = n, over = ?took, "below the connection limit again");
-                    }
-                    shared.connections.fetch_add(1, Ordering::Relaxed);
-                    let s = shared.clone();
-                    let conn = s.next_conn();
-                    tasks.spawn(crate::panics::CatchPanic::new(
-                        crate::conn::serve(s, stream, conn),
-                        move |msg| error!(conn = conn.0, panic = %msg, "a connection task panicked; the connection is closed"),
-                    ));
-                }
+                Ok((stream, _)) => accepted(&shared, stream, &tasks, &mut failures, &mut refused),
                 Err(e) => {
                     if failures.failed(&e, Instant::now()) {
                         error!(error = %e, "accept failed; retrying every 50ms, the failures are summed up when accepting works again");
@@ -715,6 +693,46 @@ pub async fn serve(shared: Arc<Shared>, listener: UnixListener, signals: Signals
     {
         warn!("some connections did not close within 3s");
     }
+}
+
+/// A connection was accepted: serve it, unless the connection limit is
+/// reached (then it is closed at once, and that is logged when it starts
+/// and summed up when it ends).
+fn accepted(
+    shared: &Arc<Shared>,
+    stream: tokio::net::UnixStream,
+    tasks: &tokio_util::task::TaskTracker,
+    failures: &mut AcceptFailures,
+    refused: &mut AcceptFailures,
+) {
+    if let Some((n, took, error)) = failures.recovered(Instant::now()) {
+        info!(failed_accepts = n, over = ?took, last_error = %error, "accepting connections again");
+    }
+    let open = shared.connections.load(Ordering::Relaxed);
+    if open >= shared.config.max_connections as usize {
+        if refused.failed(
+            &io::Error::other("the connection limit is reached"),
+            Instant::now(),
+        ) {
+            warn!(
+                open,
+                limit = shared.config.max_connections,
+                "connection limit reached; new connections are closed at once until some end"
+            );
+        }
+        drop(stream);
+        return;
+    }
+    if let Some((n, took, _)) = refused.recovered(Instant::now()) {
+        info!(refused = n, over = ?took, "below the connection limit again");
+    }
+    shared.connections.fetch_add(1, Ordering::Relaxed);
+    let s = shared.clone();
+    let conn = s.next_conn();
+    tasks.spawn(crate::panics::CatchPanic::new(
+        crate::conn::serve(s, stream, conn),
+        move |msg| error!(conn = conn.0, panic = %msg, "a connection task panicked; the connection is closed"),
+    ));
 }
 
 async fn recv_sig(s: &mut Option<tokio::signal::unix::Signal>) {
