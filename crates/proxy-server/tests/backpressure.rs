@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{check_pattern, pattern, proxy_with};
+use common::{check_pattern, metric_max, pattern, proxy_with, wait_metric};
 use proxy_test_support::scenario::Vm;
 use proxy_test_support::{assert_serves_fresh_vm, MockClient, ProxyProcess};
 
@@ -66,7 +66,15 @@ async fn a_stalled_shim_below_its_bound_does_not_stall_other_sessions() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_shim_gets_every_byte_after_back_pressure() {
     const BOUND: usize = 65536;
-    let mut p = proxy_with(&["--session-buffer", "65536"]).await;
+    let dir = proxy_test_support::TempDir::new();
+    let msock = dir.socket("metrics.sock");
+    let mut p = proxy_with(&[
+        "--session-buffer",
+        "65536",
+        "--metrics-socket",
+        msock.to_str().expect("a UTF-8 temp path"),
+    ])
+    .await;
     let mut vm = Vm::register(&p, 2).await;
     let (ta, tb) = (vm.tokens[0].clone(), vm.tokens[1].clone());
     let mut a = vm.start_container(&p, &ta).await;
@@ -90,7 +98,31 @@ async fn a_stalled_shim_gets_every_byte_after_back_pressure() {
     let before = writer.written();
     writer.send_io(a.io_base, pattern(a1, a2));
     writer.send_io(b.io_base, pattern(b1, b2));
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Wait for the event: A's queue full (less than one more message of
+    // room), the io reader waiting for it. Then the proxy holds no more
+    // than the bound, and the agent cannot have written everything.
+    // (The bound as applied: --session-buffer raised to one largest
+    // agent message.)
+    let bound = wait_metric(
+        &msock,
+        "cc_proxy_session_buffer_bytes",
+        BOUND as f64,
+        "the bound",
+    )
+    .await;
+    let full = bound - 65536.0;
+    wait_metric(
+        &msock,
+        "cc_proxy_vm_output_queued_max_session_bytes",
+        full,
+        "A's queue to fill",
+    )
+    .await;
+    let queued = metric_max(&msock, "cc_proxy_vm_output_queued_max_session_bytes").await;
+    assert!(
+        queued.is_some_and(|q| q <= bound),
+        "A's queue holds {queued:?} bytes, above its bound {bound}"
+    );
     let taken = writer.written() - before;
     assert!(
         taken < (a2 + b2) as u64,
@@ -171,7 +203,15 @@ async fn a_shim_reconnecting_a_hundred_times_mid_stream_loses_and_repeats_nothin
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn held_output_is_bounded_and_all_delivered_to_the_next_shim() {
-    let mut p = proxy_with(&["--session-buffer", "1MiB"]).await;
+    let dir = proxy_test_support::TempDir::new();
+    let msock = dir.socket("metrics.sock");
+    let mut p = proxy_with(&[
+        "--session-buffer",
+        "1MiB",
+        "--metrics-socket",
+        msock.to_str().expect("a UTF-8 temp path"),
+    ])
+    .await;
     let mut vm = Vm::register(&p, 1).await;
     let t = vm.tokens[0].clone();
     let c = vm.start_container(&p, &t).await;
@@ -180,7 +220,29 @@ async fn held_output_is_bounded_and_all_delivered_to_the_next_shim() {
     let writer = vm.agent.io_writer_task().await;
     const LEN: usize = 24 << 20;
     writer.send_io(c.io_base, pattern(0, LEN));
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    // The session's queue fills to its bound (the event), and stays there.
+    // (The bound as applied: --session-buffer raised to one largest
+    // agent message.)
+    let bound = wait_metric(
+        &msock,
+        "cc_proxy_session_buffer_bytes",
+        (1 << 20) as f64,
+        "the bound",
+    )
+    .await;
+    let full = bound - 65536.0;
+    wait_metric(
+        &msock,
+        "cc_proxy_vm_output_queued_max_session_bytes",
+        full,
+        "the session's queue to fill",
+    )
+    .await;
+    let queued = metric_max(&msock, "cc_proxy_vm_output_queued_max_session_bytes").await;
+    assert!(
+        queued.is_some_and(|q| q <= bound),
+        "the queue holds {queued:?} bytes, above its bound {bound}"
+    );
     let taken = writer.written();
     assert!(
         taken < LEN as u64 / 2,

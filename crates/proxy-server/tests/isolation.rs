@@ -109,9 +109,16 @@ async fn a_client_that_never_reads_its_responses_blocks_only_itself() {
         let _ = greedy.write_all(&wire).await;
         greedy
     });
-    // Let the greedy client's replies pile up.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let piled = auto.count();
+    // The greedy client's pings reach the agent (wait for that, not for a
+    // guessed while).
+    let mut piled = auto.count();
+    for _ in 0..3000 {
+        if piled > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        piled = auto.count();
+    }
     assert!(piled > 0, "the greedy client's pings reached the agent");
 
     // Another client on the same VM is answered; the shim's I/O flows.

@@ -63,3 +63,37 @@ pub fn check_pattern(offset: usize, got: &[u8]) -> Result<(), String> {
 }
 
 pub const SHORT: Duration = Duration::from_millis(300);
+
+/// The largest value of the metric `name` (every label set) in one scrape
+/// of the daemon's `--metrics-socket` at `sock`; `None` while the endpoint
+/// is not up or the series does not exist yet.
+#[allow(dead_code)]
+pub async fn metric_max(sock: &std::path::Path, name: &str) -> Option<f64> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::UnixStream::connect(sock).await.ok()?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: cc-proxy\r\nConnection: close\r\n\r\n")
+        .await
+        .ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).await.ok()?;
+    text.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .reduce(f64::max)
+}
+
+/// Wait until the metric `name` reaches at least `at_least`: the event a
+/// test waits for, not a guess of how long it takes. Fails the test, naming
+/// `what`, if it does not within a generous bound.
+#[allow(dead_code)]
+pub async fn wait_metric(sock: &std::path::Path, name: &str, at_least: f64, what: &str) -> f64 {
+    let mut last = None;
+    for _ in 0..3000 {
+        last = metric_max(sock, name).await;
+        if let Some(v) = last.filter(|v| *v >= at_least) {
+            return v;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!("waited 30 s in vain for {what}: {name} is {last:?}, wanted ≥ {at_least}");
+}
