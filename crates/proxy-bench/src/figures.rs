@@ -117,6 +117,8 @@ pub struct Bench<'a> {
     pub vol: &'a Volumes,
     /// Only these figures (`None`: all of them).
     pub only: Option<&'a [String]>,
+    /// Only these stdout message sizes (`None`: all of them).
+    pub sizes: Option<&'a [usize]>,
 }
 
 /// The figures `--only` can name.
@@ -353,6 +355,9 @@ impl Run<'_> {
                     let d = self.stdout_direct(size)?;
                     self.set(&format!("stdout_{size}.direct"), d);
                 }
+                continue;
+            }
+            if self.b.sizes.is_some_and(|s| !s.contains(&size)) {
                 continue;
             }
             let p = self.stdout_proxy(&mut rt, &mut agent, &tokens[i], size)?;

@@ -44,6 +44,7 @@ use report::{DaemonOut, Machine, Report, VolumesOut};
 const USAGE: &str = "usage: proxy-bench --cc-proxy PATH [--quick] [--repeat N] [--report]
                    [--out DIR] [--docs DIR] [--proxy-arg ARG]...
                    [--only FIGURE,...] [--note TEXT]
+                   [--stream-mib N] [--sizes SIZE,...]
 
   --cc-proxy PATH   the daemon binary to measure (release build)
   --quick           small volumes, a smoke run; fails only on wrong bytes
@@ -56,7 +57,11 @@ const USAGE: &str = "usage: proxy-bench --cc-proxy PATH [--quick] [--repeat N] [
   --proxy-arg ARG   one more argument for the daemon (repeatable)
   --only LIST       only these figures (stdout, stdin, hyper, fanout, storm,
                     scaling; comma-separated); RSS and CPU are always measured.
-                    Targets are not judged and --report is refused";
+                    Targets are not judged and --report is refused
+  --stream-mib N    MiB per throughput figure (default 256, --quick 16);
+                    small values suit a run under valgrind
+  --sizes LIST      only these stdout message sizes (of 512, 1024, 4096,
+                    10228; comma-separated)";
 
 #[derive(Debug)]
 struct Args {
@@ -69,6 +74,8 @@ struct Args {
     proxy_args: Vec<String>,
     only: Option<Vec<String>>,
     note: Option<String>,
+    stream_mib: Option<u64>,
+    sizes: Option<Vec<usize>>,
 }
 
 fn parse_args(args: &[String]) -> Result<Args, String> {
@@ -82,6 +89,8 @@ fn parse_args(args: &[String]) -> Result<Args, String> {
         proxy_args: Vec::new(),
         only: None,
         note: None,
+        stream_mib: None,
+        sizes: None,
     };
     let mut it = args.iter();
     while let Some(arg) = it.next() {
@@ -125,6 +134,29 @@ fn parse_args(args: &[String]) -> Result<Args, String> {
                 }
                 a.only = Some(list);
             }
+            "--stream-mib" => {
+                let v = value(flag)?;
+                a.stream_mib = Some(
+                    v.parse()
+                        .ok()
+                        .filter(|&n| n >= 1)
+                        .ok_or_else(|| format!("--stream-mib {v}: expected a number >= 1"))?,
+                );
+            }
+            "--sizes" => {
+                let v = value(flag)?;
+                let list = v
+                    .split(',')
+                    .map(|f| {
+                        f.trim()
+                            .parse()
+                            .ok()
+                            .filter(|n| figures::STDOUT_SIZES.contains(n))
+                            .ok_or_else(|| format!("--sizes: unknown size `{f}`"))
+                    })
+                    .collect::<Result<Vec<usize>, String>>()?;
+                a.sizes = Some(list);
+            }
             "-h" | "--help" => return Err(String::new()),
             other => return Err(format!("unknown argument `{other}`")),
         }
@@ -132,7 +164,7 @@ fn parse_args(args: &[String]) -> Result<Args, String> {
     if a.bin.as_os_str().is_empty() {
         return Err("--cc-proxy PATH is required".into());
     }
-    if a.only.is_some() && a.report {
+    if (a.only.is_some() || a.sizes.is_some() || a.stream_mib.is_some()) && a.report {
         return Err("--only measures part of the figures; it cannot --report".into());
     }
     if !a.bin.is_file() {
@@ -167,11 +199,14 @@ fn main() -> ExitCode {
 /// Everything; `Ok(false)` when a target was missed (not with `--quick`).
 fn run(a: &Args) -> Result<bool, String> {
     daemon::raise_nofile();
-    let vol = if a.quick {
+    let mut vol = if a.quick {
         Volumes::quick()
     } else {
         Volumes::full()
     };
+    if let Some(m) = a.stream_mib {
+        vol.stream = m << 20;
+    }
     let pattern = wire::Pattern::new();
     let bench = Bench {
         bin: &a.bin,
@@ -179,6 +214,7 @@ fn run(a: &Args) -> Result<bool, String> {
         pattern: &pattern,
         vol: &vol,
         only: a.only.as_deref(),
+        sizes: a.sizes.as_deref(),
     };
     let machine = Machine::probe();
     eprintln!(
@@ -195,7 +231,7 @@ fn run(a: &Args) -> Result<bool, String> {
         eprintln!("run {}/{}", i + 1, a.repeat);
         runs.push(figures::run_once(&bench)?);
     }
-    let judge = !a.quick && a.only.is_none();
+    let judge = !a.quick && a.only.is_none() && a.sizes.is_none() && a.stream_mib.is_none();
     let rows = report::rows(&runs, &vol, judge);
     let series = series::all(&runs);
     let misses: Vec<String> = rows

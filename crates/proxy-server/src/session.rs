@@ -17,7 +17,7 @@ use bytes::Bytes;
 use tokio::sync::futures::Notified;
 
 use crate::rules::output::Inflight;
-use tokio::sync::{mpsc, watch, Notify, Semaphore};
+use tokio::sync::{watch, Notify, Semaphore};
 
 /// How a VM's io channel flows, for the shim writers of its sessions.
 ///
@@ -167,28 +167,65 @@ pub struct Resumed {
     pub ahead: bool,
 }
 
+/// A session's queue proper, shared by the producer (the session, for the
+/// VM's io reader) and the consumer ([`OutputQueue`]). Its bound is the
+/// session's budget semaphore, not the queue. A plain locked deque: an
+/// idle session allocates nothing, a busy one reuses the same two buffers
+/// (the consumer swaps the whole deque out in one lock), and a push takes
+/// one uncontended lock.
+#[derive(Debug, Default)]
+struct Chan {
+    items: Mutex<VecDeque<Output>>,
+    /// A push to an empty queue, or the session went: wakes the consumer
+    /// (a permit is kept if it is not waiting yet, so no wake-up is lost).
+    ready: Notify,
+    /// The consumer is gone: pushes fail.
+    rx_gone: AtomicBool,
+    /// The session is gone: nothing more comes.
+    tx_gone: AtomicBool,
+}
+
 /// The receiving side of a session's output queue, handed to the shim
 /// connection that holds the token and given back when it goes.
 #[derive(Debug)]
 pub struct OutputQueue {
-    /// Items taken from `rx` but not (fully) written to a shim; they go first.
+    /// Items taken from the queue but not (fully) written to a shim; they
+    /// go first.
     pub front: VecDeque<Output>,
-    /// The queue.
-    pub rx: mpsc::UnboundedReceiver<Output>,
+    chan: Arc<Chan>,
 }
 
 impl OutputQueue {
     /// The next item without waiting.
     pub fn try_next(&mut self) -> Option<Output> {
-        self.front.pop_front().or_else(|| self.rx.try_recv().ok())
-    }
-
-    /// The next item.
-    pub async fn next(&mut self) -> Option<Output> {
         if let Some(o) = self.front.pop_front() {
             return Some(o);
         }
-        self.rx.recv().await
+        // `front` is empty: take everything queued at once.
+        if let Ok(mut items) = self.chan.items.lock() {
+            std::mem::swap(&mut *items, &mut self.front);
+        }
+        self.front.pop_front()
+    }
+
+    /// The next item; `None` once the session is gone and nothing is left.
+    /// Cancel safe: nothing is taken from the queue but into `front`.
+    pub async fn next(&mut self) -> Option<Output> {
+        loop {
+            if let Some(o) = self.try_next() {
+                return Some(o);
+            }
+            if self.chan.tx_gone.load(Ordering::Acquire) {
+                return self.try_next();
+            }
+            self.chan.ready.notified().await;
+        }
+    }
+}
+
+impl Drop for OutputQueue {
+    fn drop(&mut self) {
+        self.chan.rx_gone.store(true, Ordering::Release);
     }
 }
 
@@ -215,7 +252,7 @@ pub struct Session {
     pub token: String,
     /// stdin/stdout seq; stderr is `io_base + 1`.
     pub io_base: u64,
-    tx: mpsc::UnboundedSender<Output>,
+    chan: Arc<Chan>,
     queue: Mutex<Option<OutputQueue>>,
     budget: Arc<Semaphore>,
     /// The session's bound (`budget`'s permits when nothing is queued).
@@ -261,15 +298,15 @@ impl Session {
         global: Budget,
     ) -> Arc<Self> {
         let capacity = bound.max(proxy_proto::hyper::MAX_MESSAGE_LEN);
-        let (tx, rx) = mpsc::unbounded_channel();
+        let chan = Arc::new(Chan::default());
         Arc::new(Self {
             token,
             io_base,
-            tx,
             queue: Mutex::new(Some(OutputQueue {
                 front: VecDeque::new(),
-                rx,
+                chan: chan.clone(),
             })),
+            chan,
             budget: Arc::new(Semaphore::new(capacity)),
             capacity,
             global,
@@ -504,7 +541,20 @@ impl Session {
         if let Output::Stdout(b) | Output::Stderr(b) = &item {
             self.bytes_out.fetch_add(b.len() as u64, Ordering::Relaxed);
         }
-        self.tx.send(item).is_ok()
+        if self.chan.rx_gone.load(Ordering::Acquire) {
+            return false;
+        }
+        let Ok(mut items) = self.chan.items.lock() else {
+            return false;
+        };
+        let was_empty = items.is_empty();
+        items.push_back(item);
+        drop(items);
+        // The consumer waits only after it found the queue empty.
+        if was_empty {
+            self.chan.ready.notify_one();
+        }
+        true
     }
 
     /// The writer wrote `items` to the shim: their budget is free again
@@ -555,6 +605,8 @@ impl Session {
 
 impl Drop for Session {
     fn drop(&mut self) {
+        self.chan.tx_gone.store(true, Ordering::Release);
+        self.chan.ready.notify_one();
         // Output still queued dies with the session: its share of the
         // daemon's budget goes back.
         let held = *self.global_held.get_mut();

@@ -1,14 +1,21 @@
-//! Writing batches of frames with vectored I/O: headers and payloads go to
-//! the kernel straight from where they are, without being copied into one
-//! buffer first.
+//! Writing batches of frames with vectored I/O. Payloads go to the kernel
+//! straight from where they are; frame headers (and payloads of a few
+//! bytes) are copied into an arena, a run of them one slice. The batch
+//! keeps its slices ready for `writev`: nothing is split off a buffer per
+//! header, and nothing is collected per write.
 
 use std::io::{self, IoSlice};
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::Bytes;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
-/// Header arena allocation size.
-const ARENA: usize = 768;
+/// Payloads up to this many bytes are copied into the arena.
+pub const COPY_MAX: usize = 64;
+
+/// The arena is blocks of this size. A block never grows (slices point
+/// into it); blocks are freed once their batch is written, so an idle
+/// connection keeps none.
+const BLOCK: usize = 4 * 1024;
 
 /// At most this many slices per `writev` (Linux's IOV_MAX is 1024).
 const MAX_SLICES: usize = 256;
@@ -16,11 +23,18 @@ const MAX_SLICES: usize = 256;
 /// A batch of byte chunks to write in order.
 #[derive(Debug, Default)]
 pub struct Batch {
-    chunks: Vec<Bytes>,
+    /// The slices to write, in order. They point into `arena` and `held`
+    /// only, and are cleared before them: the `'static` never leaves the
+    /// batch.
+    slices: Vec<IoSlice<'static>>,
     len: usize,
-    /// Small headers are carved out of one buffer instead of one
-    /// allocation each.
-    arena: BytesMut,
+    /// Copied headers and small payloads.
+    arena: Vec<Vec<u8>>,
+    /// Where in the last arena block the last slice starts, if it is a
+    /// run of copies ending where that block ends (the next copy joins it).
+    run: Option<usize>,
+    /// The payloads the slices point into.
+    held: Vec<Bytes>,
 }
 
 impl Batch {
@@ -29,23 +43,59 @@ impl Batch {
         Self::default()
     }
 
-    /// Append a chunk (empty chunks are skipped).
+    /// Append a chunk (empty chunks are skipped; small ones are copied).
     pub fn push(&mut self, b: Bytes) {
-        if !b.is_empty() {
-            self.len += b.len();
-            self.chunks.push(b);
+        if b.len() <= COPY_MAX {
+            self.push_small(&b);
+            return;
         }
+        // SAFETY: `b`'s bytes stay where they are and unchanged while `b`
+        // lives (moving a `Bytes` does not move its buffer); `b` goes into
+        // `held`, which is cleared only after the slices are.
+        let s: &'static [u8] = unsafe { std::slice::from_raw_parts(b.as_ptr(), b.len()) };
+        self.len += b.len();
+        self.slices.push(IoSlice::new(s));
+        self.held.push(b);
+        self.run = None;
     }
 
     /// Append a small chunk (a frame header) by copying it into the
     /// batch's arena.
+    #[inline]
     pub fn push_small(&mut self, b: &[u8]) {
-        if self.arena.capacity() < b.len() {
-            self.arena = BytesMut::with_capacity(ARENA);
+        if b.is_empty() {
+            return;
         }
-        self.arena.extend_from_slice(b);
-        let chunk = self.arena.split().freeze();
-        self.push(chunk);
+        let fits = self
+            .arena
+            .last()
+            .is_some_and(|a| a.capacity() - a.len() >= b.len());
+        if !fits {
+            self.arena.push(Vec::with_capacity(BLOCK.max(b.len())));
+            self.run = None;
+        }
+        let Some(a) = self.arena.last_mut() else {
+            return;
+        };
+        let at = a.len();
+        // Does not reallocate: there is room (checked above).
+        a.extend_from_slice(b);
+        self.len += b.len();
+        let start = match self.run {
+            Some(start) => {
+                self.slices.pop();
+                start
+            }
+            None => at,
+        };
+        self.run = Some(start);
+        let run = &a[start..];
+        // SAFETY: the run is in an arena block's buffer, which never moves
+        // (a block is never grown: see above) and whose bytes in `..len()`
+        // never change; the block is freed only after the slices are
+        // cleared.
+        let s: &'static [u8] = unsafe { std::slice::from_raw_parts(run.as_ptr(), run.len()) };
+        self.slices.push(IoSlice::new(s));
     }
 
     /// Bytes in the batch.
@@ -58,9 +108,9 @@ impl Batch {
         self.len == 0
     }
 
-    /// Number of chunks.
+    /// Number of chunks (slices of the `writev`s).
     pub fn chunks(&self) -> usize {
-        self.chunks.len()
+        self.slices.len()
     }
 
     /// Write everything, returning how many bytes were written before an
@@ -84,13 +134,9 @@ impl Batch {
         written: &mut usize,
     ) -> io::Result<()> {
         let mut idx = 0usize;
-        while idx < self.chunks.len() {
-            let end = (idx + MAX_SLICES).min(self.chunks.len());
-            let slices: Vec<IoSlice<'_>> = self.chunks[idx..end]
-                .iter()
-                .map(|c| IoSlice::new(c))
-                .collect();
-            let n = match w.write_vectored(&slices).await {
+        while idx < self.slices.len() {
+            let end = (idx + MAX_SLICES).min(self.slices.len());
+            let n = match w.write_vectored(&self.slices[idx..end]).await {
                 Ok(0) => {
                     return Err(io::Error::new(
                         io::ErrorKind::WriteZero,
@@ -101,26 +147,36 @@ impl Batch {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
             };
-            drop(slices);
             *written += n;
             let mut left = n;
             while left > 0 {
-                let c = &mut self.chunks[idx];
-                if left >= c.len() {
-                    left -= c.len();
+                let s = &mut self.slices[idx];
+                if left >= s.len() {
+                    left -= s.len();
                     idx += 1;
                 } else {
-                    c.advance(left);
+                    s.advance(left);
                     left = 0;
                 }
             }
         }
-        self.chunks.clear();
-        if self.chunks.capacity() > 1024 {
-            self.chunks = Vec::new();
-        }
-        self.len = 0;
+        self.clear();
         w.flush().await
+    }
+
+    /// Empty the batch: the slices first, then what they point into.
+    fn clear(&mut self) {
+        self.slices.clear();
+        if self.slices.capacity() > 1024 {
+            self.slices = Vec::new();
+        }
+        self.run = None;
+        self.held.clear();
+        if self.held.capacity() > 1024 {
+            self.held = Vec::new();
+        }
+        self.arena = Vec::new();
+        self.len = 0;
     }
 }
 
@@ -146,6 +202,44 @@ mod tests {
         }
         batch.write_all(&mut a).await.unwrap();
         assert!(batch.is_empty());
+        drop(a);
+        assert_eq!(reader.await.unwrap(), expect);
+    }
+
+    #[tokio::test]
+    async fn small_chunks_share_slices_and_a_short_write_resumes_in_order() {
+        let (mut a, mut b) = tokio::net::UnixStream::pair().unwrap();
+        let mut batch = Batch::new();
+        let mut expect = Vec::new();
+        let sizes = [0, 1, 12, COPY_MAX, COPY_MAX + 1, 512, 3000, 5000];
+        for i in 0..3000u32 {
+            let h = [(i % 7) as u8; 12];
+            let c = vec![(i % 253) as u8; sizes[i as usize % sizes.len()]];
+            expect.extend_from_slice(&h);
+            expect.extend_from_slice(&c);
+            batch.push_small(&h);
+            batch.push(Bytes::from(c));
+        }
+        // A header and the small payloads after it are one slice.
+        assert!(batch.chunks() < 3000 * 2 * 5 / 8 + 10, "{}", batch.chunks());
+        assert_eq!(batch.len(), expect.len());
+        // The reader is slow: the writes are short, and resume mid-slice.
+        let reader = tokio::spawn(async move {
+            let mut v = Vec::new();
+            let mut buf = [0u8; 777];
+            loop {
+                let n = b.read(&mut buf).await.unwrap();
+                if n == 0 {
+                    break;
+                }
+                v.extend_from_slice(&buf[..n]);
+                tokio::task::yield_now().await;
+            }
+            v
+        });
+        batch.write_all(&mut a).await.unwrap();
+        assert!(batch.is_empty());
+        assert_eq!(batch.chunks(), 0);
         drop(a);
         assert_eq!(reader.await.unwrap(), expect);
     }
