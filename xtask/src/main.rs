@@ -174,7 +174,7 @@ fn ci(args: &[String]) -> Result<(), String> {
     sim::run(&[
         "--dev".to_string(),
         "--seeds".to_string(),
-        "3000".to_string(),
+        "1000".to_string(),
     ])?;
     if e2e {
         e2e::run(&[])?;
