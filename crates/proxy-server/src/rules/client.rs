@@ -582,28 +582,7 @@ pub struct SimStats {
     pub max_pending_bytes: usize,
 }
 
-/// splitmix64: a tiny deterministic generator.
-#[derive(Debug)]
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform-enough in `0..n` (`n > 0`).
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-
-    fn chance(&mut self, percent: u64) -> bool {
-        self.below(100) < percent
-    }
-}
+use super::rng::SplitMix64;
 
 /// One simulated connection and the world around it.
 #[derive(Debug)]
@@ -624,7 +603,7 @@ impl SimConn {
     fn new(limits: Limits, rng: &mut SplitMix64) -> Self {
         Self {
             client: Client::new(limits),
-            world_started: rng.chance(30),
+            world_started: rng.percent(30),
             accepted: Vec::new(),
             forwarded: Vec::new(),
             partial_since: None,
@@ -678,7 +657,7 @@ pub fn simulate(seed: u64, steps: usize) -> Result<SimStats, String> {
             // A command.
             0..=29 => {
                 let cmd = Command::ALL[usize::try_from(rng.below(7)).unwrap_or(0)];
-                let payload = Bytes::from_static(if rng.chance(80) { b"{}" } else { b"{" });
+                let payload = Bytes::from_static(if rng.percent(80) { b"{}" } else { b"{" });
                 let a = conn
                     .client
                     .on_frame(Frame::command(cmd, payload), now, &mut |_| true);
@@ -713,14 +692,14 @@ pub fn simulate(seed: u64, steps: usize) -> Result<SimStats, String> {
                         }
                         match c {
                             Command::RegisterVm | Command::AttachVm => {
-                                if rng.chance(70) {
+                                if rng.percent(70) {
                                     conn.client.attached(VmId(rng.below(3)));
                                 } else {
                                     stats.error_responses += 1;
                                 }
                             }
                             Command::UnregisterVm => {
-                                if rng.chance(50) {
+                                if rng.percent(50) {
                                     conn.client.unregistered(VmId(rng.below(3)));
                                 }
                             }
@@ -730,12 +709,12 @@ pub fn simulate(seed: u64, steps: usize) -> Result<SimStats, String> {
                                     return fail("Hyper's VM is not the attached one".into());
                                 }
                                 // Some Hyper starts the token's process.
-                                if rng.chance(30) {
+                                if rng.percent(30) {
                                     conn.world_started = true;
                                 }
                             }
                             Command::ConnectShim => {
-                                if rng.chance(70) {
+                                if rng.percent(70) {
                                     let r = conn.client.became_shim(
                                         VmId(rng.below(3)),
                                         format!("token-{}", rng.below(5)),
@@ -756,8 +735,8 @@ pub fn simulate(seed: u64, steps: usize) -> Result<SimStats, String> {
                             Command::Signal => {
                                 // The registry's plan: before the start, a
                                 // wait for it (or an exit for SIGKILL).
-                                if !conn.world_started && rng.chance(50) {
-                                    if rng.chance(50) {
+                                if !conn.world_started && rng.percent(50) {
+                                    if rng.percent(50) {
                                         conn.world_started = true;
                                         conn.flush();
                                     } else {
@@ -774,7 +753,7 @@ pub fn simulate(seed: u64, steps: usize) -> Result<SimStats, String> {
             }
             // Stdin.
             30..=54 => {
-                let data = if rng.chance(5) {
+                let data = if rng.percent(5) {
                     Bytes::new()
                 } else {
                     let mut v = next_stdin.to_be_bytes().to_vec();
@@ -786,7 +765,7 @@ pub fn simulate(seed: u64, steps: usize) -> Result<SimStats, String> {
                 if conn.client.is_shim() && !conn.client.process_running() && conn.world_started {
                     conn.flush();
                 }
-                let grant = rng.chance(90);
+                let grant = rng.percent(90);
                 let a = conn.client.on_frame(
                     Frame::stream(Stream::Stdin, data.clone()),
                     now,
@@ -809,7 +788,7 @@ pub fn simulate(seed: u64, steps: usize) -> Result<SimStats, String> {
                                 {
                                     return fail("stdin held back though it fits".into());
                                 }
-                                if rng.chance(60) {
+                                if rng.percent(60) {
                                     conn.world_started = true;
                                     conn.flush();
                                     conn.forwarded.push(data);
@@ -836,7 +815,7 @@ pub fn simulate(seed: u64, steps: usize) -> Result<SimStats, String> {
             }
             // A log entry.
             55..=59 => {
-                let valid = rng.chance(70);
+                let valid = rng.percent(70);
                 let payload: &'static [u8] = if valid {
                     br#"{"source":"shim","level":"debug","msg":"m"}"#
                 } else {
@@ -897,8 +876,8 @@ pub fn simulate(seed: u64, steps: usize) -> Result<SimStats, String> {
             }
             // A read that leaves a partial frame (or nothing).
             63..=77 => {
-                let decoded = rng.chance(40);
-                let buf = if rng.chance(25) {
+                let decoded = rng.percent(40);
+                let buf = if rng.percent(25) {
                     Vec::new()
                 } else {
                     let mut b = Frame::command(Command::Hyper, vec![0u8; 64])

@@ -536,33 +536,7 @@ pub struct SimStats {
     pub broken: usize,
 }
 
-/// splitmix64: a tiny deterministic PRNG.
-#[derive(Debug)]
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `0..n` (`n` > 0).
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-
-    /// True with probability `pct` percent.
-    fn pct(&mut self, pct: u64) -> bool {
-        self.below(100) < pct
-    }
-
-    fn millis(&mut self, max: u64) -> Duration {
-        Duration::from_millis(self.below(max.saturating_add(1)))
-    }
-}
+use super::rng::SplitMix64 as Rng;
 
 /// How the simulated agent answers one request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -641,7 +615,7 @@ fn sim_channel(
     let mut callers: HashMap<TxnId, Caller> = HashMap::new();
     // The agent's output, in order, and its READY time.
     let mut agent_out: VecDeque<Pending> = VecDeque::new();
-    let max_ready = if rng.pct(5) { 700 } else { 300 };
+    let max_ready = if rng.percent(5) { 700 } else { 300 };
     let ready_at = start + rng.millis(max_ready);
     for _ in 0..rng.below(3) {
         let at = start + rng.millis(300).min(ready_at - start);
@@ -670,7 +644,7 @@ fn sim_channel(
         match rng.below(100) {
             // Submit.
             0..=29 => {
-                let oversized = rng.pct(3);
+                let oversized = rng.percent(3);
                 let nonce = format!("n{next_nonce}").into_bytes();
                 next_nonce = next_nonce.wrapping_add(1);
                 let data = if oversized {
@@ -722,7 +696,7 @@ fn sim_channel(
             // Time passes: deliver what the agent sent meanwhile and fire
             // the timeouts that are due, in time order.
             30..=59 => {
-                let max_step = if rng.pct(20) { 250 } else { 40 };
+                let max_step = if rng.percent(20) { 250 } else { 40 };
                 let until = now + rng.millis(max_step);
                 loop {
                     let msg_at = agent_out.front().map(|p| p.at).filter(|at| *at <= until);
@@ -731,7 +705,7 @@ fn sim_channel(
                         (None, None) => break,
                         (Some(_), None) => true,
                         (None, Some(_)) => false,
-                        (Some(m), Some(t)) => m < t || (m == t && rng.pct(50)),
+                        (Some(m), Some(t)) => m < t || (m == t && rng.percent(50)),
                     };
                     match (deliver, msg_at, timer_at) {
                         (true, Some(m), _) => {
@@ -794,7 +768,7 @@ fn sim_channel(
                 });
             }
             // Garbage.
-            67 if rng.pct(30) => {
+            67 if rng.percent(30) => {
                 let at = agent_out.back().map_or(now, |p| p.at.max(now));
                 // A length below the header's.
                 agent_out.push_back(Pending {
@@ -803,15 +777,15 @@ fn sim_channel(
                 });
             }
             // The agent closes ctl (or reading it fails).
-            68 if !closed && rng.pct(30) => {
+            68 if !closed && rng.percent(30) => {
                 closed = true;
                 let err = rng
-                    .pct(50)
+                    .percent(50)
                     .then(|| std::io::Error::from(std::io::ErrorKind::ConnectionReset));
                 ch.handle_closed(err);
             }
             // The VM is torn down for another reason.
-            69 if rng.pct(20) => ch.teardown("simulated teardown"),
+            69 if rng.percent(20) => ch.teardown("simulated teardown"),
             // The driver writes what it may.
             _ => {}
         }
@@ -989,7 +963,7 @@ fn transmit(
     if outstanding.is_none() {
         return Err("a request released but nothing in flight".into());
     }
-    if rng.pct(1) {
+    if rng.percent(1) {
         ch.handle_write_failed(std::io::Error::from(std::io::ErrorKind::BrokenPipe));
         return Ok(());
     }
@@ -1034,7 +1008,7 @@ fn transmit(
             encode(Code::Error, &msg)
         }
     };
-    if rng.pct(10) {
+    if rng.percent(10) {
         agent_out.push_back(Pending {
             at,
             bytes: noise(rng),

@@ -410,33 +410,7 @@ pub struct SimStats {
     pub garbage: bool,
 }
 
-/// splitmix64: a tiny deterministic generator.
-#[derive(Debug)]
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `0..n` (0 if `n` is 0).
-    fn below(&mut self, n: u64) -> u64 {
-        self.next().checked_rem(n).unwrap_or(0)
-    }
-
-    fn upto(&mut self, n: usize) -> usize {
-        usize::try_from(self.below(n as u64 + 1)).unwrap_or(0)
-    }
-
-    /// True `num` times in `den`.
-    fn chance(&mut self, num: u64, den: u64) -> bool {
-        self.below(den) < num
-    }
-}
+use super::rng::SplitMix64 as Rng;
 
 /// Whether a simulated session exists.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

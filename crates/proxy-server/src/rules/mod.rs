@@ -13,3 +13,4 @@ pub mod ctl;
 pub mod demux;
 pub mod output;
 pub mod registry;
+pub mod rng;
