@@ -287,7 +287,7 @@ impl Snapshot {
                 let f = VmFigures {
                     container_id: vm.container_id.clone(),
                     sessions: sessions.len() as u64,
-                    shims: sessions.iter().filter(|s| *s.shim.borrow()).count() as u64,
+                    shims: sessions.iter().filter(|s| s.shim.get()).count() as u64,
                     bytes_from_agent: vm.bytes_from_agent.load(Ordering::Relaxed),
                     bytes_to_agent: vm.bytes_to_agent.load(Ordering::Relaxed),
                     msgs_from_agent: vm.msgs_from_agent.load(Ordering::Relaxed),

@@ -17,7 +17,7 @@ use bytes::Bytes;
 use tokio::sync::futures::Notified;
 
 use crate::rules::output::Inflight;
-use tokio::sync::{watch, Notify, Semaphore};
+use tokio::sync::{Notify, Semaphore};
 
 /// How a VM's io channel flows, for the shim writers of its sessions.
 ///
@@ -229,6 +229,44 @@ impl Drop for OutputQueue {
     }
 }
 
+/// A boolean others wait for (a shim connected, the process started): a
+/// `watch<bool>` in a few bytes inside the session, where tokio's watch
+/// channel is a separate allocation of about 344 bytes (eight wait lists),
+/// two per session.
+#[derive(Debug, Default)]
+pub struct Flag {
+    value: AtomicBool,
+    changed: Notify,
+}
+
+impl Flag {
+    /// The value.
+    pub fn get(&self) -> bool {
+        self.value.load(Ordering::Acquire)
+    }
+
+    /// Set the value, waking whoever waits for it.
+    pub fn set(&self, value: bool) {
+        if self.value.swap(value, Ordering::AcqRel) != value {
+            self.changed.notify_waiters();
+        }
+    }
+
+    /// Completes once the value is `want` (at once if it is).
+    pub async fn wait_for(&self, want: bool) {
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            // Registered before the check: a change after it wakes us.
+            changed.as_mut().enable();
+            if self.get() == want {
+                return;
+            }
+            changed.await;
+        }
+    }
+}
+
 /// What a session that no shim ever claimed may queue: no process can
 /// have been started with its token (a Hyper with a token waits for the
 /// token's shim), so its output is an agent's mistake, and more is dropped
@@ -270,9 +308,9 @@ pub struct Session {
     /// The VM's io flow.
     pub flow: Arc<IoFlow>,
     /// Whether a shim holds the token.
-    pub shim: watch::Sender<bool>,
+    pub shim: Flag,
     /// Whether the process was started.
-    pub started: watch::Sender<bool>,
+    pub started: Flag,
     /// Output bytes queued so far (stats).
     pub bytes_out: AtomicU64,
     /// Input bytes forwarded so far (stats).
@@ -316,8 +354,8 @@ impl Session {
             replay: Mutex::default(),
             bytes_dropped_unclaimed: AtomicU64::new(0),
             flow,
-            shim: watch::channel(false).0,
-            started: watch::channel(false).0,
+            shim: Flag::default(),
+            started: Flag::default(),
             bytes_out: AtomicU64::new(0),
             bytes_in: AtomicU64::new(0),
             bytes_maybe_lost: AtomicU64::new(0),
@@ -724,5 +762,29 @@ mod tests {
         tokio::task::yield_now().await;
         s.close();
         assert!(!pusher.await.unwrap());
+    }
+
+    #[test]
+    fn a_flag_wakes_its_waiters_when_it_changes_to_what_they_wait_for() {
+        use std::future::Future;
+        use std::task::{Context, Poll, Waker};
+        let poll = |f: std::pin::Pin<&mut dyn Future<Output = ()>>| {
+            f.poll(&mut Context::from_waker(Waker::noop()))
+        };
+        let flag = Flag::default();
+        assert!(!flag.get());
+        let mut up = std::pin::pin!(flag.wait_for(true));
+        let mut down = std::pin::pin!(flag.wait_for(false));
+        assert_eq!(poll(down.as_mut()), Poll::Ready(()), "false is the start");
+        assert!(poll(up.as_mut()).is_pending());
+        flag.set(false);
+        assert!(poll(up.as_mut()).is_pending(), "woke for no change");
+        flag.set(true);
+        assert!(flag.get());
+        assert_eq!(poll(up.as_mut()), Poll::Ready(()));
+        let mut down = std::pin::pin!(flag.wait_for(false));
+        assert!(poll(down.as_mut()).is_pending());
+        flag.set(false);
+        assert_eq!(poll(down.as_mut()), Poll::Ready(()));
     }
 }

@@ -19,16 +19,17 @@ use proxy_proto::{
 use serde::de::DeserializeOwned;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
-use tokio::sync::{mpsc, watch, OwnedSemaphorePermit};
+use tokio::sync::{watch, OwnedSemaphorePermit};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn, Instrument};
 
+use crate::driver::inbox::{self, TryRecvError};
 use crate::driver::wire::Batch;
 use crate::registry::{ConnId, ProxyError, SignalPlan, VmId};
 use crate::rules::client::{self, Action, Client, CloseReason, StdinAction};
 use crate::rules::output::{Gather, Held, Inflight, Step};
 use crate::server::Shared;
-use crate::session::{Budget, IoFlow, Output, OutputQueue, Session, WriteOutcome};
+use crate::session::{Budget, Flag, IoFlow, Output, OutputQueue, Session, WriteOutcome};
 use crate::timer::Deadline;
 use crate::vm::{Gone, Vm};
 
@@ -36,6 +37,10 @@ use crate::vm::{Gone, Vm};
 const MIN_READ: usize = 4 * 1024;
 /// Largest read size.
 const MAX_READ: usize = 256 * 1024;
+
+/// Frames the reader may queue for the writer before it waits (a client
+/// that does not read its responses is not read either).
+const TO_WRITER: usize = 64;
 
 /// How long a closing connection's writer may take to flush.
 const WRITER_GRACE: Duration = Duration::from_secs(2);
@@ -57,8 +62,6 @@ struct ShimRole {
     token: String,
     vm: Arc<Vm>,
     session: Arc<Session>,
-    /// Watches for the process's start.
-    started: watch::Receiver<bool>,
 }
 
 enum Flow {
@@ -89,13 +92,14 @@ impl Drop for Open {
 async fn serve_inner(shared: Arc<Shared>, stream: UnixStream, conn: ConnId) {
     debug!("client connected");
     let (r, w) = stream.into_split();
-    let (tx, rx) = mpsc::channel::<ToWriter>(64);
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let writer = tokio::spawn(ShimWriter::new(w, rx, stop_rx).run().in_current_span());
+    let (tx, rx) = inbox::channel::<ToWriter>(TO_WRITER);
+    let writer = tokio::spawn(ShimWriter::new(w, rx).run().in_current_span());
     let mut reader = ClientReader::new(r, &shared);
     let mut c = Conn::new(shared, conn, tx);
     let end = c.run(&mut reader).await;
-    c.end(end, writer, stop_tx).await;
+    drop(reader);
+    // Boxed: run once, at the end, and kept out of every connection's task.
+    Box::pin(c.end(end, writer)).await;
 }
 
 /// How a connection's read loop ends.
@@ -290,14 +294,9 @@ fn now() -> std::time::Instant {
 
 /// Wait until the shim's process starts (forever for a connection that is
 /// not a shim).
-async fn process_start(shim: &mut Option<ShimRole>) -> Result<(), ProxyError> {
+async fn process_start(shim: &Option<ShimRole>) {
     match shim {
-        Some(s) => s
-            .started
-            .wait_for(|v| *v)
-            .await
-            .map(|_| ())
-            .map_err(|_| ProxyError::VmGone),
+        Some(s) => s.session.started.wait_for(true).await,
         None => std::future::pending().await,
     }
 }
@@ -325,7 +324,7 @@ async fn vm_gone(g: &mut Option<watch::Receiver<Gone>>) {
 struct Conn {
     shared: Arc<Shared>,
     id: ConnId,
-    tx: mpsc::Sender<ToWriter>,
+    tx: inbox::Sender<ToWriter>,
     rules: Client,
     /// The handles of the shim role the rules hold.
     shim: Option<ShimRole>,
@@ -335,7 +334,7 @@ struct Conn {
 
 /// The read loop and the ending.
 impl Conn {
-    fn new(shared: Arc<Shared>, id: ConnId, tx: mpsc::Sender<ToWriter>) -> Self {
+    fn new(shared: Arc<Shared>, id: ConnId, tx: inbox::Sender<ToWriter>) -> Self {
         let rules = Client::new(client::Limits {
             frame_timeout: shared.config.frame_timeout,
             process_timeout: shared.config.process_timeout,
@@ -358,15 +357,19 @@ impl Conn {
             gone: None,
             timer: Deadline::new(),
         };
+        // What is carried out after a read (frames, the stdin that waited
+        // for the start, a close) is boxed, once per read: inline, the
+        // largest of those futures would size every connection's task,
+        // while an idle connection only waits.
         loop {
-            if let Flow::Close = self.take_frames(rd, &mut waits.gone).await {
+            if let Flow::Close = Box::pin(self.take_frames(rd, &mut waits.gone)).await {
                 return End::Close;
             }
             waits.timer.set(self.rules.poll_timeout());
             match self.wait(rd, &mut waits).await {
                 Wake::Readable => {}
                 Wake::End(end) => return end,
-                Wake::Started => match self.flush_stdin().await {
+                Wake::Started => match Box::pin(self.flush_stdin()).await {
                     Flow::Continue => continue,
                     Flow::Close => return End::Close,
                 },
@@ -374,7 +377,7 @@ impl Conn {
                 // later); the timer is set again.
                 Wake::Deadline => {
                     if let Some(close) = self.rules.handle_timeout(now()) {
-                        self.perform(close).await;
+                        Box::pin(self.perform(close)).await;
                         return End::Close;
                     }
                 }
@@ -384,7 +387,7 @@ impl Conn {
                 Fill::Closed => return End::Close,
                 Fill::Starved => {
                     if let Some(close) = self.rules.handle_timeout(now()) {
-                        self.perform(close).await;
+                        Box::pin(self.perform(close)).await;
                     }
                     return End::Close;
                 }
@@ -437,26 +440,20 @@ impl Conn {
             },
             _ = w.shutdown.wait_for(|s| *s) => Wake::End(End::Close),
             _ = vm_gone(&mut w.gone) => Wake::End(End::Drain),
-            r = process_start(&mut self.shim), if self.rules.waiting_for_start() => match r {
-                Ok(()) => Wake::Started,
-                Err(e) => {
-                    warn!(error = %e, "stdin cannot be delivered; closing");
-                    Wake::End(End::Close)
-                }
-            },
+            () = process_start(&self.shim), if self.rules.waiting_for_start() => Wake::Started,
             () = w.timer.fired(), if w.timer.is_armed() => Wake::Deadline,
         }
     }
 
     /// Ending: the writer flushes what it was given, gives the session's
     /// queue back, and only then is the token claimable again.
-    async fn end(mut self, end: End, mut writer: JoinHandle<()>, stop: watch::Sender<bool>) {
+    async fn end(mut self, end: End, mut writer: JoinHandle<()>) {
         self.rules.closed();
         if let Some(s) = &self.shim {
             self.shared.state().registry.shim_closing(self.id, &s.token);
         }
         if end == End::Drain {
-            let _ = self.tx.send(ToWriter::Drain).await;
+            self.to_writer(ToWriter::Drain).await;
         }
         let Conn {
             shared,
@@ -465,7 +462,7 @@ impl Conn {
             shim,
             ..
         } = self;
-        drop(tx);
+        tx.close();
         // A peer that stopped reading cannot hold the session's queue
         // hostage: after a grace period the writer gives up and hands the
         // queue back.
@@ -474,12 +471,12 @@ impl Conn {
             .is_err()
         {
             debug!("client not reading; abandoning its pending output");
-            stop.send_replace(true);
+            tx.stop();
             let _ = writer.await;
         }
         if let Some(s) = shim {
             shared.state().registry.shim_gone(id, &s.token);
-            s.session.shim.send_replace(false);
+            s.session.shim.set(false);
             debug!(token = %crate::redact::Token(&s.token), "shim gone; token claimable again");
         }
         debug!("client disconnected");
@@ -510,7 +507,18 @@ fn parse<T: DeserializeOwned>(command: Command, payload: &[u8]) -> Result<T, Pro
 
 impl Conn {
     async fn send(&self, f: Frame) {
-        let _ = self.tx.send(ToWriter::Frame(f)).await;
+        self.to_writer(ToWriter::Frame(f)).await;
+    }
+
+    /// Hand `m` to the writer, waiting while its queue is full (boxed: the
+    /// rare wait stays out of every connection's task). A writer that is
+    /// gone (its shim's socket failed) takes nothing more.
+    async fn to_writer(&self, m: ToWriter) {
+        if let Err(m) = self.tx.try_send(m) {
+            if !self.tx.is_orphaned() {
+                let _ = Box::pin(self.tx.send(m)).await;
+            }
+        }
     }
 
     async fn respond(&self, cmd: Command, r: Result<Bytes, ProxyError>) {
@@ -535,10 +543,7 @@ impl Conn {
         // A start the rules have not been told of yet: what waited for it
         // goes before this stdin.
         if f.kind == FrameKind::Stream(Stream::Stdin) && !self.rules.process_running() {
-            let started = self
-                .shim
-                .as_ref()
-                .is_some_and(|s| *s.session.started.borrow());
+            let started = self.shim.as_ref().is_some_and(|s| s.session.started.get());
             if started {
                 if let Flow::Close = self.flush_stdin().await {
                     return Flow::Close;
@@ -701,7 +706,7 @@ impl Conn {
             }
             let reply = vm.ctl(plan.code, Bytes::from(plan.data)).await?;
             if let Some(s) = &session {
-                s.started.send_replace(true);
+                s.started.set(true);
             }
             Ok(reply)
         }
@@ -732,7 +737,7 @@ impl Conn {
             }
             other => other?,
         };
-        let started = *session.started.borrow();
+        let started = session.started.get();
         if let Err(e) = self
             .rules
             .became_shim(vm_id, req.token.clone(), session.io_base, started)
@@ -752,13 +757,12 @@ impl Conn {
         // Response first, then the session's output.
         self.send(Frame::response(Command::ConnectShim, Bytes::new()))
             .await;
-        let _ = self.tx.send(ToWriter::Attach(session.clone())).await;
-        session.shim.send_replace(true);
+        self.to_writer(ToWriter::Attach(session.clone())).await;
+        session.shim.set(true);
         info!(token = %crate::redact::Token(&req.token), io_base = session.io_base, "shim connected");
         self.shim = Some(ShimRole {
             token: req.token,
             vm,
-            started: session.started.subscribe(),
             session,
         });
         Ok(())
@@ -799,8 +803,7 @@ impl Conn {
         } else {
             Duration::from_millis(250)
         };
-        let mut rx = session.shim.subscribe();
-        let _ = tokio::time::timeout(patience, rx.wait_for(|connected| !*connected)).await;
+        let _ = tokio::time::timeout(patience, session.shim.wait_for(false)).await;
     }
 
     /// Free the token; the rules then close the connection.
@@ -986,17 +989,12 @@ fn json<T: serde::Serialize>(v: &T) -> Result<Bytes, ProxyError> {
 }
 
 async fn wait_true(
-    w: &watch::Sender<bool>,
+    flag: &Flag,
     t: Duration,
     what: impl FnOnce() -> String,
 ) -> Result<(), ProxyError> {
-    let mut rx = w.subscribe();
-    let r = tokio::time::timeout(t, rx.wait_for(|v| *v))
-        .await
-        .map(|r| r.is_ok());
-    match r {
-        Ok(true) => Ok(()),
-        Ok(false) => Err(ProxyError::VmGone),
+    match tokio::time::timeout(t, flag.wait_for(true)).await {
+        Ok(()) => Ok(()),
         Err(_) => Err(ProxyError::Timeout {
             waited_for: what(),
             after: t,
@@ -1007,8 +1005,7 @@ async fn wait_true(
 /// Frames and session output to the client, batched into vectored writes.
 struct ShimWriter {
     w: OwnedWriteHalf,
-    rx: mpsc::Receiver<ToWriter>,
-    stop: watch::Receiver<bool>,
+    rx: inbox::Receiver<ToWriter>,
     session: Option<(Arc<Session>, OutputQueue)>,
     batch: Batch,
     /// Output items in the batch, to account for (or put back) after
@@ -1027,11 +1024,10 @@ struct ShimWriter {
 }
 
 impl ShimWriter {
-    fn new(w: OwnedWriteHalf, rx: mpsc::Receiver<ToWriter>, stop: watch::Receiver<bool>) -> Self {
+    fn new(w: OwnedWriteHalf, rx: inbox::Receiver<ToWriter>) -> Self {
         Self {
             w,
             rx,
-            stop,
             session: None,
             batch: Batch::new(),
             inflight: Inflight::default(),
@@ -1145,11 +1141,11 @@ impl ShimWriter {
                     self.urgent |= self.take(m);
                     continue;
                 }
-                Err(mpsc::error::TryRecvError::Disconnected) => {
+                Err(TryRecvError::Disconnected) => {
                     self.closing = true;
                     break;
                 }
-                Err(mpsc::error::TryRecvError::Empty) => {}
+                Err(TryRecvError::Empty) => {}
             }
             match self.session.as_mut().and_then(|(_, q)| q.try_next()) {
                 Some(o) => queue_output(&mut self.inflight, &mut self.batch, o),
@@ -1164,7 +1160,7 @@ impl ShimWriter {
         let mut progress = 0usize;
         let r = tokio::select! {
             r = self.batch.write_counted(&mut self.w, &mut progress) => r,
-            _ = self.stop.wait_for(|s| *s) => Err(std::io::Error::other("abandoned")),
+            () = self.rx.stopped() => Err(std::io::Error::other("abandoned")),
         };
         if let Err(e) = r {
             debug!(error = %e, "write to client failed");

@@ -15,6 +15,7 @@
 
 pub mod agent;
 pub mod conn;
+pub(crate) mod inbox;
 pub mod reader;
 pub mod server;
 pub mod timer;
