@@ -38,6 +38,12 @@ const MIN_READ: usize = 4 * 1024;
 /// Largest read size.
 const MAX_READ: usize = 256 * 1024;
 
+thread_local! {
+    /// One emptied read buffer of [`MIN_READ`] bytes, kept for the next
+    /// read of any connection on this thread (see `release_if_idle`).
+    static SPARE_READ: std::cell::RefCell<Option<BytesMut>> = const { std::cell::RefCell::new(None) };
+}
+
 /// Frames the reader may queue for the writer before it waits (a client
 /// that does not read its responses is not read either).
 const TO_WRITER: usize = 64;
@@ -184,10 +190,26 @@ impl ClientReader {
         Decode::decode(&mut self.dec, &mut self.buf)
     }
 
-    /// Nothing is pending: let go of the buffer and its budget.
+    /// Nothing is pending: let go of the buffer and its budget. A small
+    /// buffer is kept as the thread's spare, for the
+    /// next connection's read (a runtime that calls Hyper again and again
+    /// then reads with one buffer instead of a `malloc` of 4 KiB per call,
+    /// which glibc pays for with a consolidation of its fast bins).
     fn release_if_idle(&mut self) {
         if self.buf.is_empty() {
-            self.buf = BytesMut::new();
+            let buf = std::mem::take(&mut self.buf);
+            // What is left of a small buffer (frames were split off its
+            // front; `reserve` takes the whole allocation back once they
+            // are dropped). One per thread: the memory is bounded.
+            if buf.capacity() > 0 && buf.capacity() <= MIN_READ {
+                SPARE_READ.with(|s| {
+                    if let Ok(mut s) = s.try_borrow_mut() {
+                        if s.is_none() {
+                            *s = Some(buf);
+                        }
+                    }
+                });
+            }
             self.held = None;
         }
     }
@@ -236,6 +258,13 @@ impl ClientReader {
     }
 
     fn read(&mut self, want: usize) -> Fill {
+        if self.buf.capacity() == 0 {
+            if let Some(spare) =
+                SPARE_READ.with(|s| s.try_borrow_mut().ok().and_then(|mut s| s.take()))
+            {
+                self.buf = spare;
+            }
+        }
         self.buf.reserve(want);
         let room = self.buf.capacity() - self.buf.len();
         match self.r.try_read_buf(&mut self.buf) {
@@ -569,7 +598,9 @@ impl Conn {
                 self.respond(cmd, Err(e)).await;
                 Flow::Continue
             }
-            Action::Stdin(s) => self.stdin(s).await,
+            // Boxed too: stdin's future (to the VM's writer) is larger
+            // than the rest, and every read carries this one inline.
+            Action::Stdin(s) => Box::pin(self.stdin(s)).await,
             Action::Log(entry) => {
                 log(&entry);
                 Flow::Continue

@@ -1,8 +1,17 @@
-//! Writing batches of frames with vectored I/O. Payloads go to the kernel
-//! straight from where they are; frame headers (and payloads of a few
-//! bytes) are copied into an arena, a run of them one slice. The batch
-//! keeps its slices ready for `writev`: nothing is split off a buffer per
-//! header, and nothing is collected per write.
+//! Writing batches of frames with vectored I/O. Large payloads go to the
+//! kernel straight from where they are; frame headers and payloads up to
+//! [`COPY_MAX`] bytes are copied into an arena, a run of them one slice.
+//! The batch keeps its slices ready for `writev`: nothing is split off a
+//! buffer per header, and nothing is collected per write.
+//!
+//! Why copy payloads of up to 2 KiB: the kernel pays per `iovec` segment
+//! (a user-access window and a copy started per segment), and for small
+//! messages that costs more than a copy in user space. Measured here with
+//! one thread writing 1 GiB of io messages to a unix socket, header and
+//! payload as two segments against both copied into one buffer: 512-byte
+//! payloads 0.28–0.32 against 0.20–0.21 s of CPU per GiB, 1024-byte
+//! 0.21–0.26 against 0.16–0.18, 2048-byte 0.17–0.20 against 0.15–0.17, and
+//! 4096-byte 0.17–0.19 either way.
 
 use std::io::{self, IoSlice};
 
@@ -10,12 +19,19 @@ use bytes::Bytes;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
 /// Payloads up to this many bytes are copied into the arena.
-pub const COPY_MAX: usize = 64;
+pub const COPY_MAX: usize = 2048;
 
-/// The arena is blocks of this size. A block never grows (slices point
-/// into it); blocks are freed once their batch is written, so an idle
-/// connection keeps none.
+/// The arena is blocks of at least this size, each twice the last up to
+/// [`MAX_BLOCK`]: a response takes one small block, a stream of small
+/// messages few large ones. A block never grows (slices point into it);
+/// blocks are freed once their batch is written, so an idle connection
+/// keeps none.
 const BLOCK: usize = 4 * 1024;
+const MAX_BLOCK: usize = 64 * 1024;
+/// The first block of a batch is smaller: a response's header fits, and
+/// glibc serves it from its thread cache (a request of 1 KiB or more makes
+/// it consolidate its fast bins first, once per response).
+const FIRST_BLOCK: usize = 1000;
 
 /// At most this many slices per `writev` (Linux's IOV_MAX is 1024).
 const MAX_SLICES: usize = 256;
@@ -71,7 +87,10 @@ impl Batch {
             .last()
             .is_some_and(|a| a.capacity() - a.len() >= b.len());
         if !fits {
-            self.arena.push(Vec::with_capacity(BLOCK.max(b.len())));
+            let next = self.arena.last().map_or(FIRST_BLOCK, |a| {
+                a.capacity().saturating_mul(2).clamp(BLOCK, MAX_BLOCK)
+            });
+            self.arena.push(Vec::with_capacity(next.max(b.len())));
             self.run = None;
         }
         let Some(a) = self.arena.last_mut() else {
