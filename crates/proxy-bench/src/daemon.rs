@@ -324,3 +324,28 @@ pub fn self_cpu() -> f64 {
     let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
     tv(u.ru_utime) + tv(u.ru_stime)
 }
+
+/// CPU time of the calling thread, user + system, in seconds. Linux
+/// scales the two so that they add up to the scheduler's on-CPU time of
+/// the thread, the count the daemon's `schedstat` figures read (as of the
+/// thread's last accounting, at most a scheduler tick ago).
+pub fn thread_cpu() -> Result<f64, String> {
+    // SAFETY: an all-zero rusage is a valid value of this plain C struct.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: getrusage writes into the struct we pass.
+    if unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut u) } != 0 {
+        return Err(format!(
+            "getrusage(RUSAGE_THREAD): {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    Ok(tv(u.ru_utime) + tv(u.ru_stime))
+}
+
+/// `f`, and the CPU time (user + system) the calling thread spent in it.
+pub fn on_thread_cpu<T>(f: impl FnOnce() -> Result<T, String>) -> Result<(T, f64), String> {
+    let c0 = thread_cpu()?;
+    let t = f()?;
+    Ok((t, thread_cpu()? - c0))
+}

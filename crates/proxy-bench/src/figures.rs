@@ -2,23 +2,26 @@
 //! its baseline over a direct unix socket pair, back to back.
 
 use std::collections::BTreeMap;
-use std::io::{IoSlice, Write as _};
+use std::io::IoSlice;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use proxy_proto::hyper::io::IO_HEADER_LEN;
+use proxy_proto::hyper::MAX_MESSAGE_LEN;
 use proxy_proto::payload::Hyper;
-use proxy_proto::{Command, Frame, FrameKind, Header, Notification, Stream};
+use proxy_proto::{Command, Frame, FrameKind, Header, Notification, Stream, HEADER_LEN};
 use tokio::io::AsyncReadExt;
 
 use crate::agent::Agent;
 use crate::conn::{connect_shim_payload, json, Conn, IO_TIMEOUT};
-use crate::daemon::{machine_busy_seconds, self_cpu, Daemon, TempDir};
+use crate::daemon::{machine_busy_seconds, on_thread_cpu, self_cpu, Daemon, TempDir};
 use crate::hash::Digest;
 use crate::scaling::{self, ScaleVolumes};
 use crate::wire::{
-    drain, io_exit, io_message, next_frame, proxy_frame, stream_header, write_all, Cycle, Framing,
-    IoEnd, IoSink, Pattern, ProxyEnd, ProxySink, RecvBuf, Sink, BIG_BUF,
+    drain, io_exit, io_message, next_frame, proxy_frame, stream_header, write_all, writev_all,
+    Cycle, Framing, IoEnd, IoSink, Pattern, ProxyEnd, ProxySink, RecvBuf, Sink, BIG_BUF,
 };
 
 /// The io message sizes of the stdout figures (data bytes; 10228 is the
@@ -54,6 +57,13 @@ enum Readers {
     /// the proxy's writes to different shims coalesce).
     Tokio,
 }
+
+/// The io message size whose daemon CPU per GiB is set beside a minimal
+/// relay thread's.
+pub const RELAY_SIZE: usize = 4096;
+
+/// What the stdout relay floor reads at once.
+const RELAY_READ: usize = 64 << 10;
 
 /// Size of a pre-built cycle of messages.
 const CYCLE_BYTES: usize = 2 << 20;
@@ -141,6 +151,10 @@ pub(crate) fn mib(bytes: u64) -> f64 {
     bytes as f64 / f64::from(1u32 << 20)
 }
 
+fn gib(bytes: u64) -> f64 {
+    bytes as f64 / f64::from(1u32 << 30)
+}
+
 pub(crate) fn settle() {
     std::thread::sleep(Duration::from_millis(300));
 }
@@ -196,22 +210,29 @@ where
 
 /// The direct baseline of a stream: `n` messages of `cycle`, then `tail`,
 /// written into one end of a socket pair and drained from the other into
-/// `sink`. Returns when the writing started.
+/// `sink`. Returns when the writing started, and the CPU seconds of the
+/// writing thread and of the reading one (this) while they did.
 fn through_pair<S: Sink>(
     cycle: &Cycle,
     n: u64,
     tail: &[u8],
     sink: &mut S,
-) -> Result<Instant, String> {
+) -> Result<(Instant, [f64; 2]), String> {
     let (a, b) = pair()?;
     let mut rb = RecvBuf::new(BIG_BUF);
+    let writer_cpu = OnceLock::new();
     let t0 = Instant::now();
-    pump(
+    let ((), reader_cpu) = pump(
         &a,
-        || cycle.write(&mut &a, n, tail),
-        || drain(&mut &b, &mut rb, sink),
+        || {
+            let ((), c) = on_thread_cpu(|| cycle.write(&mut &a, n, tail))?;
+            let _ = writer_cpu.set(c);
+            Ok(())
+        },
+        || on_thread_cpu(|| drain(&mut &b, &mut rb, sink)),
     )?;
-    Ok(t0)
+    let writer_cpu = writer_cpu.get().copied().unwrap_or(f64::NAN);
+    Ok((t0, [writer_cpu, reader_cpu]))
 }
 
 fn elapsed(t0: Instant, done: Option<Instant>) -> Result<f64, String> {
@@ -352,7 +373,7 @@ impl Run<'_> {
             // fan-out is compared with the direct stdout at 4096 bytes.
             if !self.b.wants("stdout") {
                 if size == 4096 && self.b.wants("fanout") {
-                    let d = self.stdout_direct(size)?;
+                    let (d, _) = self.stdout_direct(size)?;
                     self.set(&format!("stdout_{size}.direct"), d);
                 }
                 continue;
@@ -361,13 +382,29 @@ impl Run<'_> {
                 continue;
             }
             let p = self.stdout_proxy(&mut rt, &mut agent, &tokens[i], size)?;
-            let d = self.stdout_direct(size)?;
+            let (d, direct_cpu) = self.stdout_direct(size)?;
             self.set(&format!("stdout_{size}.proxy"), p);
             self.set(&format!("stdout_{size}.direct"), d);
             eprintln!(
                 "  stdout {size:>5}-byte messages: proxy {p:8.1} MiB/s, direct {d:8.1} MiB/s ({:.2}x)",
                 p / d
             );
+            self.set(&format!("cpu_per_gib.stdout_{size}.direct"), direct_cpu);
+            if size == RELAY_SIZE {
+                let r = self.stdout_relay(size)?;
+                self.set(&format!("stdout_{size}.relay"), r);
+                let k = format!("cpu_per_gib.stdout_{size}");
+                let (daemon, relay, direct) = (
+                    self.m[&k],
+                    self.m[&format!("{k}.relay")],
+                    self.m[&format!("{k}.direct")],
+                );
+                eprintln!(
+                    "  stdout {size:>5}-byte messages, CPU per GiB: daemon {daemon:.3} s, minimal relay thread \
+                     {relay:.3} s ({:.2}x); direct pair's writer + reader {direct:.3} s; relay {r:.1} MiB/s",
+                    daemon / relay
+                );
+            }
         }
 
         if self.b.wants("stdin") {
@@ -472,17 +509,16 @@ impl Run<'_> {
         .map_err(|e| format!("{what}: {e}"))?;
         let secs = elapsed(t0, sink.done_at)?;
         let cpu = self.cpu_since(&format!("stdout_{size}"), cpu0)?;
-        self.set(
-            &format!("cpu_per_gib.stdout_{size}"),
-            cpu / (want.len as f64 / f64::from(1u32 << 30)),
-        );
+        self.set(&format!("cpu_per_gib.stdout_{size}"), cpu / gib(want.len));
         check(&what, sink.digest(), want)?;
         check_exit(&what, sink.exit, code)?;
         shim.disconnect_shim()?;
         Ok(mib(want.len) / secs)
     }
 
-    fn stdout_direct(&mut self, size: usize) -> Result<f64, String> {
+    /// MiB/s, and the CPU its writer and reader threads took per GiB (their
+    /// CPU seconds are in `thread_cpu.stdout_{size}_direct.*`).
+    fn stdout_direct(&mut self, size: usize) -> Result<(f64, f64), String> {
         let what = format!("stdout over a direct socket, {size}-byte messages");
         let seq = 3;
         let cycle = Cycle::new(self.b.pattern, Framing::Io, &[seq], size, CYCLE_BYTES);
@@ -490,10 +526,85 @@ impl Run<'_> {
         let want = cycle.expected(self.b.pattern, 1, n)[0];
         let tail = io_exit(seq, 7);
         let mut sink = IoSink::new(seq, want.len, IoEnd::EofExit);
-        let t0 = through_pair(&cycle, n, &tail, &mut sink).map_err(|e| format!("{what}: {e}"))?;
+        let (t0, [wcpu, rcpu]) =
+            through_pair(&cycle, n, &tail, &mut sink).map_err(|e| format!("{what}: {e}"))?;
         let secs = elapsed(t0, sink.done_at)?;
         check(&what, sink.digest(), want)?;
         check_exit(&what, sink.exit, 7)?;
+        self.set(&format!("thread_cpu.stdout_{size}_direct.writer"), wcpu);
+        self.set(&format!("thread_cpu.stdout_{size}_direct.reader"), rcpu);
+        Ok((mib(want.len) / secs, (wcpu + rcpu) / gib(want.len)))
+    }
+
+    /// The floor of the stdout figure's CPU: no proxy; the same io stream,
+    /// written the same way, through a socket pair to one thread that reads
+    /// it in 64 KiB reads, parses the io messages and writes every read's
+    /// worth of them as stdout frames in one `writev` to a socket pair, read
+    /// and hashed by the same reader as the proxy's row. Returns MiB/s;
+    /// records the relay thread's CPU (user + system, `getrusage`) from its
+    /// first read to its last write, per GiB
+    /// (`cpu_per_gib.stdout_{size}.relay`), and the writer's and reader's.
+    fn stdout_relay(&mut self, size: usize) -> Result<f64, String> {
+        let what = format!("stdout through a minimal relay thread, {size}-byte messages");
+        let seq = 3;
+        let cycle = Cycle::new(self.b.pattern, Framing::Io, &[seq], size, CYCLE_BYTES);
+        let n = self.b.vol.stream / size as u64;
+        let want = cycle.expected(self.b.pattern, 1, n)[0];
+        let code = (size % 200) as u8 + 1;
+        let tail = io_exit(seq, code);
+        let (aw, ar) = pair()?;
+        let (rw, sr) = pair()?;
+        let mut rb = RecvBuf::new(BIG_BUF);
+        let mut sink = ProxySink::new(Stream::Stdout, want.len, ProxyEnd::Exit);
+        let writer_cpu = OnceLock::new();
+        let t0 = Instant::now();
+        let (relay_cpu, reader_cpu) = pump(
+            &aw,
+            || {
+                let ((), c) = on_thread_cpu(|| cycle.write(&mut &aw, n, &tail))?;
+                let _ = writer_cpu.set(c);
+                Ok(())
+            },
+            || {
+                std::thread::scope(|sc| {
+                    let relay = sc.spawn(|| {
+                        let r = on_thread_cpu(|| relay_stream(&ar, &rw, seq));
+                        if r.is_err() {
+                            // Unblock the writer and the reader.
+                            let _ = ar.shutdown(std::net::Shutdown::Both);
+                            let _ = rw.shutdown(std::net::Shutdown::Both);
+                        }
+                        r.map(|((), c)| c)
+                    });
+                    let r = on_thread_cpu(|| drain(&mut &sr, &mut rb, &mut sink));
+                    if r.is_err() {
+                        let _ = ar.shutdown(std::net::Shutdown::Both);
+                        let _ = rw.shutdown(std::net::Shutdown::Both);
+                    }
+                    let relayed = relay
+                        .join()
+                        .unwrap_or_else(|_| Err("the relay thread panicked".into()))
+                        .map_err(|e| format!("relay: {e}"));
+                    let ((), reader_cpu) = r?;
+                    Ok((relayed?, reader_cpu))
+                })
+            },
+        )
+        .map_err(|e| format!("{what}: {e}"))?;
+        let secs = elapsed(t0, sink.done_at)?;
+        check(&what, sink.digest(), want)?;
+        check_exit(&what, sink.exit, code)?;
+        let key = format!("stdout_{size}_relay");
+        self.set(&format!("thread_cpu.{key}.relay"), relay_cpu);
+        self.set(
+            &format!("thread_cpu.{key}.writer"),
+            writer_cpu.get().copied().unwrap_or(f64::NAN),
+        );
+        self.set(&format!("thread_cpu.{key}.reader"), reader_cpu);
+        self.set(
+            &format!("cpu_per_gib.stdout_{size}.relay"),
+            relay_cpu / gib(want.len),
+        );
         Ok(mib(want.len) / secs)
     }
 
@@ -554,7 +665,8 @@ impl Run<'_> {
         let what = "stdin over a direct socket, 4 KiB frames";
         let (cycle, n, want, tail) = self.stdin_stream();
         let mut sink = ProxySink::new(Stream::Stdin, want.len, ProxyEnd::EmptyFrame);
-        let t0 = through_pair(&cycle, n, &tail, &mut sink).map_err(|e| format!("{what}: {e}"))?;
+        let (t0, _) =
+            through_pair(&cycle, n, &tail, &mut sink).map_err(|e| format!("{what}: {e}"))?;
         let secs = elapsed(t0, sink.done_at)?;
         check(what, sink.digest(), want)?;
         Ok(mib(want.len) / secs)
@@ -1050,24 +1162,17 @@ fn relay_io(io: &UnixStream, outs: &[UnixStream], seqs: &[u64]) -> Result<(), St
     let mut eof = vec![false; seqs.len()];
     let mut left = seqs.len();
     let mut rb = RecvBuf::new(SHIM_READ);
-    let exited = Header::new(FrameKind::Notification(Notification::ProcessExited), 1).to_bytes();
     while left > 0 {
         while let Some((seq, total)) = io_message(rb.data())? {
             let &i = index
                 .get(&seq)
                 .ok_or_else(|| format!("an io message for unknown seq {seq}"))?;
-            let data = &rb.data()[proxy_proto::hyper::io::IO_HEADER_LEN..total];
-            let out = &outs[i];
-            if eof[i] {
-                let &[code] = data else {
-                    return Err(format!("a {}-byte io message after EOF", data.len()));
-                };
-                write_two(out, &exited, &[code])?;
-                left -= 1;
-            } else if data.is_empty() {
-                eof[i] = true;
-            } else {
-                write_two(out, &stream_header(Stream::Stdout, data.len()), data)?;
+            let data = &rb.data()[IO_HEADER_LEN..total];
+            if let Some((header, exited)) = shim_frame(&mut eof[i], data)? {
+                write_two(&outs[i], &header, data)?;
+                if exited {
+                    left -= 1;
+                }
             }
             rb.consume(total);
         }
@@ -1078,22 +1183,81 @@ fn relay_io(io: &UnixStream, outs: &[UnixStream], seqs: &[u64]) -> Result<(), St
     Ok(())
 }
 
-/// `a` then `b` in one `writev` (finishing with plain writes if the
-/// kernel took less).
-fn write_two(s: &UnixStream, a: &[u8], b: &[u8]) -> Result<(), String> {
-    let n = loop {
-        match (&*s).write_vectored(&[IoSlice::new(a), IoSlice::new(b)]) {
-            Ok(n) => break n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(format!("writev: {e}")),
+/// The header of the frame a relay sends a shim for one io message of its
+/// session, followed by the message's data: a stdout frame for data, the
+/// ProcessExited notification for the one-byte exit code after EOF (then
+/// `true`: the session is over), nothing for the EOF itself. `eof`: whether
+/// the session's EOF came (set here).
+fn shim_frame(eof: &mut bool, data: &[u8]) -> Result<Option<([u8; HEADER_LEN], bool)>, String> {
+    if *eof {
+        if data.len() != 1 {
+            return Err(format!("a {}-byte io message after EOF", data.len()));
         }
-    };
-    if n < a.len() {
-        write_all(&mut &*s, &a[n..])?;
-        write_all(&mut &*s, b)
+        let exited = FrameKind::Notification(Notification::ProcessExited);
+        Ok(Some((Header::new(exited, 1).to_bytes(), true)))
+    } else if data.is_empty() {
+        *eof = true;
+        Ok(None)
     } else {
-        write_all(&mut &*s, &b[n - a.len()..])
+        Ok(Some((stream_header(Stream::Stdout, data.len()), false)))
     }
+}
+
+/// The stdout relay floor's thread: the io messages of `seq` from `io`,
+/// read at most [`RELAY_READ`] bytes at a time, to frames on `out` (as
+/// [`shim_frame`] makes them), every read's worth in one `writev`, until
+/// the process's exit.
+fn relay_stream(io: &UnixStream, out: &UnixStream, seq: u64) -> Result<(), String> {
+    // Room for a read of RELAY_READ after a partial message.
+    let mut rb = RecvBuf::new(RELAY_READ + MAX_MESSAGE_LEN);
+    let most = RELAY_READ / (IO_HEADER_LEN + 1) + 1;
+    let mut headers: Vec<[u8; HEADER_LEN]> = Vec::with_capacity(most);
+    let mut spans: Vec<(usize, usize)> = Vec::with_capacity(most);
+    let mut eof = false;
+    loop {
+        let data = rb.data();
+        let (mut at, mut exited) = (0, false);
+        while let Some((s, total)) = io_message(&data[at..])? {
+            if s != seq {
+                return Err(format!("an io message for seq {s}, not {seq}"));
+            }
+            let body = (at + IO_HEADER_LEN, at + total);
+            if let Some((header, last)) = shim_frame(&mut eof, &data[body.0..body.1])? {
+                headers.push(header);
+                spans.push(body);
+                exited = last;
+            }
+            at += total;
+            if exited {
+                break;
+            }
+        }
+        if exited && at != data.len() {
+            return Err("io messages after the process's exit".into());
+        }
+        // One allocation per read (the slices borrow `rb`, which the next
+        // read changes).
+        let mut iov: Vec<IoSlice<'_>> = headers
+            .iter()
+            .zip(&spans)
+            .flat_map(|(h, &(from, to))| [IoSlice::new(h), IoSlice::new(&data[from..to])])
+            .collect();
+        writev_all(out, &mut iov)?;
+        headers.clear();
+        spans.clear();
+        rb.consume(at);
+        if exited {
+            return Ok(());
+        }
+        if rb.read_front(&mut &*io, RELAY_READ)? == 0 {
+            return Err("the agent's io closed early".into());
+        }
+    }
+}
+
+/// `a` then `b` in one `writev` (more if the kernel took less).
+fn write_two(s: &UnixStream, a: &[u8], b: &[u8]) -> Result<(), String> {
+    writev_all(s, &mut [IoSlice::new(a), IoSlice::new(b)])
 }
 
 /// The CPUs this thread may run on.
@@ -1244,4 +1408,72 @@ pub(crate) fn round_trips(
         lat.push(t.elapsed().as_nanos() as u64);
     }
     Ok(t_start.elapsed().as_secs_f64())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Through [`relay_stream`]: the io stream a cycle writes, and what
+    /// arrives at the shim's end.
+    fn relayed(size: usize, n: u64, tail: &[u8]) -> (Result<(), String>, ProxySink, Digest) {
+        let p = Pattern::new();
+        let c = Cycle::new(&p, Framing::Io, &[3], size, 100_000);
+        let want = c.expected(&p, 1, n)[0];
+        let (aw, ar) = pair().unwrap();
+        let (rw, sr) = pair().unwrap();
+        let mut sink = ProxySink::new(Stream::Stdout, want.len, ProxyEnd::Exit);
+        let relay = std::thread::scope(|sc| {
+            let w = sc.spawn(|| c.write(&mut &aw, n, tail));
+            let relay = sc.spawn(|| {
+                let r = relay_stream(&ar, &rw, 3);
+                // What a failed relay does: the reader sees the end.
+                let _ = rw.shutdown(std::net::Shutdown::Both);
+                let _ = ar.shutdown(std::net::Shutdown::Both);
+                r
+            });
+            let mut rb = RecvBuf::new(BIG_BUF);
+            let _ = drain(&mut &sr, &mut rb, &mut sink);
+            let _ = w.join().unwrap();
+            relay.join().unwrap()
+        });
+        (relay, sink, want)
+    }
+
+    #[test]
+    fn the_stdout_relay_floor_delivers_every_byte_and_the_exit() {
+        // 4108-byte messages straddle the 64 KiB reads; 10240-byte ones are
+        // the largest.
+        for size in [4096, 10228, 1] {
+            let (r, sink, want) = relayed(size, 3000, &io_exit(3, 9));
+            r.unwrap();
+            assert_eq!(sink.digest(), want, "{size}-byte messages");
+            assert_eq!(sink.exit, Some(9));
+        }
+    }
+
+    #[test]
+    fn the_stdout_relay_floor_refuses_another_seq() {
+        let mut tail = io_exit(5, 1);
+        tail.extend_from_slice(&io_exit(3, 9));
+        let (r, sink, _) = relayed(4096, 100, &tail);
+        let e = r.unwrap_err();
+        assert!(e.contains("seq 5"), "{e}");
+        assert_eq!(sink.exit, None);
+    }
+
+    #[test]
+    fn shim_frames_of_a_session() {
+        let mut eof = false;
+        let (h, last) = shim_frame(&mut eof, b"abc").unwrap().unwrap();
+        assert_eq!(h, stream_header(Stream::Stdout, 3));
+        assert!(!last);
+        assert!(shim_frame(&mut eof, b"").unwrap().is_none());
+        assert!(eof);
+        let (h, last) = shim_frame(&mut eof, &[7]).unwrap().unwrap();
+        let exited = FrameKind::Notification(Notification::ProcessExited);
+        assert_eq!(h, Header::new(exited, 1).to_bytes());
+        assert!(last);
+        assert!(shim_frame(&mut eof, b"xy").is_err());
+    }
 }

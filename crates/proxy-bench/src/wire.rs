@@ -4,7 +4,8 @@
 //!
 //! Nothing here allocates or logs per message.
 
-use std::io::{self, Read, Write};
+use std::io::{self, IoSlice, Read, Write};
+use std::os::unix::net::UnixStream;
 use std::time::Instant;
 
 use proxy_proto::hyper::io::IO_HEADER_LEN;
@@ -79,9 +80,32 @@ impl RecvBuf {
 
     /// One `read` from `r`; `Ok(0)` at EOF.
     pub fn read_from<R: Read>(&mut self, r: &mut R) -> Result<usize, String> {
+        self.spare()?;
+        self.read_into(r, self.buf.len())
+    }
+
+    /// One `read` of at most `max` bytes from `r`, the unparsed bytes moved
+    /// to the front first, so that the read has all of `max` when the
+    /// buffer holds that much beyond them; `Ok(0)` at EOF.
+    pub fn read_front<R: Read>(&mut self, r: &mut R, max: usize) -> Result<usize, String> {
+        if self.start > 0 {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        self.read_into(r, max)
+    }
+
+    fn read_into<R: Read>(&mut self, r: &mut R, max: usize) -> Result<usize, String> {
+        let end = self.end.saturating_add(max).min(self.buf.len());
+        if end == self.end {
+            return Err(format!(
+                "a frame larger than the {}-byte receive buffer",
+                self.buf.len()
+            ));
+        }
         loop {
-            let spare = self.spare()?;
-            match r.read(spare) {
+            match r.read(&mut self.buf[self.end..end]) {
                 Ok(n) => {
                     self.filled(n);
                     return Ok(n);
@@ -307,6 +331,23 @@ pub fn write_all<W: Write>(w: &mut W, b: &[u8]) -> Result<(), String> {
             format!("write: {e}")
         }
     })
+}
+
+/// All of `iov` in one `writev`, or more if the kernel takes less (or the
+/// slices are more than it takes at once).
+pub fn writev_all(s: &UnixStream, mut iov: &mut [IoSlice<'_>]) -> Result<(), String> {
+    while !iov.is_empty() {
+        match (&*s).write_vectored(iov) {
+            Ok(0) => return Err("writev: the socket took nothing".into()),
+            Ok(n) => IoSlice::advance_slices(&mut iov, n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if is_timeout(&e) => {
+                return Err("timed out writing (the peer stopped reading)".into())
+            }
+            Err(e) => return Err(format!("writev: {e}")),
+        }
+    }
+    Ok(())
 }
 
 // ----- sinks -----
@@ -606,6 +647,38 @@ mod tests {
         assert!(e.contains("seq 5"), "{e}");
         drop(b);
         let _ = t.join();
+    }
+
+    #[test]
+    fn read_front_reads_at_most_max_after_what_is_left() {
+        let wire: Vec<u8> = (0..=255u8).cycle().take(1000).collect();
+        let mut r = &wire[..];
+        let mut rb = RecvBuf::new(300);
+        assert_eq!(rb.read_front(&mut r, 200).unwrap(), 200);
+        rb.consume(150);
+        // The 50 bytes left move to the front; 200 more fit behind them.
+        assert_eq!(rb.read_front(&mut r, 200).unwrap(), 200);
+        assert_eq!(rb.data(), &wire[150..400]);
+        // 50 of room is all a read may take now.
+        assert_eq!(rb.read_front(&mut r, 200).unwrap(), 50);
+        assert_eq!(rb.data(), &wire[150..450]);
+        assert!(rb.read_front(&mut r, 200).is_err());
+    }
+
+    #[test]
+    fn writev_all_writes_every_slice() {
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let parts: Vec<Vec<u8>> = (0..2000u32).map(|i| i.to_be_bytes().to_vec()).collect();
+        let t = std::thread::spawn(move || {
+            // More slices than one writev takes (IOV_MAX is 1024).
+            let mut iov: Vec<IoSlice<'_>> = parts.iter().map(|p| IoSlice::new(p)).collect();
+            writev_all(&a, &mut iov)
+        });
+        let mut got = Vec::new();
+        b.read_to_end(&mut got).unwrap();
+        t.join().unwrap().unwrap();
+        let want: Vec<u8> = (0..2000u32).flat_map(u32::to_be_bytes).collect();
+        assert_eq!(got, want);
     }
 
     #[test]
