@@ -129,11 +129,17 @@ enum Wake {
     End(End),
 }
 
+/// A wait for the connection's end that lives as long as the connection:
+/// made once, so that each turn of the read loop polls it rather than
+/// registering (and unregistering) a waiter again.
+type EndWait = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
 /// What a connection's reader waits for besides its socket.
 struct Waits {
-    shutdown: watch::Receiver<bool>,
+    /// The daemon's shutdown.
+    shutdown: EndWait,
     /// The VM's end, once the connection is a shim.
-    gone: Option<watch::Receiver<Gone>>,
+    gone: Option<EndWait>,
     /// The rules' next deadline (a partial frame's, waiting stdin's).
     timer: Deadline,
 }
@@ -338,13 +344,19 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
     }
 }
 
-async fn vm_gone(g: &mut Option<watch::Receiver<Gone>>) {
+async fn vm_gone(g: &mut Option<EndWait>) {
     match g {
-        Some(g) => {
-            let _ = g.wait_for(|g| *g != Gone::No).await;
-        }
+        Some(g) => g.as_mut().await,
         None => std::future::pending().await,
     }
+}
+
+/// Completes once `vm` is torn down.
+fn gone_wait(vm: &Vm) -> EndWait {
+    let mut rx = vm.gone.subscribe();
+    Box::pin(async move {
+        let _ = rx.wait_for(|g| *g != Gone::No).await;
+    })
 }
 
 /// The driver of one connection's rules ([`Client`]): it carries out their
@@ -382,7 +394,12 @@ impl Conn {
     /// Read frames and carry them out until the connection ends.
     async fn run(&mut self, rd: &mut ClientReader) -> End {
         let mut waits = Waits {
-            shutdown: self.shared.shutdown.subscribe(),
+            shutdown: {
+                let mut rx = self.shared.shutdown.subscribe();
+                Box::pin(async move {
+                    let _ = rx.wait_for(|s| *s).await;
+                })
+            },
             gone: None,
             timer: Deadline::new(),
         };
@@ -426,11 +443,7 @@ impl Conn {
 
     /// Carry out the whole frames the buffer holds, then tell the rules
     /// what is left of it (a partial frame has a deadline).
-    async fn take_frames(
-        &mut self,
-        rd: &mut ClientReader,
-        gone: &mut Option<watch::Receiver<Gone>>,
-    ) -> Flow {
+    async fn take_frames(&mut self, rd: &mut ClientReader, gone: &mut Option<EndWait>) -> Flow {
         let mut decoded = false;
         loop {
             match rd.next_frame() {
@@ -440,7 +453,7 @@ impl Conn {
                         return Flow::Close;
                     }
                     if gone.is_none() {
-                        *gone = self.shim.as_ref().map(|s| s.vm.gone.subscribe());
+                        *gone = self.shim.as_ref().map(|s| gone_wait(&s.vm));
                     }
                 }
                 Ok(None) => break,
@@ -467,8 +480,8 @@ impl Conn {
                     Wake::End(End::Close)
                 }
             },
-            _ = w.shutdown.wait_for(|s| *s) => Wake::End(End::Close),
-            _ = vm_gone(&mut w.gone) => Wake::End(End::Drain),
+            () = w.shutdown.as_mut() => Wake::End(End::Close),
+            () = vm_gone(&mut w.gone) => Wake::End(End::Drain),
             () = process_start(&self.shim), if self.rules.waiting_for_start() => Wake::Started,
             () = w.timer.fired(), if w.timer.is_armed() => Wake::Deadline,
         }
@@ -1165,22 +1178,25 @@ impl ShimWriter {
     }
 
     /// Put in the batch what is ready: messages first, then output.
+    /// (The messages are looked at once per call, not once per output
+    /// item: a message that comes meanwhile is taken on the next call,
+    /// before any more output.)
     fn gather_ready(&mut self) {
-        while !self.closing && self.batch.len() < 256 * 1024 && self.batch.chunks() < 512 {
+        let room = |b: &Batch| b.len() < 256 * 1024 && b.chunks() < 512;
+        while !self.closing && room(&self.batch) {
             match self.rx.try_recv() {
-                Ok(m) => {
-                    self.urgent |= self.take(m);
-                    continue;
-                }
-                Err(TryRecvError::Disconnected) => {
-                    self.closing = true;
-                    break;
-                }
-                Err(TryRecvError::Empty) => {}
+                Ok(m) => self.urgent |= self.take(m),
+                Err(TryRecvError::Disconnected) => self.closing = true,
+                Err(TryRecvError::Empty) => break,
             }
-            match self.session.as_mut().and_then(|(_, q)| q.try_next()) {
-                Some(o) => queue_output(&mut self.inflight, &mut self.batch, o),
-                None => break,
+        }
+        if self.closing {
+            return;
+        }
+        if let Some((_, q)) = self.session.as_mut() {
+            while room(&self.batch) {
+                let Some(o) = q.try_next() else { break };
+                queue_output(&mut self.inflight, &mut self.batch, o);
             }
         }
     }
