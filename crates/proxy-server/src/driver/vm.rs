@@ -40,6 +40,13 @@ const IO_LOW_ROOM: usize = 16 * 1024;
 /// ...this much.
 const IO_CHUNK: usize = 64 * 1024;
 
+/// After reading this much without a pause, the io reader lets the other
+/// tasks (the shim writers) run before it reads more. Without it, while
+/// the agent has more to give, it would read until a session's queue is
+/// full (4 MiB by default) before a writer ran: every byte would be
+/// written long after it was read, out of the CPU's cache.
+const IO_YIELD_AFTER: usize = 256 * 1024;
+
 /// A caller waiting for its ctl transaction's result.
 type CtlReply = oneshot::Sender<Result<Bytes, ProxyError>>;
 
@@ -557,6 +564,7 @@ async fn io_reader(vm: Arc<Vm>, r: AgentRead, max_message: usize, events: Arc<dy
         reader: MessageReader::chunked(r, demux, IO_LOW_ROOM, IO_CHUNK),
         streaming: Streaming::new(),
         pause: Deadline::new(),
+        since_yield: 0,
     };
     let reason = io.run().await;
     // Nobody waits for io that will not come.
@@ -579,6 +587,8 @@ struct IoReader {
     /// Fires the streaming machine's timeout.
     pause: Deadline,
     gone: watch::Receiver<Gone>,
+    /// Bytes read since the reader last let other tasks run.
+    since_yield: usize,
 }
 
 impl IoReader {
@@ -604,6 +614,11 @@ impl IoReader {
                 return reason;
             }
             self.read_done(n, at);
+            self.since_yield = self.since_yield.saturating_add(n);
+            if self.since_yield >= IO_YIELD_AFTER {
+                self.since_yield = 0;
+                tokio::task::yield_now().await;
+            }
         }
     }
 
