@@ -39,6 +39,11 @@ type IoReadHalf = MessageReader<AgentRead, IoDemux<Arc<Session>>>;
 const IO_LOW_ROOM: usize = 16 * 1024;
 /// ...this much.
 const IO_CHUNK: usize = 64 * 1024;
+/// While the agent's output is a trickle (no read fills this many bytes),
+/// the io reader holds a buffer of this size only, not an [`IO_CHUNK`].
+const IO_SMALL: usize = 1024;
+/// The ctl reader's buffer while replies are small.
+pub const CTL_SMALL: usize = 512;
 
 /// A caller waiting for its ctl transaction's result.
 type CtlReply = oneshot::Sender<Result<Bytes, ProxyError>>;
@@ -554,7 +559,7 @@ async fn io_reader(vm: Arc<Vm>, r: AgentRead, max_message: usize, events: Arc<dy
         metrics: events.metrics(),
         vm,
         events,
-        reader: MessageReader::chunked(r, demux, IO_LOW_ROOM, IO_CHUNK),
+        reader: MessageReader::chunked(r, demux, IO_LOW_ROOM, IO_CHUNK).lazy(IO_SMALL),
         streaming: Streaming::new(),
         pause: Deadline::new(),
     };
@@ -860,7 +865,8 @@ mod tests {
             VmId(1),
             "vm".into(),
             Channels {
-                ctl_r: MessageReader::new(Box::new(ctl_r), ctl.decoder()),
+                ctl_r: MessageReader::new(Box::new(ctl_r) as AgentRead, ctl.decoder())
+                    .lazy(CTL_SMALL),
                 ctl_w: Box::new(ctl_w),
                 ctl,
                 io_r: Box::new(io_r),
@@ -1124,7 +1130,8 @@ mod tests {
             VmId(7),
             "vm".into(),
             Channels {
-                ctl_r: MessageReader::new(Box::new(ctl_r), ctl.decoder()),
+                ctl_r: MessageReader::new(Box::new(ctl_r) as AgentRead, ctl.decoder())
+                    .lazy(CTL_SMALL),
                 ctl_w: Box::new(ctl_w),
                 ctl,
                 io_r: Box::new(PanickingRead),
