@@ -282,16 +282,17 @@ impl Vm {
     /// Run one of the VM's tasks. A panic in it (a bug) tears down this VM
     /// alone, with a log line, instead of leaving it half alive.
     fn spawn_task(
-        &self,
+        self: &Arc<Self>,
         what: &'static str,
         events: &Arc<dyn VmEvents>,
         task: impl std::future::Future<Output = ()> + Send + 'static,
     ) {
-        let (id, vm, events) = (self.id, self.container_id.clone(), events.clone());
+        // The VM itself, not a copy of its name per task.
+        let (vm, events) = (self.clone(), events.clone());
         tokio::spawn(crate::panics::CatchPanic::new(task, move |msg| {
-            tracing::error!(vm = %vm, task = what, panic = %msg, "a VM task panicked; tearing the VM down");
+            tracing::error!(vm = %vm.container_id, task = what, panic = %msg, "a VM task panicked; tearing the VM down");
             events.vm_failed(
-                id,
+                vm.id,
                 format!("internal error: the VM's {what} task panicked: {msg}"),
             );
         }));
@@ -532,6 +533,10 @@ impl CtlTask {
                 }
                 if let Some(reply) = self.callers.remove(&id) {
                     let _ = reply.send(result);
+                }
+                if self.callers.is_empty() {
+                    // No transaction waits: nothing held while idle.
+                    self.callers.shrink_to_fit();
                 }
             }
             CtlEvent::Broken { error } => {
