@@ -42,9 +42,9 @@ const IO_LOW_ROOM: usize = 16 * 1024;
 const IO_CHUNK: usize = 64 * 1024;
 /// While the agent's output is a trickle (no read fills this many bytes),
 /// the io reader holds a buffer of this size only, not an [`IO_CHUNK`].
-const IO_SMALL: usize = 1024;
+const IO_SMALL: usize = 512;
 /// The ctl reader's buffer while replies are small.
-pub const CTL_SMALL: usize = 512;
+pub const CTL_SMALL: usize = 256;
 
 /// A caller waiting for its ctl transaction's result.
 type CtlReply = oneshot::Sender<Result<Bytes, ProxyError>>;
