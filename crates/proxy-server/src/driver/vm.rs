@@ -62,6 +62,10 @@ const CTL_WAITING: usize = 64;
 /// stdin messages waiting for the io writer; more callers wait.
 const IO_QUEUE: usize = 256;
 
+/// After a batch of more stdin messages than this, the io writer lets its
+/// batch's lists go.
+const BIG_BATCH: u64 = 16;
+
 struct CtlRequest {
     code: Code,
     data: Bytes,
@@ -833,6 +837,13 @@ impl IoWriter {
             }
             self.vm.bytes_to_agent.fetch_add(n, Ordering::Relaxed);
             self.vm.msgs_to_agent.fetch_add(msgs, Ordering::Relaxed);
+            if msgs > BIG_BATCH {
+                // The batch's lists keep the capacity of its largest
+                // batch (up to 1024 slices and payloads, ~48 KiB): a VM
+                // that once took a burst of stdin would keep it. Small
+                // batches (typing) reuse theirs.
+                self.batch = Batch::new();
+            }
         }
     }
 }
