@@ -1,23 +1,25 @@
-//! A lean bounded queue from one sender to one receiver, for a client
-//! connection's reader and writer (responses, the session to attach, the
-//! drain order), and the flag that tells the writer to give up.
+//! A client connection's reader-to-writer queue (responses, the session to
+//! attach, the drain order) and the flag that tells the writer to give up:
+//! a [`Queue`] shared by the two halves, with the ends of a tokio mpsc.
 //!
 //! tokio's bounded `mpsc` allocates its channel (512 bytes, cache-line
 //! aligned) and a first block of 32 slots up front: about 1.8 KiB per
-//! connection, most of a thousand idle shims' memory. This queue is one
-//! small allocation; its `VecDeque` allocates only once something is
-//! queued. The semantics are the mpsc's that the connection relies on:
+//! connection, most of a thousand idle shims' memory. This is one small
+//! allocation; its slots are allocated only while something is queued.
+//! What the connection relies on:
 //! - a full queue makes the sender wait (back-pressure on a client that
 //!   does not read its responses), never fail;
 //! - the receiver gets items in order, then `None` once the sender is
-//!   gone and the queue is empty;
-//! - a sender whose receiver is gone gets its item back.
+//!   gone (or closed) and the queue is empty;
+//! - a sender whose receiver is gone gets its item back, and what was
+//!   queued is dropped with the receiver.
 
-use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 
 use tokio::sync::Notify;
+
+use crate::driver::queue::{self, Queue};
 
 /// Why [`Receiver::try_recv`] has nothing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,47 +31,11 @@ pub enum TryRecvError {
 }
 
 #[derive(Debug)]
-struct State<T> {
-    queue: VecDeque<T>,
-    /// The sender is gone.
-    closed: bool,
-    /// The receiver is gone.
-    orphaned: bool,
-}
-
-#[derive(Debug)]
 struct Shared<T> {
-    state: Mutex<State<T>>,
-    cap: usize,
-    /// The receiver waits here for an item.
-    items: Notify,
-    /// The sender waits here for room.
-    room: Notify,
+    queue: Queue<T>,
     /// Raised by the sender's side: the receiver should give up.
     stop: AtomicBool,
     stopped: Notify,
-}
-
-impl<T> Shared<T> {
-    /// The receiver takes the next item.
-    fn pop(&self) -> Result<T, TryRecvError> {
-        let mut st = self.lock();
-        match st.queue.pop_front() {
-            Some(item) => {
-                drop(st);
-                self.room.notify_one();
-                Ok(item)
-            }
-            None if st.closed => Err(TryRecvError::Disconnected),
-            None => Err(TryRecvError::Empty),
-        }
-    }
-
-    fn lock(&self) -> MutexGuard<'_, State<T>> {
-        // Nothing panics while holding the lock; a poisoned lock still
-        // holds a consistent queue.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
 }
 
 /// The sending half.
@@ -87,14 +53,7 @@ pub struct Receiver<T> {
 /// A queue of at most `cap` items (at least one).
 pub fn channel<T>(cap: usize) -> (Sender<T>, Receiver<T>) {
     let shared = Arc::new(Shared {
-        state: Mutex::new(State {
-            queue: VecDeque::new(),
-            closed: false,
-            orphaned: false,
-        }),
-        cap: cap.max(1),
-        items: Notify::new(),
-        room: Notify::new(),
+        queue: Queue::new(cap),
         stop: AtomicBool::new(false),
         stopped: Notify::new(),
     });
@@ -110,44 +69,24 @@ impl<T> Sender<T> {
     /// Queue `item` if there is room. `Err(item)`: the queue is full or
     /// the receiver is gone ([`is_orphaned`](Self::is_orphaned) tells).
     pub fn try_send(&self, item: T) -> Result<(), T> {
-        let mut st = self.shared.lock();
-        if st.orphaned || st.queue.len() >= self.shared.cap {
-            return Err(item);
-        }
-        st.queue.push_back(item);
-        drop(st);
-        self.shared.items.notify_one();
-        Ok(())
+        self.shared.queue.try_send(item)
     }
 
     /// Queue `item`, waiting while the queue is full. `Err(item)`: the
     /// receiver is gone.
     pub async fn send(&self, item: T) -> Result<(), T> {
-        let mut item = item;
-        loop {
-            let room = self.shared.room.notified();
-            tokio::pin!(room);
-            // Registered before the check: room made after it wakes us.
-            room.as_mut().enable();
-            match self.try_send(item) {
-                Ok(()) => return Ok(()),
-                Err(back) if self.is_orphaned() => return Err(back),
-                Err(back) => item = back,
-            }
-            room.await;
-        }
+        self.shared.queue.send(item).await
     }
 
-    /// Whether the receiver is gone.
+    /// Whether the receiver is gone (or this side closed the queue).
     pub fn is_orphaned(&self) -> bool {
-        self.shared.lock().orphaned
+        self.shared.queue.is_closed()
     }
 
     /// Nothing more comes: the receiver gets what is queued, then `None`
     /// (as when the sender is dropped).
     pub fn close(&self) {
-        self.shared.lock().closed = true;
-        self.shared.items.notify_one();
+        self.shared.queue.close();
     }
 
     /// Tell the receiver to give up ([`Receiver::stopped`]).
@@ -166,25 +105,17 @@ impl<T> Drop for Sender<T> {
 impl<T> Receiver<T> {
     /// The next item, if one is queued.
     pub fn try_recv(&mut self) -> Result<T, TryRecvError> {
-        self.shared.pop()
+        self.shared.queue.try_recv().map_err(|e| match e {
+            queue::TryRecvError::Empty => TryRecvError::Empty,
+            queue::TryRecvError::Closed => TryRecvError::Disconnected,
+        })
     }
 
     /// The next item, waiting for one; `None` once the sender is gone and
     /// nothing is left. Cancel-safe: an item is taken only by a call that
     /// returns it.
     pub async fn recv(&mut self) -> Option<T> {
-        let shared = &*self.shared;
-        loop {
-            let items = shared.items.notified();
-            tokio::pin!(items);
-            items.as_mut().enable();
-            match shared.pop() {
-                Ok(item) => return Some(item),
-                Err(TryRecvError::Disconnected) => return None,
-                Err(TryRecvError::Empty) => {}
-            }
-            items.await;
-        }
+        self.shared.queue.recv().await
     }
 
     /// Completes once the sender's side called [`Sender::stop`].
@@ -203,13 +134,8 @@ impl<T> Receiver<T> {
 
 impl<T> Drop for Receiver<T> {
     fn drop(&mut self) {
-        let mut st = self.shared.lock();
-        st.orphaned = true;
         // What nobody will receive goes now, not with the last handle.
-        let left = std::mem::take(&mut st.queue);
-        drop(st);
-        drop(left);
-        self.shared.room.notify_one();
+        self.shared.queue.close_and_clear();
     }
 }
 

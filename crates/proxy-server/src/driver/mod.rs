@@ -11,11 +11,13 @@
 //! - [`agent`]: dialling the agent's channels through proxy-vsock's
 //!   `AgentConnector`.
 //! - [`reader`]: the one read-and-decode loop; [`timer`]: the one lazily
-//!   moved timer per task; `wire`: batches for `writev`.
+//!   moved timer per task; `wire`: batches for `writev`; `queue`: the
+//!   bounded queues a VM's tasks take requests from.
 
 pub mod agent;
 pub mod conn;
 pub(crate) mod inbox;
+pub(crate) mod queue;
 pub mod reader;
 pub mod server;
 pub mod timer;

@@ -164,7 +164,7 @@ impl Shared {
         let (io_r, io_w) = dial.connect("io", &req.io_serial).await?;
         debug!("agent channels connected, waiting for READY");
         let mut ctl = CtlChannel::new(opts.ctl_options(waited), deadline.into_std());
-        let mut ctl_r = MessageReader::new(ctl_r, ctl.decoder());
+        let mut ctl_r = MessageReader::new(ctl_r, ctl.decoder()).lazy(crate::vm::CTL_SMALL);
         crate::vm::wait_ready(&mut ctl_r, &mut ctl).await?;
         if !req.console.is_empty() {
             spawn_console(

@@ -12,10 +12,11 @@ use proxy_proto::hyper::ctl::{Code, CtlDecoder};
 use proxy_proto::hyper::io::{IoHeader, IoMessage, IO_HEADER_LEN, MAX_IO_DATA};
 use proxy_proto::hyper::MAX_MESSAGE_LEN;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
 use tracing::{debug, info, Instrument};
 
+use crate::driver::queue::{Queue, TryRecvError};
 use crate::driver::wire::Batch;
 use crate::metrics::Metrics;
 use crate::reader::MessageReader;
@@ -39,6 +40,11 @@ type IoReadHalf = MessageReader<AgentRead, IoDemux<Arc<Session>>>;
 const IO_LOW_ROOM: usize = 16 * 1024;
 /// ...this much.
 const IO_CHUNK: usize = 64 * 1024;
+/// While the agent's output is a trickle (no read fills this many bytes),
+/// the io reader holds a buffer of this size only, not an [`IO_CHUNK`].
+const IO_SMALL: usize = 512;
+/// The ctl reader's buffer while replies are small.
+pub const CTL_SMALL: usize = 256;
 
 /// After reading this much without a pause, the io reader lets the other
 /// tasks (the shim writers) run before it reads more. Without it, while
@@ -54,8 +60,18 @@ type CtlReply = oneshot::Sender<Result<Bytes, ProxyError>>;
 pub use crate::rules::ctl::MAX_CTL_DATA;
 
 /// Ctl requests queued in a VM's ctl channel behind the one in flight
-/// (more wait in the task's mpsc: callers feel backpressure, not errors).
+/// (more wait in the VM's ctl queue: callers feel backpressure, not errors).
 const CTL_QUEUE: usize = 64;
+
+/// Ctl requests waiting for room in the ctl channel; more callers wait.
+const CTL_WAITING: usize = 64;
+
+/// stdin messages waiting for the io writer; more callers wait.
+const IO_QUEUE: usize = 256;
+
+/// After a batch of more stdin messages than this, the io writer lets its
+/// batch's lists go.
+const BIG_BATCH: u64 = 16;
 
 struct CtlRequest {
     code: Code,
@@ -86,8 +102,11 @@ pub struct Vm {
     pub id: VmId,
     /// The container id it was registered with.
     pub container_id: String,
-    ctl_tx: mpsc::Sender<CtlRequest>,
-    io_tx: mpsc::Sender<IoOut>,
+    /// Requests for the ctl task (inside the VM: no allocation while
+    /// empty).
+    ctl_q: Queue<CtlRequest>,
+    /// stdin for the io writer.
+    io_q: Queue<IoOut>,
     sessions: Mutex<HashMap<u64, Arc<Session>>>,
     /// Flips once, when the VM is torn down.
     pub gone: watch::Sender<Gone>,
@@ -245,13 +264,11 @@ impl Vm {
         opts: VmOptions,
         events: Arc<dyn VmEvents>,
     ) -> Arc<Vm> {
-        let (ctl_tx, ctl_rx) = mpsc::channel(64);
-        let (io_tx, io_rx) = mpsc::channel(256);
         let vm = Arc::new(Vm {
             id,
             container_id: container_id.clone(),
-            ctl_tx,
-            io_tx,
+            ctl_q: Queue::new(CTL_WAITING),
+            io_q: Queue::new(IO_QUEUE),
             sessions: Mutex::new(HashMap::new()),
             gone: watch::channel(Gone::No).0,
             bytes_from_agent: AtomicU64::new(0),
@@ -264,18 +281,11 @@ impl Vm {
         });
         let max_agent_message = opts.max_agent_message;
         let span = tracing::info_span!("vm", vm = %container_id);
-        let ctl = ctl_task(
-            vm.clone(),
-            ch.ctl_r,
-            ch.ctl_w,
-            ch.ctl,
-            ctl_rx,
-            events.clone(),
-        );
+        let ctl = ctl_task(vm.clone(), ch.ctl_r, ch.ctl_w, ch.ctl, events.clone());
         vm.spawn_task("ctl", &events, ctl.instrument(span.clone()));
         let reader = io_reader(vm.clone(), ch.io_r, max_agent_message, events.clone());
         vm.spawn_task("io reader", &events, reader.instrument(span.clone()));
-        let writer = io_writer(vm.clone(), ch.io_w, io_rx, events.clone());
+        let writer = io_writer(vm.clone(), ch.io_w, events.clone());
         vm.spawn_task("io writer", &events, writer.instrument(span));
         vm
     }
@@ -283,16 +293,17 @@ impl Vm {
     /// Run one of the VM's tasks. A panic in it (a bug) tears down this VM
     /// alone, with a log line, instead of leaving it half alive.
     fn spawn_task(
-        &self,
+        self: &Arc<Self>,
         what: &'static str,
         events: &Arc<dyn VmEvents>,
         task: impl std::future::Future<Output = ()> + Send + 'static,
     ) {
-        let (id, vm, events) = (self.id, self.container_id.clone(), events.clone());
+        // The VM itself, not a copy of its name per task.
+        let (vm, events) = (self.clone(), events.clone());
         tokio::spawn(crate::panics::CatchPanic::new(task, move |msg| {
-            tracing::error!(vm = %vm, task = what, panic = %msg, "a VM task panicked; tearing the VM down");
+            tracing::error!(vm = %vm.container_id, task = what, panic = %msg, "a VM task panicked; tearing the VM down");
             events.vm_failed(
-                id,
+                vm.id,
                 format!("internal error: the VM's {what} task panicked: {msg}"),
             );
         }));
@@ -367,7 +378,7 @@ impl Vm {
     /// ([`ProxyError::CtlTooLarge`]) and the VM stays.
     pub async fn ctl(&self, code: Code, data: Bytes) -> Result<Bytes, ProxyError> {
         let (reply, rx) = oneshot::channel();
-        self.ctl_tx
+        self.ctl_q
             .send(CtlRequest { code, data, reply })
             .await
             .map_err(|_| self.gone_error())?;
@@ -405,7 +416,7 @@ impl Vm {
 
     async fn send_io(&self, seq: u64, data: Bytes) -> Result<(), ProxyError> {
         let header = IoHeader::for_data(seq, data.len()).to_bytes();
-        self.io_tx
+        self.io_q
             .send(IoOut { header, data })
             .await
             .map_err(|_| self.gone_error())
@@ -413,72 +424,95 @@ impl Vm {
 }
 
 /// The ctl task: carries out what the VM's [`CtlChannel`] says. It reads
-/// ctl, takes requests from the VM's mpsc, times the transaction in
+/// ctl, takes requests from the VM's ctl queue, times the transaction in
 /// flight and notices the VM going; every rule is the channel's.
-async fn ctl_task(
+///
+/// Everything the task keeps is in one [`CtlTask`], which the task's
+/// future holds once (an `async fn` taking these arguments would hold
+/// them twice, as arguments and as moved locals).
+fn ctl_task(
     vm: Arc<Vm>,
-    mut r: CtlReader,
+    r: CtlReader,
     w: AgentWrite,
     ctl: CtlChannel,
-    mut rx: mpsc::Receiver<CtlRequest>,
     events: Arc<dyn VmEvents>,
-) {
-    let mut gone = vm.gone.subscribe();
-    let max_queue = ctl.options().max_queue;
+) -> impl std::future::Future<Output = ()> + Send + 'static {
     let metrics = events.metrics();
     let mut t = CtlTask {
+        gone: vm.gone.subscribe(),
         vm,
+        r,
         w,
         ctl,
         events,
         metrics,
         callers: HashMap::new(),
+        timer: Deadline::new(),
     };
-    // The reply timeout. Arming a timer for every transaction costs a
-    // timer-wheel insert and, often, a wake-up of the I/O driver (a syscall)
-    // per command; instead one timer lives as long as the task and is moved
-    // only when it would fire after the channel's deadline, or when it
-    // fired before it (the transaction it was set for has ended): so it is
-    // re-armed at most once per timeout however many commands pass.
-    let mut timer = Deadline::new();
-    // Whether the VM went for a reason of its own (not a broken channel).
-    let mut went = false;
-    loop {
-        t.carry_out().await;
-        if t.ctl.is_broken() {
-            break;
-        }
-        timer.set(t.ctl.poll_timeout());
-        tokio::select! {
-            req = rx.recv(), if t.ctl.queued() < max_queue => match req {
-                Some(req) => t.submit(req),
-                None => {
-                    went = true;
-                    t.ctl.teardown("no more requests");
-                }
-            },
-            n = r.read_more() => ctl_input(&mut t.ctl, &mut r, n),
-            () = timer.fired() => t.ctl.handle_timeout(Instant::now().into_std()),
-            _ = gone.changed() => {
-                went = true;
-                t.ctl.teardown(&t.vm.gone_reason());
-            }
-        }
+    async move {
+        let went = t.run().await;
+        t.finish(went).await;
     }
-    t.finish(rx, went).await;
 }
 
-/// What the ctl task carries out the channel's word with.
+/// What the ctl task carries out the channel's word with. Dropped (the
+/// task ended, or panicked), it closes the VM's ctl queue: callers fail
+/// instead of waiting for nobody.
 struct CtlTask {
     vm: Arc<Vm>,
+    r: CtlReader,
     w: AgentWrite,
     ctl: CtlChannel,
     events: Arc<dyn VmEvents>,
     metrics: Option<Arc<Metrics>>,
     callers: HashMap<TxnId, CtlReply>,
+    /// The reply timeout. Arming a timer for every transaction costs a
+    /// timer-wheel insert and, often, a wake-up of the I/O driver (a
+    /// syscall) per command; instead one timer lives as long as the task
+    /// and is moved only when it would fire after the channel's deadline,
+    /// or when it fired before it (the transaction it was set for has
+    /// ended): so it is re-armed at most once per timeout however many
+    /// commands pass.
+    timer: Deadline,
+    gone: watch::Receiver<Gone>,
+}
+
+impl Drop for CtlTask {
+    fn drop(&mut self) {
+        self.vm.ctl_q.close_and_clear();
+    }
 }
 
 impl CtlTask {
+    /// Until the channel breaks or is torn down: whether the VM went for
+    /// a reason of its own (not a broken channel).
+    async fn run(&mut self) -> bool {
+        let max_queue = self.ctl.options().max_queue;
+        let mut went = false;
+        loop {
+            self.carry_out().await;
+            if self.ctl.is_broken() {
+                return went;
+            }
+            self.timer.set(self.ctl.poll_timeout());
+            tokio::select! {
+                req = self.vm.ctl_q.recv(), if self.ctl.queued() < max_queue => match req {
+                    Some(req) => self.submit(req),
+                    None => {
+                        went = true;
+                        self.ctl.teardown("no more requests");
+                    }
+                },
+                n = self.r.read_more() => ctl_input(&mut self.ctl, &mut self.r, n),
+                () = self.timer.fired() => self.ctl.handle_timeout(Instant::now().into_std()),
+                _ = self.gone.changed() => {
+                    went = true;
+                    self.ctl.teardown(&self.vm.gone_reason());
+                }
+            }
+        }
+    }
+
     /// Carry out what the channel says: its events, then the next request
     /// to write, until it says nothing more.
     async fn carry_out(&mut self) {
@@ -511,6 +545,10 @@ impl CtlTask {
                 if let Some(reply) = self.callers.remove(&id) {
                     let _ = reply.send(result);
                 }
+                if self.callers.is_empty() {
+                    // No transaction waits: nothing held while idle.
+                    self.callers.shrink_to_fit();
+                }
             }
             CtlEvent::Broken { error } => {
                 if let (Some(m), ProxyError::AgentGarbage { .. }) = (&self.metrics, &error) {
@@ -534,8 +572,8 @@ impl CtlTask {
     }
 
     /// The channel broke or was torn down (`went`: for a reason of the
-    /// VM's own): fail the callers still waiting in the mpsc.
-    async fn finish(self, mut rx: mpsc::Receiver<CtlRequest>, went: bool) {
+    /// VM's own): fail the callers still waiting in the queue.
+    async fn finish(&mut self, went: bool) {
         let reason = self
             .ctl
             .broken_reason()
@@ -544,8 +582,9 @@ impl CtlTask {
         if went {
             self.events.vm_failed(self.vm.id, reason.clone());
         }
-        rx.close();
-        while let Some(req) = rx.recv().await {
+        let q = &self.vm.ctl_q;
+        q.close();
+        while let Some(req) = q.recv().await {
             let _ = req.reply.send(Err(ProxyError::VmTornDown {
                 during: During::Idle,
                 reason: reason.clone(),
@@ -554,23 +593,32 @@ impl CtlTask {
     }
 }
 
-async fn io_reader(vm: Arc<Vm>, r: AgentRead, max_message: usize, events: Arc<dyn VmEvents>) {
+/// The io reader task (its state is one [`IoReader`], held once: see
+/// [`ctl_task`]).
+fn io_reader(
+    vm: Arc<Vm>,
+    r: AgentRead,
+    max_message: usize,
+    events: Arc<dyn VmEvents>,
+) -> impl std::future::Future<Output = ()> + Send + 'static {
     let demux = IoDemux::new(max_message);
     let mut io = IoReader {
         gone: vm.gone.subscribe(),
         metrics: events.metrics(),
         vm,
         events,
-        reader: MessageReader::chunked(r, demux, IO_LOW_ROOM, IO_CHUNK),
+        reader: MessageReader::chunked(r, demux, IO_LOW_ROOM, IO_CHUNK).lazy(IO_SMALL),
         streaming: Streaming::new(),
         pause: Deadline::new(),
         since_yield: 0,
     };
-    let reason = io.run().await;
-    // Nobody waits for io that will not come.
-    let wake = io.streaming.close();
-    tell(&io.vm.io_flow, &io.streaming, wake);
-    io.events.vm_failed(io.vm.id, reason);
+    async move {
+        let reason = io.run().await;
+        // Nobody waits for io that will not come.
+        let wake = io.streaming.close();
+        tell(&io.vm.io_flow, &io.streaming, wake);
+        io.events.vm_failed(io.vm.id, reason);
+    }
 }
 
 /// The io reader: demultiplexes the agent's output into the sessions'
@@ -737,43 +785,81 @@ fn tell(flow: &IoFlow, s: &Streaming, wake: Wake) {
     }
 }
 
-async fn io_writer(
+/// The io writer task (its state is one [`IoWriter`], held once: see
+/// [`ctl_task`]).
+fn io_writer(
     vm: Arc<Vm>,
-    mut w: AgentWrite,
-    mut rx: mpsc::Receiver<IoOut>,
+    w: AgentWrite,
     events: Arc<dyn VmEvents>,
-) {
-    let mut gone = vm.gone.subscribe();
-    let mut batch = Batch::new();
-    loop {
-        let first = tokio::select! {
-            m = rx.recv() => match m {
-                Some(m) => m,
-                None => return,
-            },
-            _ = gone.changed() => return,
-        };
-        let mut n = 0u64;
-        let mut msgs = 0u64;
-        let mut add = |m: IoOut, batch: &mut Batch| {
-            n += m.data.len() as u64;
-            msgs += 1;
-            batch.push_small(&m.header);
-            batch.push(m.data);
-        };
-        add(first, &mut batch);
-        while batch.len() < 256 * 1024 {
-            match rx.try_recv() {
-                Ok(m) => add(m, &mut batch),
-                Err(_) => break,
+) -> impl std::future::Future<Output = ()> + Send + 'static {
+    let mut t = IoWriter {
+        gone: vm.gone.subscribe(),
+        vm,
+        w,
+        events,
+        batch: Batch::new(),
+    };
+    async move { t.run().await }
+}
+
+/// The io writer: writes the VM's queued stdin in batches. Dropped (the
+/// task ended, or panicked), it closes the VM's io queue: callers fail
+/// instead of waiting for nobody, and what was queued is dropped.
+struct IoWriter {
+    vm: Arc<Vm>,
+    w: AgentWrite,
+    events: Arc<dyn VmEvents>,
+    batch: Batch,
+    gone: watch::Receiver<Gone>,
+}
+
+impl Drop for IoWriter {
+    fn drop(&mut self) {
+        self.vm.io_q.close_and_clear();
+    }
+}
+
+impl IoWriter {
+    async fn run(&mut self) {
+        let q = &self.vm.io_q;
+        loop {
+            let first = tokio::select! {
+                m = q.recv() => match m {
+                    Some(m) => m,
+                    None => return,
+                },
+                _ = self.gone.changed() => return,
+            };
+            let mut n = 0u64;
+            let mut msgs = 0u64;
+            let mut add = |m: IoOut, batch: &mut Batch| {
+                n += m.data.len() as u64;
+                msgs += 1;
+                batch.push_small(&m.header);
+                batch.push(m.data);
+            };
+            add(first, &mut self.batch);
+            while self.batch.len() < 256 * 1024 {
+                match q.try_recv() {
+                    Ok(m) => add(m, &mut self.batch),
+                    Err(TryRecvError::Empty | TryRecvError::Closed) => break,
+                }
+            }
+            if let Err((_, e)) = self.batch.write_all(&mut self.w).await {
+                self.events
+                    .vm_failed(self.vm.id, format!("writing io: {e}"));
+                return;
+            }
+            self.vm.bytes_to_agent.fetch_add(n, Ordering::Relaxed);
+            self.vm.msgs_to_agent.fetch_add(msgs, Ordering::Relaxed);
+            if msgs > BIG_BATCH {
+                // The batch's lists keep the capacity of its largest
+                // batch (up to 1024 slices and payloads, ~48 KiB): a VM
+                // that once took a burst of stdin would keep it. Small
+                // batches (typing) reuse theirs.
+                self.batch = Batch::new();
             }
         }
-        if let Err((_, e)) = batch.write_all(&mut w).await {
-            events.vm_failed(vm.id, format!("writing io: {e}"));
-            return;
-        }
-        vm.bytes_to_agent.fetch_add(n, Ordering::Relaxed);
-        vm.msgs_to_agent.fetch_add(msgs, Ordering::Relaxed);
     }
 }
 
@@ -875,7 +961,8 @@ mod tests {
             VmId(1),
             "vm".into(),
             Channels {
-                ctl_r: MessageReader::new(Box::new(ctl_r), ctl.decoder()),
+                ctl_r: MessageReader::new(Box::new(ctl_r) as AgentRead, ctl.decoder())
+                    .lazy(CTL_SMALL),
                 ctl_w: Box::new(ctl_w),
                 ctl,
                 io_r: Box::new(io_r),
@@ -920,6 +1007,54 @@ mod tests {
         for (i, c) in calls.into_iter().enumerate() {
             assert_eq!(c.await.unwrap().unwrap(), Bytes::from(vec![b'0' + i as u8]));
         }
+    }
+
+    #[tokio::test]
+    async fn callers_waiting_behind_full_ctl_queues_fail_when_the_vm_goes() {
+        // More callers than the channel's queue and the VM's ctl queue
+        // hold: the last ones wait for room. A teardown fails every one
+        // of them with the reason; none is left waiting.
+        let (vm, mut agent, _) = vm(Duration::from_secs(60));
+        let n = CTL_QUEUE + CTL_WAITING + 10;
+        let mut calls = Vec::new();
+        for _ in 0..n {
+            let vm = vm.clone();
+            calls.push(tokio::spawn(async move {
+                vm.ctl(Code::Ping, Bytes::new()).await
+            }));
+        }
+        // The first request is on the wire: the rest are queued or wait.
+        agent.ctl_msg().await;
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        vm.shut("the runtime said so");
+        for c in calls {
+            let e = c.await.unwrap().unwrap_err();
+            assert!(
+                matches!(&e, ProxyError::VmTornDown { reason, .. } if reason == "the runtime said so"),
+                "{e}"
+            );
+        }
+        // And a caller coming later fails at once.
+        let e = vm.ctl(Code::Ping, Bytes::new()).await.unwrap_err();
+        assert!(matches!(e, ProxyError::VmTornDown { .. }), "{e}");
+    }
+
+    #[tokio::test]
+    async fn stdin_after_the_io_writer_ended_fails_instead_of_waiting() {
+        let (vm, _agent, _) = vm(Duration::from_secs(5));
+        vm.shut("gone");
+        // The writer ends on the teardown and closes the io queue: more
+        // stdin than the queue holds must fail, not wait for nobody.
+        let mut failed = false;
+        for _ in 0..IO_QUEUE + 1 {
+            if vm.stdin(3, Bytes::from_static(b"x")).await.is_err() {
+                failed = true;
+                break;
+            }
+        }
+        assert!(failed);
     }
 
     #[tokio::test]
@@ -1139,7 +1274,8 @@ mod tests {
             VmId(7),
             "vm".into(),
             Channels {
-                ctl_r: MessageReader::new(Box::new(ctl_r), ctl.decoder()),
+                ctl_r: MessageReader::new(Box::new(ctl_r) as AgentRead, ctl.decoder())
+                    .lazy(CTL_SMALL),
                 ctl_w: Box::new(ctl_w),
                 ctl,
                 io_r: Box::new(PanickingRead),

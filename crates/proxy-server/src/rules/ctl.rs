@@ -352,6 +352,11 @@ impl CtlChannel {
             return None;
         }
         let q = self.queue.pop_front()?;
+        if self.queue.is_empty() {
+            // Between bursts a VM's channel queues nothing: its slots'
+            // memory goes back (as the events' below).
+            self.queue = VecDeque::new();
+        }
         debug!(code = %q.code, len = q.bytes.len(), "ctl request");
         self.phase = Phase::Waiting {
             id: q.id,
@@ -364,7 +369,13 @@ impl CtlChannel {
 
     /// The next thing the driver must act on.
     pub fn poll_event(&mut self) -> Option<CtlEvent> {
-        self.events.pop_front()
+        let ev = self.events.pop_front();
+        if ev.is_none() && self.events.capacity() > 0 {
+            // Drained: an idle channel holds no event slots (an event is
+            // 136 bytes; a VM spends nearly all its time idle).
+            self.events = VecDeque::new();
+        }
+        ev
     }
 
     /// When [`CtlChannel::handle_timeout`] is due: READY's deadline, or
@@ -437,6 +448,13 @@ impl CtlChannel {
     /// Requests waiting behind the one in flight.
     pub fn queued(&self) -> usize {
         self.queue.len()
+    }
+
+    /// Queue and event slots allocated (for tests of an idle channel's
+    /// memory).
+    #[cfg(test)]
+    fn slots(&self) -> usize {
+        self.queue.capacity() + self.events.capacity()
     }
 
     /// Replies still owed by the agent for timed-out transactions.
@@ -1206,6 +1224,25 @@ mod tests {
         }
         assert_eq!(ch.in_flight(), None);
         assert_eq!(ch.queued(), 0);
+    }
+
+    #[test]
+    fn an_idle_channel_holds_no_slots() {
+        let (mut ch, t0) = ready();
+        assert!(ch.poll_event().is_none());
+        assert_eq!(ch.slots(), 0, "after READY");
+        for round in 0..3 {
+            let ids: Vec<_> = (0..4)
+                .map(|_| ch.submit(Code::Ping, Bytes::new()).unwrap())
+                .collect();
+            for id in ids {
+                ch.poll_transmit(t0).expect("released");
+                feed(&mut ch, msg(Code::Ack, b""));
+                assert_eq!(reply(&mut ch).0, id);
+            }
+            assert!(ch.poll_event().is_none());
+            assert_eq!(ch.slots(), 0, "after round {round}");
+        }
     }
 
     #[test]
