@@ -46,13 +46,6 @@ const IO_SMALL: usize = 512;
 /// The ctl reader's buffer while replies are small.
 pub const CTL_SMALL: usize = 256;
 
-/// After reading this much without a pause, the io reader lets the other
-/// tasks (the shim writers) run before it reads more. Without it, while
-/// the agent has more to give, it would read until a session's queue is
-/// full (4 MiB by default) before a writer ran: every byte would be
-/// written long after it was read, out of the CPU's cache.
-const IO_YIELD_AFTER: usize = 256 * 1024;
-
 /// A caller waiting for its ctl transaction's result.
 type CtlReply = oneshot::Sender<Result<Bytes, ProxyError>>;
 
@@ -610,7 +603,6 @@ fn io_reader(
         reader: MessageReader::chunked(r, demux, IO_LOW_ROOM, IO_CHUNK).lazy(IO_SMALL),
         streaming: Streaming::new(),
         pause: Deadline::new(),
-        since_yield: 0,
     };
     async move {
         let reason = io.run().await;
@@ -635,8 +627,6 @@ struct IoReader {
     /// Fires the streaming machine's timeout.
     pause: Deadline,
     gone: watch::Receiver<Gone>,
-    /// Bytes read since the reader last let other tasks run.
-    since_yield: usize,
 }
 
 impl IoReader {
@@ -662,11 +652,6 @@ impl IoReader {
                 return reason;
             }
             self.read_done(n, at);
-            self.since_yield = self.since_yield.saturating_add(n);
-            if self.since_yield >= IO_YIELD_AFTER {
-                self.since_yield = 0;
-                tokio::task::yield_now().await;
-            }
         }
     }
 
