@@ -111,7 +111,7 @@ impl<R: AsyncRead + Unpin, D: Decode> MessageReader<R, D> {
 
     /// Read into a buffer of only `small` bytes (allocated at the first
     /// read) until a read fills it; then make room as this reader would
-    /// otherwise, until [`QUIET_READS`] reads in a row brought less than
+    /// otherwise, until `QUIET_READS` (8) reads in a row brought less than
     /// `small` bytes and left nothing buffered, when the big buffer is let
     /// go (its messages keep their bytes) and reads are small again. A
     /// mostly idle stream so holds `small` bytes, not a big buffer whose
