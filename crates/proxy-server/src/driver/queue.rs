@@ -76,17 +76,7 @@ impl<T> Queue<T> {
             Ok(permit) => permit.forget(),
             Err(_) => return Err(item),
         }
-        {
-            let mut st = self.lock();
-            // Closed after the slot was taken: the consumer may be done
-            // draining, so the item must not stay behind.
-            if st.closed {
-                return Err(item);
-            }
-            st.items.push_back(item);
-        }
-        self.ready.notify_one();
-        Ok(())
+        self.push_into_slot(item)
     }
 
     /// Queue `item` if there is a free slot, without waiting. `Err(item)`:
@@ -96,8 +86,15 @@ impl<T> Queue<T> {
             Ok(permit) => permit.forget(),
             Err(_) => return Err(item),
         }
+        self.push_into_slot(item)
+    }
+
+    /// Queue `item` in the slot its sender took.
+    fn push_into_slot(&self, item: T) -> Result<(), T> {
         {
             let mut st = self.lock();
+            // Closed after the slot was taken: the consumer may be done
+            // draining, so the item must not stay behind.
             if st.closed {
                 return Err(item);
             }
