@@ -14,12 +14,10 @@
 //! - a sender whose receiver is gone gets its item back, and what was
 //!   queued is dropped with the receiver.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use tokio::sync::Notify;
-
 use crate::driver::queue::{self, Queue};
+use crate::session::Flag;
 
 /// Why [`Receiver::try_recv`] has nothing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,8 +32,7 @@ pub enum TryRecvError {
 struct Shared<T> {
     queue: Queue<T>,
     /// Raised by the sender's side: the receiver should give up.
-    stop: AtomicBool,
-    stopped: Notify,
+    stop: Flag,
 }
 
 /// The sending half.
@@ -54,8 +51,7 @@ pub struct Receiver<T> {
 pub fn channel<T>(cap: usize) -> (Sender<T>, Receiver<T>) {
     let shared = Arc::new(Shared {
         queue: Queue::new(cap),
-        stop: AtomicBool::new(false),
-        stopped: Notify::new(),
+        stop: Flag::default(),
     });
     (
         Sender {
@@ -91,8 +87,7 @@ impl<T> Sender<T> {
 
     /// Tell the receiver to give up ([`Receiver::stopped`]).
     pub fn stop(&self) {
-        self.shared.stop.store(true, Ordering::Release);
-        self.shared.stopped.notify_waiters();
+        self.shared.stop.set(true);
     }
 }
 
@@ -120,15 +115,7 @@ impl<T> Receiver<T> {
 
     /// Completes once the sender's side called [`Sender::stop`].
     pub async fn stopped(&self) {
-        loop {
-            let stopped = self.shared.stopped.notified();
-            tokio::pin!(stopped);
-            stopped.as_mut().enable();
-            if self.shared.stop.load(Ordering::Acquire) {
-                return;
-            }
-            stopped.await;
-        }
+        self.shared.stop.wait_for(true).await;
     }
 }
 
