@@ -24,14 +24,14 @@ use tokio::task::JoinHandle;
 use tracing::{debug, info, warn, Instrument};
 
 use crate::driver::inbox::{self, TryRecvError};
-use crate::driver::wire::Batch;
+use crate::driver::wire::{write_frame, Batch};
 use crate::registry::{ConnId, ProxyError, SignalPlan, VmId};
 use crate::rules::client::{self, Action, Client, CloseReason, StdinAction};
 use crate::rules::output::{Gather, Held, Inflight, Step};
 use crate::server::Shared;
 use crate::session::{Budget, Flag, IoFlow, Output, OutputQueue, Session, WriteOutcome};
 use crate::timer::Deadline;
-use crate::vm::{Gone, Vm};
+use crate::vm::{GoneWait, Vm};
 
 /// First read size on a connection; doubled while reads fill it.
 const MIN_READ: usize = 4 * 1024;
@@ -98,14 +98,28 @@ impl Drop for Open {
 async fn serve_inner(shared: Arc<Shared>, stream: UnixStream, conn: ConnId) {
     debug!("client connected");
     let (r, w) = stream.into_split();
-    let (tx, rx) = inbox::channel::<ToWriter>(TO_WRITER);
-    let writer = tokio::spawn(ShimWriter::new(w, rx).run().in_current_span());
     let mut reader = ClientReader::new(r, &shared);
-    let mut c = Conn::new(shared, conn, tx);
+    let mut c = Conn::new(shared, conn, w);
     let end = c.run(&mut reader).await;
     drop(reader);
     // Boxed: run once, at the end, and kept out of every connection's task.
-    Box::pin(c.end(end, writer)).await;
+    Box::pin(c.end(end)).await;
+}
+
+/// Where a connection's frames go out.
+enum Out {
+    /// Not a shim yet: the connection's own task writes each response
+    /// (one task fewer to wake per command). A client that does not read
+    /// its responses is not read either.
+    Inline(OwnedWriteHalf),
+    /// The writer task, started when the connection first takes a
+    /// session: it interleaves the responses with the session's output.
+    Writer {
+        tx: inbox::Sender<ToWriter>,
+        task: JoinHandle<()>,
+    },
+    /// A write failed: nothing more goes out.
+    Failed,
 }
 
 /// How a connection's read loop ends.
@@ -139,7 +153,7 @@ struct Waits {
     /// The daemon's shutdown.
     shutdown: EndWait,
     /// The VM's end, once the connection is a shim.
-    gone: Option<EndWait>,
+    gone: Option<GoneWait>,
     /// The rules' next deadline (a partial frame's, waiting stdin's).
     timer: Deadline,
 }
@@ -344,19 +358,11 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
     }
 }
 
-async fn vm_gone(g: &mut Option<EndWait>) {
+async fn vm_gone(g: &mut Option<GoneWait>) {
     match g {
-        Some(g) => g.as_mut().await,
+        Some(g) => g.wait().await,
         None => std::future::pending().await,
     }
-}
-
-/// Completes once `vm` is torn down.
-fn gone_wait(vm: &Vm) -> EndWait {
-    let mut rx = vm.gone.subscribe();
-    Box::pin(async move {
-        let _ = rx.wait_for(|g| *g != Gone::No).await;
-    })
 }
 
 /// The driver of one connection's rules ([`Client`]): it carries out their
@@ -365,7 +371,7 @@ fn gone_wait(vm: &Vm) -> EndWait {
 struct Conn {
     shared: Arc<Shared>,
     id: ConnId,
-    tx: inbox::Sender<ToWriter>,
+    out: Out,
     rules: Client,
     /// The handles of the shim role the rules hold.
     shim: Option<ShimRole>,
@@ -375,7 +381,7 @@ struct Conn {
 
 /// The read loop and the ending.
 impl Conn {
-    fn new(shared: Arc<Shared>, id: ConnId, tx: inbox::Sender<ToWriter>) -> Self {
+    fn new(shared: Arc<Shared>, id: ConnId, w: OwnedWriteHalf) -> Self {
         let rules = Client::new(client::Limits {
             frame_timeout: shared.config.frame_timeout,
             process_timeout: shared.config.process_timeout,
@@ -384,7 +390,7 @@ impl Conn {
         Self {
             shared,
             id,
-            tx,
+            out: Out::Inline(w),
             rules,
             shim: None,
             stdin_budget: None,
@@ -443,7 +449,7 @@ impl Conn {
 
     /// Carry out the whole frames the buffer holds, then tell the rules
     /// what is left of it (a partial frame has a deadline).
-    async fn take_frames(&mut self, rd: &mut ClientReader, gone: &mut Option<EndWait>) -> Flow {
+    async fn take_frames(&mut self, rd: &mut ClientReader, gone: &mut Option<GoneWait>) -> Flow {
         let mut decoded = false;
         loop {
             match rd.next_frame() {
@@ -453,7 +459,7 @@ impl Conn {
                         return Flow::Close;
                     }
                     if gone.is_none() {
-                        *gone = self.shim.as_ref().map(|s| gone_wait(&s.vm));
+                        *gone = self.shim.as_ref().map(|s| GoneWait::new(&s.vm));
                     }
                 }
                 Ok(None) => break,
@@ -489,32 +495,38 @@ impl Conn {
 
     /// Ending: the writer flushes what it was given, gives the session's
     /// queue back, and only then is the token claimable again.
-    async fn end(mut self, end: End, mut writer: JoinHandle<()>) {
+    async fn end(mut self, end: End) {
         self.rules.closed();
         if let Some(s) = &self.shim {
             self.shared.state().registry.shim_closing(self.id, &s.token);
         }
         if end == End::Drain {
-            self.to_writer(ToWriter::Drain).await;
+            self.send_out(ToWriter::Drain).await;
         }
         let Conn {
             shared,
             id,
-            tx,
+            out,
             shim,
             ..
         } = self;
-        tx.close();
-        // A peer that stopped reading cannot hold the session's queue
-        // hostage: after a grace period the writer gives up and hands the
-        // queue back.
-        if tokio::time::timeout(WRITER_GRACE, &mut writer)
-            .await
-            .is_err()
-        {
-            debug!("client not reading; abandoning its pending output");
-            tx.stop();
-            let _ = writer.await;
+        match out {
+            Out::Inline(mut w) => {
+                use tokio::io::AsyncWriteExt;
+                let _ = w.shutdown().await;
+            }
+            Out::Writer { tx, mut task } => {
+                tx.close();
+                // A peer that stopped reading cannot hold the session's
+                // queue hostage: after a grace period the writer gives up
+                // and hands the queue back.
+                if tokio::time::timeout(WRITER_GRACE, &mut task).await.is_err() {
+                    debug!("client not reading; abandoning its pending output");
+                    tx.stop();
+                    let _ = task.await;
+                }
+            }
+            Out::Failed => {}
         }
         if let Some(s) = shim {
             shared.state().registry.shim_gone(id, &s.token);
@@ -548,22 +560,53 @@ fn parse<T: DeserializeOwned>(command: Command, payload: &[u8]) -> Result<T, Pro
 }
 
 impl Conn {
-    async fn send(&self, f: Frame) {
-        self.to_writer(ToWriter::Frame(f)).await;
+    async fn send(&mut self, f: Frame) {
+        self.send_out(ToWriter::Frame(f)).await;
     }
 
     /// Hand `m` to the writer, waiting while its queue is full (boxed: the
     /// rare wait stays out of every connection's task). A writer that is
-    /// gone (its shim's socket failed) takes nothing more.
-    async fn to_writer(&self, m: ToWriter) {
-        if let Err(m) = self.tx.try_send(m) {
-            if !self.tx.is_orphaned() {
-                let _ = Box::pin(self.tx.send(m)).await;
+    /// gone (its shim's socket failed) takes nothing more. Before the
+    /// connection takes a session, a frame is written here; anything else
+    /// starts the writer first.
+    async fn send_out(&mut self, m: ToWriter) {
+        let m = match (&mut self.out, m) {
+            (Out::Inline(w), ToWriter::Frame(f)) => {
+                if let Err(e) = write_frame(w, &f.header().to_bytes(), &f.payload).await {
+                    debug!(error = %e, "write to client failed");
+                    self.out = Out::Failed;
+                }
+                return;
+            }
+            (Out::Failed, _) => return,
+            (_, m) => m,
+        };
+        self.start_writer();
+        let Out::Writer { tx, .. } = &self.out else {
+            return;
+        };
+        if let Err(m) = tx.try_send(m) {
+            if !tx.is_orphaned() {
+                let _ = Box::pin(tx.send(m)).await;
             }
         }
     }
 
-    async fn respond(&self, cmd: Command, r: Result<Bytes, ProxyError>) {
+    /// From now on a writer task sends this connection's frames (no-op
+    /// once it does).
+    fn start_writer(&mut self) {
+        if !matches!(self.out, Out::Inline(_)) {
+            return;
+        }
+        let Out::Inline(w) = std::mem::replace(&mut self.out, Out::Failed) else {
+            return;
+        };
+        let (tx, rx) = inbox::channel::<ToWriter>(TO_WRITER);
+        let task = tokio::spawn(ShimWriter::new(w, rx).run().in_current_span());
+        self.out = Out::Writer { tx, task };
+    }
+
+    async fn respond(&mut self, cmd: Command, r: Result<Bytes, ProxyError>) {
         if let Err(e) = &r {
             self.shared.metrics.error_response(e);
         }
@@ -801,7 +844,7 @@ impl Conn {
         // Response first, then the session's output.
         self.send(Frame::response(Command::ConnectShim, Bytes::new()))
             .await;
-        self.to_writer(ToWriter::Attach(session.clone())).await;
+        self.send_out(ToWriter::Attach(session.clone())).await;
         session.shim.set(true);
         info!(token = %crate::redact::Token(&req.token), io_base = session.io_base, "shim connected");
         self.shim = Some(ShimRole {

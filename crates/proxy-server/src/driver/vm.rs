@@ -22,7 +22,7 @@ use crate::metrics::Metrics;
 use crate::reader::MessageReader;
 use crate::registry::{During, ProxyError, VmId};
 use crate::rules::ctl::{CtlChannel, CtlEvent, CtlOptions, TxnId};
-use crate::rules::demux::{Discarded, IoDemux, Routed, Streaming, Wake};
+use crate::rules::demux::{Discarded, IdMap, IoDemux, Routed, Streaming, Wake};
 use crate::session::{Budget, IoFlow, Output, Session};
 use crate::timer::Deadline;
 
@@ -86,6 +86,34 @@ pub enum Gone {
     No,
     /// Torn down, with the reason.
     Yes(String),
+}
+
+/// A wait for the VM's teardown, made once per task: each turn of a
+/// task's loop polls it instead of subscribing to the watch again (a
+/// waiter registered and removed per turn, under the watch's lock).
+/// Pending forever once it has completed.
+pub(crate) struct GoneWait(Option<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>>);
+
+impl GoneWait {
+    /// Completes once `vm` is torn down (at once if it is).
+    pub(crate) fn new(vm: &Vm) -> Self {
+        let mut rx = vm.gone.subscribe();
+        Self(Some(Box::pin(async move {
+            // Err: the sender is gone, and with it the VM.
+            let _ = rx.wait_for(|g| *g != Gone::No).await;
+        })))
+    }
+
+    /// Until the VM is torn down (forever, after the first time).
+    pub(crate) async fn wait(&mut self) {
+        match &mut self.0 {
+            Some(f) => {
+                f.as_mut().await;
+                self.0 = None;
+            }
+            None => std::future::pending().await,
+        }
+    }
 }
 
 /// A registered VM's channels and sessions.
@@ -432,14 +460,14 @@ fn ctl_task(
 ) -> impl std::future::Future<Output = ()> + Send + 'static {
     let metrics = events.metrics();
     let mut t = CtlTask {
-        gone: vm.gone.subscribe(),
+        gone: GoneWait::new(&vm),
         vm,
         r,
         w,
         ctl,
         events,
         metrics,
-        callers: HashMap::new(),
+        callers: IdMap::default(),
         timer: Deadline::new(),
     };
     async move {
@@ -458,7 +486,7 @@ struct CtlTask {
     ctl: CtlChannel,
     events: Arc<dyn VmEvents>,
     metrics: Option<Arc<Metrics>>,
-    callers: HashMap<TxnId, CtlReply>,
+    callers: IdMap<TxnId, CtlReply>,
     /// The reply timeout. Arming a timer for every transaction costs a
     /// timer-wheel insert and, often, a wake-up of the I/O driver (a
     /// syscall) per command; instead one timer lives as long as the task
@@ -467,7 +495,7 @@ struct CtlTask {
     /// ended): so it is re-armed at most once per timeout however many
     /// commands pass.
     timer: Deadline,
-    gone: watch::Receiver<Gone>,
+    gone: GoneWait,
 }
 
 impl Drop for CtlTask {
@@ -498,7 +526,7 @@ impl CtlTask {
                 },
                 n = self.r.read_more() => ctl_input(&mut self.ctl, &mut self.r, n),
                 () = self.timer.fired() => self.ctl.handle_timeout(Instant::now().into_std()),
-                _ = self.gone.changed() => {
+                () = self.gone.wait() => {
                     went = true;
                     self.ctl.teardown(&self.vm.gone_reason());
                 }
@@ -538,8 +566,10 @@ impl CtlTask {
                 if let Some(reply) = self.callers.remove(&id) {
                     let _ = reply.send(result);
                 }
-                if self.callers.is_empty() {
-                    // No transaction waits: nothing held while idle.
+                if self.callers.is_empty() && self.callers.capacity() > 4 {
+                    // No transaction waits: nothing much held while idle
+                    // (a table of a few, kept: freeing it and building it
+                    // again cost an allocation and a rehash per command).
                     self.callers.shrink_to_fit();
                 }
             }
@@ -596,7 +626,7 @@ fn io_reader(
 ) -> impl std::future::Future<Output = ()> + Send + 'static {
     let demux = IoDemux::new(max_message);
     let mut io = IoReader {
-        gone: vm.gone.subscribe(),
+        gone: GoneWait::new(&vm),
         metrics: events.metrics(),
         vm,
         events,
@@ -626,7 +656,7 @@ struct IoReader {
     streaming: Streaming,
     /// Fires the streaming machine's timeout.
     pause: Deadline,
-    gone: watch::Receiver<Gone>,
+    gone: GoneWait,
 }
 
 impl IoReader {
@@ -645,7 +675,7 @@ impl IoReader {
                     tell(&self.vm.io_flow, &self.streaming, wake);
                     continue;
                 }
-                _ = self.gone.changed() => return "VM torn down".to_string(),
+                () = self.gone.wait() => return "VM torn down".to_string(),
             };
             let at = Instant::now();
             if let Err(reason) = self.route_buffered().await {
@@ -743,14 +773,10 @@ impl IoReader {
 
 /// The slow path: wait for room in `session`'s queue. None: the VM went
 /// first.
-async fn push_waiting(
-    session: &Session,
-    item: Output,
-    gone: &mut watch::Receiver<Gone>,
-) -> Option<bool> {
+async fn push_waiting(session: &Session, item: Output, gone: &mut GoneWait) -> Option<bool> {
     tokio::select! {
         pushed = session.push(item) => Some(pushed),
-        _ = gone.changed() => None,
+        () = gone.wait() => None,
     }
 }
 
@@ -778,7 +804,7 @@ fn io_writer(
     events: Arc<dyn VmEvents>,
 ) -> impl std::future::Future<Output = ()> + Send + 'static {
     let mut t = IoWriter {
-        gone: vm.gone.subscribe(),
+        gone: GoneWait::new(&vm),
         vm,
         w,
         events,
@@ -795,7 +821,7 @@ struct IoWriter {
     w: AgentWrite,
     events: Arc<dyn VmEvents>,
     batch: Batch,
-    gone: watch::Receiver<Gone>,
+    gone: GoneWait,
 }
 
 impl Drop for IoWriter {
@@ -813,7 +839,7 @@ impl IoWriter {
                     Some(m) => m,
                     None => return,
                 },
-                _ = self.gone.changed() => return,
+                () = self.gone.wait() => return,
             };
             let mut n = 0u64;
             let mut msgs = 0u64;

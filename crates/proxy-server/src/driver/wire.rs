@@ -36,6 +36,45 @@ const FIRST_BLOCK: usize = 1000;
 /// At most this many slices per `writev` (Linux's IOV_MAX is 1024).
 const MAX_SLICES: usize = 256;
 
+/// Write one frame, `header` then `payload`, as one `writev` where the
+/// socket takes it all (no batch, no copy: a response's way out).
+pub async fn write_frame<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    header: &[u8],
+    payload: &[u8],
+) -> io::Result<()> {
+    let mut done = 0usize;
+    loop {
+        // `done` never passes the frame's length (a write returns at most
+        // the bytes it was given), so at most one of these is non-empty
+        // past the header.
+        let h = header.get(done..).unwrap_or_default();
+        let p = payload
+            .get(done.saturating_sub(header.len())..)
+            .unwrap_or_default();
+        let n = if !h.is_empty() {
+            w.write_vectored(&[IoSlice::new(h), IoSlice::new(payload)])
+                .await
+        } else if !p.is_empty() {
+            w.write(p).await
+        } else {
+            break;
+        };
+        match n {
+            Ok(0) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::WriteZero,
+                    "peer accepts no more bytes",
+                ))
+            }
+            Ok(n) => done = done.saturating_add(n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    w.flush().await
+}
+
 /// A batch of byte chunks to write in order.
 #[derive(Debug, Default)]
 pub struct Batch {
@@ -202,7 +241,69 @@ impl Batch {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
     use tokio::io::AsyncReadExt;
+
+    /// Takes at most `step` bytes per write (of the first slice only, as a
+    /// short `writev` may), then, once `cap` bytes are in, nothing.
+    struct Trickle {
+        got: Vec<u8>,
+        step: usize,
+        cap: usize,
+    }
+
+    impl AsyncWrite for Trickle {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            let n = buf.len().min(self.step).min(self.cap - self.got.len());
+            self.got.extend_from_slice(&buf[..n]);
+            Poll::Ready(Ok(n))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_frame_goes_out_whole_and_in_order_through_short_writes() {
+        let header: Vec<u8> = (0..12).collect();
+        let payload: Vec<u8> = (0..5000u32).map(|i| (i % 251) as u8).collect();
+        let want = [&header[..], &payload[..]].concat();
+        for step in [1, 5, 11, 12, 13, 4096, 1 << 20] {
+            let mut w = Trickle {
+                got: Vec::new(),
+                step,
+                cap: usize::MAX,
+            };
+            write_frame(&mut w, &header, &payload).await.unwrap();
+            assert_eq!(w.got, want, "step {step}");
+        }
+        // An empty payload: the header alone.
+        let mut w = Trickle {
+            got: Vec::new(),
+            step: 5,
+            cap: usize::MAX,
+        };
+        write_frame(&mut w, &header, &[]).await.unwrap();
+        assert_eq!(w.got, header);
+        // A peer that stops taking bytes is an error, not a hang, and what
+        // it took is the frame's start.
+        let mut w = Trickle {
+            got: Vec::new(),
+            step: 7,
+            cap: 100,
+        };
+        let e = write_frame(&mut w, &header, &payload).await.unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::WriteZero);
+        assert_eq!(w.got, want[..100]);
+    }
 
     #[tokio::test]
     async fn writes_everything_in_order() {

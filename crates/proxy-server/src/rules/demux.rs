@@ -39,7 +39,15 @@ pub const STREAM_PAUSE: Duration = Duration::from_millis(1);
 /// multiplicative hash serves where SipHash would cost more per message.
 pub type SeqMap<V> = HashMap<u64, V, BuildHasherDefault<SeqHasher>>;
 
-/// The hasher of [`SeqMap`].
+/// A map keyed by an id the daemon hands out itself (a [`VmId`], a
+/// [`TxnId`]): no peer picks its keys, so the cheap hash of [`SeqMap`]
+/// serves here too.
+///
+/// [`VmId`]: crate::rules::registry::VmId
+/// [`TxnId`]: crate::rules::ctl::TxnId
+pub type IdMap<K, V> = HashMap<K, V, BuildHasherDefault<SeqHasher>>;
+
+/// The hasher of [`SeqMap`] and [`IdMap`].
 #[derive(Debug, Default)]
 pub struct SeqHasher(u64);
 

@@ -471,7 +471,7 @@ pub struct GoneVm<V> {
 /// that a VM is never known in one place and missing in another.
 #[derive(Debug)]
 pub struct Registry<V = ()> {
-    vms: HashMap<VmId, VmEntry<V>>,
+    vms: crate::rules::demux::IdMap<VmId, VmEntry<V>>,
     by_container: HashMap<String, VmId>,
     tokens: HashMap<String, TokenEntry>,
     next_vm: u64,
@@ -500,7 +500,7 @@ impl Default for TokenLimits {
 impl<V> Default for Registry<V> {
     fn default() -> Self {
         Registry {
-            vms: HashMap::new(),
+            vms: Default::default(),
             by_container: HashMap::new(),
             tokens: HashMap::new(),
             next_vm: 0,
