@@ -32,6 +32,8 @@ pub struct Queue<T> {
     room: Semaphore,
     /// Wakes the consumer when an item is queued (or the queue closes).
     ready: Notify,
+    /// Slots kept while idle (see [`Queue::keeping`]).
+    keep: usize,
 }
 
 #[derive(Debug)]
@@ -59,7 +61,17 @@ impl<T> Queue<T> {
             }),
             room: Semaphore::new(bound.clamp(1, Semaphore::MAX_PERMITS)),
             ready: Notify::new(),
+            keep: 0,
         }
+    }
+
+    /// The same queue, keeping up to `slots` slots' memory while idle
+    /// instead of none: for a queue that empties after nearly every item
+    /// (a VM's ctl requests, one per command), where giving the memory
+    /// back costs an allocation and a free per item.
+    pub fn keeping(mut self, slots: usize) -> Self {
+        self.keep = slots;
+        self
     }
 
     fn lock(&self) -> MutexGuard<'_, State<T>> {
@@ -121,7 +133,7 @@ impl<T> Queue<T> {
             None if st.closed => Err(TryRecvError::Closed),
             None => {
                 // Idle: the slots' memory goes back until items come.
-                if st.items.capacity() > 0 {
+                if st.items.capacity() > self.keep {
                     st.items = VecDeque::new();
                 }
                 Err(TryRecvError::Empty)
@@ -205,6 +217,31 @@ mod tests {
         // Found empty: the slots are freed.
         assert_eq!(q.try_recv(), Err(TryRecvError::Empty));
         assert_eq!(q.capacity(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_keeping_queue_keeps_a_few_slots_when_idle_and_frees_a_burst() {
+        let q = Queue::new(100).keeping(4);
+        q.send(1).await.unwrap();
+        assert_eq!(q.recv().await, Some(1));
+        assert_eq!(q.try_recv(), Err(TryRecvError::Empty));
+        let kept = q.capacity();
+        assert!((1..=4).contains(&kept), "{kept}");
+        // One item after another: the same slots, never freed.
+        for i in 0..10 {
+            q.send(i).await.unwrap();
+            assert_eq!(q.recv().await, Some(i));
+            assert_eq!(q.try_recv(), Err(TryRecvError::Empty));
+            assert_eq!(q.capacity(), kept);
+        }
+        for i in 0..50 {
+            q.send(i).await.unwrap();
+        }
+        for i in 0..50 {
+            assert_eq!(q.recv().await, Some(i));
+        }
+        assert_eq!(q.try_recv(), Err(TryRecvError::Empty));
+        assert_eq!(q.capacity(), 0, "more than it keeps: all freed");
     }
 
     #[tokio::test]

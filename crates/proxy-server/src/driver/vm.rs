@@ -58,6 +58,9 @@ const CTL_QUEUE: usize = 64;
 
 /// Ctl requests waiting for room in the ctl channel; more callers wait.
 const CTL_WAITING: usize = 64;
+/// Slots of the ctl queue kept while idle (see
+/// [`crate::rules::ctl::KEEP_SLOTS`]).
+const CTL_KEEP: usize = crate::rules::ctl::KEEP_SLOTS;
 
 /// stdin messages waiting for the io writer; more callers wait.
 const IO_QUEUE: usize = 256;
@@ -288,7 +291,7 @@ impl Vm {
         let vm = Arc::new(Vm {
             id,
             container_id: container_id.clone(),
-            ctl_q: Queue::new(CTL_WAITING),
+            ctl_q: Queue::new(CTL_WAITING).keeping(CTL_KEEP),
             io_q: Queue::new(IO_QUEUE),
             sessions: Mutex::new(HashMap::new()),
             gone: watch::channel(Gone::No).0,

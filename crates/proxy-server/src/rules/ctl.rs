@@ -31,6 +31,12 @@ use crate::registry::{Channel, During, ProxyError};
 pub const MAX_CTL_DATA: usize = MAX_MESSAGE_LEN - CTL_HEADER_LEN;
 
 /// What the READY wait is called in its timeout error.
+/// Queued requests' and events' slots an idle channel keeps: each command
+/// queues one of each and drains them, and freeing their memory after
+/// every command, to allocate it again for the next, cost more than the
+/// few hundred bytes a VM keeps.
+pub const KEEP_SLOTS: usize = 4;
+
 const READY_WAITED_FOR: &str = "the agent's READY on the ctl channel";
 
 /// One transaction, from [`CtlChannel::submit`] to its
@@ -352,7 +358,7 @@ impl CtlChannel {
             return None;
         }
         let q = self.queue.pop_front()?;
-        if self.queue.is_empty() {
+        if self.queue.is_empty() && self.queue.capacity() > KEEP_SLOTS {
             // Between bursts a VM's channel queues nothing: its slots'
             // memory goes back (as the events' below).
             self.queue = VecDeque::new();
@@ -370,8 +376,8 @@ impl CtlChannel {
     /// The next thing the driver must act on.
     pub fn poll_event(&mut self) -> Option<CtlEvent> {
         let ev = self.events.pop_front();
-        if ev.is_none() && self.events.capacity() > 0 {
-            // Drained: an idle channel holds no event slots (an event is
+        if ev.is_none() && self.events.capacity() > KEEP_SLOTS {
+            // Drained: an idle channel holds few event slots (an event is
             // 136 bytes; a VM spends nearly all its time idle).
             self.events = VecDeque::new();
         }
@@ -1227,10 +1233,12 @@ mod tests {
     }
 
     #[test]
-    fn an_idle_channel_holds_no_slots() {
+    fn an_idle_channel_keeps_few_slots() {
         let (mut ch, t0) = ready();
         assert!(ch.poll_event().is_none());
-        assert_eq!(ch.slots(), 0, "after READY");
+        assert!(ch.slots() <= 2 * KEEP_SLOTS, "after READY: {}", ch.slots());
+        // Bursts as large as the queue allows: a channel idle again keeps
+        // at most what it is meant to.
         for round in 0..3 {
             let ids: Vec<_> = (0..4)
                 .map(|_| ch.submit(Code::Ping, Bytes::new()).unwrap())
@@ -1241,7 +1249,11 @@ mod tests {
                 assert_eq!(reply(&mut ch).0, id);
             }
             assert!(ch.poll_event().is_none());
-            assert_eq!(ch.slots(), 0, "after round {round}");
+            assert!(
+                ch.slots() <= 2 * KEEP_SLOTS,
+                "after round {round}: {}",
+                ch.slots()
+            );
         }
     }
 
