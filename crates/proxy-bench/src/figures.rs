@@ -62,6 +62,10 @@ enum Readers {
 /// relay thread's.
 pub const RELAY_SIZE: usize = 4096;
 
+/// The fan-out ceiling writes a session's frames this many bytes at a time
+/// (the proxy's writers cork up to `SMALL_BATCH`, 64 KiB).
+const CEILING_BATCH: usize = 64 << 10;
+
 /// What the stdout relay floor reads at once.
 const RELAY_READ: usize = 64 << 10;
 
@@ -853,12 +857,15 @@ impl Run<'_> {
         let t = self.fanout_proxy(Readers::Threads)?;
         let k = self.fanout_proxy(Readers::Tokio)?;
         let r = self.fanout_relay()?;
+        let c = self.fanout_ceiling()?;
         self.set("fanout_threads.proxy", t);
         self.set("fanout_tokio.proxy", k);
         self.set("fanout_relay.proxy", r);
+        self.set("fanout_ceiling.proxy", c);
         eprintln!(
             "  fan-out {FANOUT_SESSIONS} sessions x {:.2} MiB: proxy, a thread per shim {t:8.1} MiB/s; \
-             proxy, shims on one tokio thread {k:8.1} MiB/s; relay floor {r:8.1} MiB/s",
+             proxy, shims on one tokio thread {k:8.1} MiB/s; relay floor {r:8.1} MiB/s; \
+             no proxy (ceiling) {c:8.1} MiB/s",
             mib(self.b.vol.fanout_per_session)
         );
         Ok(())
@@ -1017,6 +1024,65 @@ impl Run<'_> {
                 })
             },
         )
+        .map_err(|e| format!("{what}: {e}"))?;
+        Self::fanout_result(what, &sinks, &want, t0)
+    }
+
+    /// The ceiling of any fan-out: no agent socket, no proxy and nothing
+    /// to parse. One thread walks the same messages in memory and writes
+    /// each session's stdout frames straight to that session's socket,
+    /// [`CEILING_BATCH`] bytes at a time (the largest batch the proxy's
+    /// writers cork), then its ProcessExited; the same OS-thread readers
+    /// read and hash them. A proxy does all of this and more (it also
+    /// reads the agent's socket), so it cannot be faster.
+    fn fanout_ceiling(&mut self) -> Result<f64, String> {
+        let what = "fan-out with no proxy";
+        let seqs: Vec<u64> = (0..FANOUT_SESSIONS as u64).map(|i| 3 + 2 * i).collect();
+        let (cycle, n, want, _) = self.fanout_stream(&seqs);
+        let mut ends = Vec::with_capacity(FANOUT_SESSIONS);
+        let mut socks = Vec::with_capacity(FANOUT_SESSIONS);
+        for _ in 0..FANOUT_SESSIONS {
+            let (w, r) = pair()?;
+            ends.push(w);
+            socks.push((r, RecvBuf::new(SHIM_READ)));
+        }
+        let write = || -> Result<(), String> {
+            let mut pending: Vec<Vec<u8>> = (0..FANOUT_SESSIONS)
+                .map(|_| Vec::with_capacity(CEILING_BATCH + FANOUT_SIZE + HEADER_LEN))
+                .collect();
+            for m in 0..n {
+                let (i, data) = cycle.message(m);
+                let p = &mut pending[i];
+                p.extend_from_slice(&stream_header(Stream::Stdout, data.len()));
+                p.extend_from_slice(data);
+                if p.len() >= CEILING_BATCH {
+                    write_all(&mut &ends[i], p)?;
+                    p.clear();
+                }
+            }
+            let exited = FrameKind::Notification(Notification::ProcessExited);
+            for (i, p) in pending.iter_mut().enumerate() {
+                p.extend_from_slice(&Header::new(exited, 1).to_bytes());
+                p.push(i as u8 + 1);
+                write_all(&mut &ends[i], p)?;
+            }
+            Ok(())
+        };
+        let t0 = Instant::now();
+        let sinks = std::thread::scope(|sc| {
+            let w = sc.spawn(write);
+            let r = read_threads(socks, &want);
+            if r.is_err() {
+                for s in &ends {
+                    let _ = s.shutdown(std::net::Shutdown::Both);
+                }
+            }
+            let w = w
+                .join()
+                .unwrap_or_else(|_| Err("the writer thread panicked".into()));
+            let r = r?;
+            w.map(|()| r)
+        })
         .map_err(|e| format!("{what}: {e}"))?;
         Self::fanout_result(what, &sinks, &want, t0)
     }

@@ -284,6 +284,14 @@ pub fn rows(runs: &[Metrics], vol: &Volumes, judge: bool) -> Vec<Row> {
         None,
     ));
     v.push(spec(
+        "fanout_ceiling",
+        "  ceiling: no proxy, one thread writes each shim's socket 64 KiB at a time, a thread per shim",
+        "MiB/s",
+        "fanout_ceiling.proxy",
+        direct("stdout_4096.direct"),
+        None,
+    ));
+    v.push(spec(
         "storm_ms",
         format!("connect storm, {} shims, all answered", vol.storm),
         "ms",

@@ -304,6 +304,13 @@ impl Cycle {
         h.iter().map(Xxh64::finish).collect()
     }
 
+    /// Message `m` (cycling): its stream's index and its data.
+    pub fn message(&self, m: u64) -> (usize, &[u8]) {
+        let k = (m % self.msgs.len() as u64) as usize;
+        let at = k * self.frame_len + (self.frame_len - self.data_len);
+        (self.msgs[k].0, &self.bytes[at..at + self.data_len])
+    }
+
     /// Write `n_msgs` messages (cycling), then `tail`.
     pub fn write<W: Write>(&self, w: &mut W, n_msgs: u64, tail: &[u8]) -> Result<(), String> {
         let mut left = n_msgs * self.frame_len as u64;
