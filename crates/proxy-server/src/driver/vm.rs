@@ -94,27 +94,56 @@ pub enum Gone {
 /// A wait for the VM's teardown, made once per task: each turn of a
 /// task's loop polls it instead of subscribing to the watch again (a
 /// waiter registered and removed per turn, under the watch's lock).
-/// Pending forever once it has completed.
-pub(crate) struct GoneWait(Option<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>>);
+/// While the watch has not changed, a poll with the same waker as the
+/// last is answered from the watch's version alone: polling the waiter
+/// itself takes the watch's lock, and the tasks' `select!`s poll this on
+/// every wake-up. Pending forever once it has completed.
+pub(crate) struct GoneWait {
+    /// Compared with the waiter's: whether anything was sent.
+    rx: watch::Receiver<Gone>,
+    fut: Option<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>>,
+    /// The waker the waiter holds (from its last poll).
+    waker: Option<std::task::Waker>,
+}
 
 impl GoneWait {
     /// Completes once `vm` is torn down (at once if it is).
     pub(crate) fn new(vm: &Vm) -> Self {
         let mut rx = vm.gone.subscribe();
-        Self(Some(Box::pin(async move {
-            // Err: the sender is gone, and with it the VM.
-            let _ = rx.wait_for(|g| *g != Gone::No).await;
-        })))
+        Self {
+            rx: vm.gone.subscribe(),
+            fut: Some(Box::pin(async move {
+                // Err: the sender is gone, and with it the VM.
+                let _ = rx.wait_for(|g| *g != Gone::No).await;
+            })),
+            waker: None,
+        }
     }
 
     /// Until the VM is torn down (forever, after the first time).
     pub(crate) async fn wait(&mut self) {
-        match &mut self.0 {
-            Some(f) => {
-                f.as_mut().await;
-                self.0 = None;
+        std::future::poll_fn(|cx| self.poll_gone(cx)).await
+    }
+
+    fn poll_gone(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        let Some(fut) = self.fut.as_mut() else {
+            return std::task::Poll::Pending;
+        };
+        // Err: the sender is gone: poll, and let the waiter say.
+        let unchanged = !self.rx.has_changed().unwrap_or(true);
+        if unchanged && self.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            return std::task::Poll::Pending;
+        }
+        match fut.as_mut().poll(cx) {
+            std::task::Poll::Ready(()) => {
+                self.fut = None;
+                self.waker = None;
+                std::task::Poll::Ready(())
             }
-            None => std::future::pending().await,
+            std::task::Poll::Pending => {
+                self.waker = Some(cx.waker().clone());
+                std::task::Poll::Pending
+            }
         }
     }
 }
@@ -1053,6 +1082,41 @@ mod tests {
         // And a caller coming later fails at once.
         let e = vm.ctl(Code::Ping, Bytes::new()).await.unwrap_err();
         assert!(matches!(e, ProxyError::VmTornDown { .. }), "{e}");
+    }
+
+    // Paused: were the wake-up missed, the timeout below would fire as soon
+    // as nothing else is left to run, not after ten seconds.
+    #[tokio::test(start_paused = true)]
+    async fn a_gone_wait_completes_once_on_teardown_and_stays_pending_after() {
+        use std::task::Poll;
+        let (v, _agent, _) = vm(Duration::from_secs(5));
+        let mut w = GoneWait::new(&v);
+        let poll = |w: &mut GoneWait| {
+            let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+            w.poll_gone(&mut cx)
+        };
+        // Pending, polled again and again (the fast path), until the
+        // teardown: then ready, whatever polled it last.
+        for _ in 0..3 {
+            assert_eq!(poll(&mut w), Poll::Pending);
+        }
+        v.shut("gone");
+        assert_eq!(poll(&mut w), Poll::Ready(()));
+        assert_eq!(poll(&mut w), Poll::Pending, "it completed once");
+        // Made after the teardown: ready at once.
+        let mut late = GoneWait::new(&v);
+        assert_eq!(poll(&mut late), Poll::Ready(()));
+        // And a task waiting on it is woken (not only a poller).
+        let (vm2, _agent2, _) = vm(Duration::from_secs(5));
+        let mut w2 = GoneWait::new(&vm2);
+        let waiting = tokio::spawn(async move { w2.wait().await });
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished());
+        vm2.shut("gone");
+        tokio::time::timeout(Duration::from_secs(10), waiting)
+            .await
+            .expect("woken by the teardown")
+            .unwrap();
     }
 
     #[tokio::test]
