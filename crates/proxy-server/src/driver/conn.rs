@@ -1,7 +1,7 @@
 //! One client connection: a reader that decodes frames and feeds them to
 //! the connection's rules ([`crate::rules::client`]), carrying out what
-//! they decide, and a writer that sends responses and, once the connection is a
-//! shim, its session's output.
+//! they decide and writing each response itself; once the connection is
+//! a shim, a writer task sends the responses and its session's output.
 
 use std::ops::ControlFlow;
 use std::sync::Arc;
