@@ -79,31 +79,76 @@ impl Apt {
     /// dry run first names what it would remove, so that the refusal says
     /// why.
     fn install(&mut self, pkg: &str) -> Result<(), String> {
+        self.install_from(None, pkg)
+    }
+
+    /// `install`, from `suite` (`-t`) if given: refused, naming them, if
+    /// apt would remove a package or replace the installed version of one.
+    fn install_from(&mut self, suite: Option<&str>, pkg: &str) -> Result<(), String> {
         self.update()?;
-        let sim = Command::new("apt-get")
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .args(["install", "-s", "--no-install-recommends", pkg])
-            .output()
-            .map_err(|e| format!("apt-get install -s {pkg}: {e}"))?;
-        let removed = removals(&String::from_utf8_lossy(&sim.stdout));
+        let mut args = vec!["install", "--no-install-recommends"];
+        if let Some(s) = suite {
+            args.extend(["-t", s]);
+        }
+        let sim = self.simulate(&args, pkg)?;
+        let removed = removals(&sim);
         if !removed.is_empty() {
             return Err(format!(
                 "installing {pkg} would remove {}: not doing that to this host; install {pkg} yourself if that is fine",
                 removed.join(", ")
             ));
         }
-        eprintln!("e2e: installing {pkg} (apt, --no-remove)");
+        let replaced = replacements(&sim);
+        if !replaced.is_empty() {
+            return Err(format!(
+                "installing {pkg} would replace the installed {}: not doing that to this host; install {pkg} yourself if that is fine",
+                replaced.join(", ")
+            ));
+        }
+        eprintln!(
+            "e2e: installing {pkg} (apt {}, --no-remove)",
+            args.join(" ")
+        );
         util::run(
             Command::new("apt-get")
                 .env("DEBIAN_FRONTEND", "noninteractive")
-                .args([
-                    "install",
-                    "-y",
-                    "--no-install-recommends",
-                    "--no-remove",
-                    pkg,
-                ]),
+                .args(&args)
+                .args(["-y", "--no-remove", pkg]),
         )
+    }
+
+    /// What `apt-get <args> -s pkg` would do (its transcript).
+    fn simulate(&mut self, args: &[&str], pkg: &str) -> Result<String, String> {
+        let sim = Command::new("apt-get")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .args(args)
+            .args(["-s", pkg])
+            .output()
+            .map_err(|e| format!("apt-get {} -s {pkg}: {e}", args.join(" ")))?;
+        Ok(String::from_utf8_lossy(&sim.stdout).into_owned())
+    }
+
+    /// Make sure apt's sources list `suite` (main): when none does, add a
+    /// file of ours for it (said so), and read the lists again.
+    fn ensure_suite(&mut self, suite: &str) -> Result<(), String> {
+        let listed = ["/etc/apt/sources.list", "/etc/apt/sources.list.d"]
+            .iter()
+            .flat_map(|p| sources_texts(Path::new(p)))
+            .any(|text| text.split_whitespace().any(|w| w == suite));
+        if listed {
+            return Ok(());
+        }
+        let file = format!("/etc/apt/sources.list.d/cc-proxy-e2e-{suite}.list");
+        eprintln!(
+            "e2e: adding {suite} to apt's sources ({file}); no installed package changes by it"
+        );
+        fs::write(
+            &file,
+            format!("deb http://deb.debian.org/debian {suite} main\n"),
+        )
+        .map_err(|e| format!("write {file}: {e}"))?;
+        self.updated = false;
+        self.update()
     }
 
     /// `apt-get download pkg` into `dir`; returns the .deb.
@@ -136,6 +181,86 @@ impl Apt {
     }
 }
 
+/// The texts of an apt sources file, or of the files of a sources
+/// directory.
+fn sources_texts(p: &Path) -> Vec<String> {
+    if p.is_dir() {
+        fs::read_dir(p)
+            .map(|rd| {
+                rd.flatten()
+                    .filter_map(|e| fs::read_to_string(e.path()).ok())
+                    .collect()
+            })
+            .unwrap_or_default()
+    } else {
+        fs::read_to_string(p).into_iter().collect()
+    }
+}
+
+/// The installed packages an `apt-get install -s` transcript gives another
+/// version (`Inst name [installed] (new …)` lines).
+fn replacements(simulation: &str) -> Vec<String> {
+    simulation
+        .lines()
+        .filter_map(|l| l.strip_prefix("Inst "))
+        .filter(|rest| {
+            rest.split_whitespace()
+                .nth(1)
+                .is_some_and(|w| w.starts_with('['))
+        })
+        .filter_map(|rest| rest.split_whitespace().next())
+        .map(str::to_string)
+        .collect()
+}
+
+/// The installed version of `pkg`, if it is installed.
+fn installed_version(pkg: &str) -> Option<String> {
+    let out = Command::new("dpkg-query")
+        .args(["-W", "-f=${Status} ${Version}", pkg])
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let v = text.strip_prefix("install ok installed ")?.trim();
+    (!v.is_empty()).then(|| v.to_string())
+}
+
+/// The backports suite a version of a Debian backport comes from
+/// (`…~bpo12+1` is bookworm-backports), by this host's release name.
+fn backports_suite(version: &str) -> Option<String> {
+    if !version.contains("~bpo") {
+        return None;
+    }
+    let os = fs::read_to_string("/etc/os-release").ok()?;
+    let codename = os
+        .lines()
+        .find_map(|l| l.strip_prefix("VERSION_CODENAME="))?
+        .trim_matches('"');
+    (!codename.is_empty()).then(|| format!("{codename}-backports"))
+}
+
+/// QEMU from apt. A host that carries QEMU's own tools from its release's
+/// backports (qemu-utils `…~bpo12+1`) cannot take the release's QEMU,
+/// which would remove them: it gets the same version of qemu-system-x86
+/// from those backports instead (that suite added to apt's sources if it
+/// is missing), as new packages only, nothing installed replaced.
+fn install_qemu(apt: &mut Apt) -> Result<(), String> {
+    apt.update()?;
+    let sim = apt.simulate(&["install", "--no-install-recommends"], "qemu-system-x86")?;
+    let removed = removals(&sim);
+    let bpo =
+        installed_version("qemu-utils").and_then(|v| backports_suite(&v).map(|suite| (v, suite)));
+    match bpo {
+        Some((v, suite)) if removed.iter().any(|p| p == "qemu-utils") => {
+            eprintln!(
+                "e2e: Debian's qemu-system-x86 would remove this host's qemu-utils {v} (from {suite}); installing the same version from {suite}"
+            );
+            apt.ensure_suite(&suite)?;
+            apt.install_from(Some(&suite), &format!("qemu-system-x86={v}"))
+        }
+        _ => apt.install("qemu-system-x86"),
+    }
+}
+
 /// The packages an `apt-get install -s` transcript removes (`Remv` lines).
 fn removals(simulation: &str) -> Vec<String> {
     simulation
@@ -159,7 +284,7 @@ pub fn assets(dir: &Path) -> Result<Assets, String> {
     let qemu = match on_path("qemu-system-x86_64") {
         Some(q) => q,
         None => {
-            apt.install("qemu-system-x86")?;
+            install_qemu(&mut apt)?;
             on_path("qemu-system-x86_64").ok_or("qemu-system-x86_64 still missing")?
         }
     };
@@ -418,5 +543,14 @@ mod tests {
                    Conf qemu-system-x86 (1:7.2+dfsg-7 Debian:12/stable [amd64])\n";
         assert_eq!(super::removals(sim), ["libfoo1", "bar"]);
         assert!(super::removals("Inst x (1)\nConf x (1)\n").is_empty());
+    }
+
+    #[test]
+    fn apt_replacements_are_read_from_a_simulation() {
+        let sim = "Inst libnew1 (2.0-1 Debian:12/stable [amd64])\n\
+                   Inst libold2 [1.0-1] (1.1-1 Debian Backports [amd64])\n\
+                   Conf libold2 (1.1-1 Debian Backports [amd64])\n";
+        assert_eq!(super::replacements(sim), ["libold2"]);
+        assert!(super::replacements("Inst x (1 D [all])\n").is_empty());
     }
 }
