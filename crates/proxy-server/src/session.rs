@@ -413,6 +413,72 @@ impl Session {
         Ok(self.queue_now(item))
     }
 
+    /// [`try_push`](Self::try_push) of every item of `items` at once (the
+    /// messages of one read for this session): one take of the budgets,
+    /// one lock, one wake-up. `Some(pushed)`: all were handled, `items` is
+    /// empty, and `pushed` is `false` if the session is gone. `None`:
+    /// nothing was done (not enough budget for all of them now, or no shim
+    /// ever claimed the session): the caller pushes them one by one.
+    pub fn try_push_all(&self, items: &mut Vec<Output>) -> Option<bool> {
+        if !self.claimed.load(Ordering::Relaxed) {
+            return None;
+        }
+        let cost = items
+            .iter()
+            .try_fold(0u32, |sum, o| sum.checked_add(o.cost()))?;
+        match self.budget.try_acquire_many(cost) {
+            Ok(permit) => permit.forget(),
+            Err(tokio::sync::TryAcquireError::Closed) => {
+                items.clear();
+                return Some(false);
+            }
+            Err(tokio::sync::TryAcquireError::NoPermits) => return None,
+        }
+        match self.global.try_acquire_many(cost) {
+            Ok(permit) => permit.forget(),
+            Err(_) => {
+                self.budget.add_permits(cost as usize);
+                return None;
+            }
+        }
+        self.global_held
+            .fetch_add(u64::from(cost), Ordering::Relaxed);
+        Some(self.queue_all_now(items, cost))
+    }
+
+    /// [`queue_now`](Self::queue_now) for all of `items` (costing `cost`),
+    /// leaving it empty.
+    fn queue_all_now(&self, items: &mut Vec<Output>, cost: u32) -> bool {
+        if self.budget.is_closed() {
+            self.release(cost as usize);
+            items.clear();
+            return false;
+        }
+        let bytes: u64 = items
+            .iter()
+            .map(|o| match o {
+                Output::Stdout(b) | Output::Stderr(b) => b.len() as u64,
+                _ => 0,
+            })
+            .sum();
+        self.bytes_out.fetch_add(bytes, Ordering::Relaxed);
+        if self.chan.rx_gone.load(Ordering::Acquire) {
+            items.clear();
+            return false;
+        }
+        let Ok(mut queue) = self.chan.items.lock() else {
+            items.clear();
+            return false;
+        };
+        let was_empty = queue.is_empty();
+        queue.extend(items.drain(..));
+        drop(queue);
+        if was_empty {
+            self.chan.ready.notify_one();
+        }
+        true
+    }
+
     fn drop_unclaimed(&self, item: &Output) -> bool {
         if self.budget.is_closed() {
             return false;
@@ -677,6 +743,52 @@ mod tests {
         s.written([&first]);
         assert!(pusher.await.unwrap());
         assert!(matches!(q.next().await.unwrap(), Output::Stderr(_)));
+    }
+
+    #[tokio::test]
+    async fn a_run_is_queued_whole_in_order_or_not_at_all() {
+        // The bound is never below one agent message (10240 bytes).
+        let s = Session::new("t".into(), 3, 10240, Arc::default());
+        let run = |n: usize, len: usize| -> Vec<Output> {
+            (0..n)
+                .map(|i| Output::Stdout(Bytes::from(vec![i as u8; len])))
+                .collect()
+        };
+        // Never claimed: the one-by-one path (with its bound) decides.
+        let mut items = run(3, 10);
+        assert_eq!(s.try_push_all(&mut items), None);
+        assert_eq!(items.len(), 3, "nothing taken");
+        s.claimed();
+        let mut items = run(3, 1000);
+        assert_eq!(s.try_push_all(&mut items), Some(true));
+        assert!(items.is_empty());
+        assert_eq!(s.queued_bytes(), 3000);
+        // More than the budget has left (7240): nothing taken, and the
+        // budget is untouched (a run that fits still goes).
+        let mut big = run(8, 1000);
+        assert_eq!(s.try_push_all(&mut big), None);
+        assert_eq!(big.len(), 8);
+        let mut items = run(7, 1000);
+        assert_eq!(s.try_push_all(&mut items), Some(true));
+        let mut q = s.take_queue().unwrap();
+        let mut got = Vec::new();
+        while let Some(o) = q.try_next() {
+            got.push(o);
+        }
+        let firsts: Vec<u8> = got
+            .iter()
+            .map(|o| match o {
+                Output::Stdout(b) => b[0],
+                o => panic!("{o:?}"),
+            })
+            .collect();
+        assert_eq!(firsts, [0, 1, 2, 0, 1, 2, 3, 4, 5, 6]);
+        s.written(got.iter());
+        // Closed: refused, and the items are dropped.
+        s.close();
+        let mut items = run(2, 10);
+        assert_eq!(s.try_push_all(&mut items), Some(false));
+        assert!(items.is_empty());
     }
 
     #[tokio::test]

@@ -1309,12 +1309,21 @@ impl ShimWriter {
 }
 
 fn push_frame(batch: &mut Batch, h: Header, payload: Bytes) {
-    batch.push_small(&h.to_bytes());
-    batch.push(payload);
+    batch.push_frame(&h.to_bytes(), payload);
 }
 
 fn push_output(batch: &mut Batch, o: &Output) {
-    if let Some((h, payload)) = crate::rules::output::frame_of(o) {
+    // Output of a stream (the hot path): its payload copied or referenced
+    // from where it is, no reference counted per message.
+    let stream = match o.live() {
+        Output::Stdout(b) => Some((Stream::Stdout, b)),
+        Output::Stderr(b) => Some((Stream::Stderr, b)),
+        _ => None,
+    };
+    if let Some((s, b)) = stream {
+        let h = Header::new(FrameKind::Stream(s), b.len() as u32);
+        batch.push_frame_ref(&h.to_bytes(), b);
+    } else if let Some((h, payload)) = crate::rules::output::frame_of(o) {
         push_frame(batch, h, payload);
     }
 }

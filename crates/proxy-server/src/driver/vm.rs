@@ -665,6 +665,8 @@ fn io_reader(
         reader: MessageReader::chunked(r, demux, IO_LOW_ROOM, IO_CHUNK).lazy(IO_SMALL),
         streaming: Streaming::new(),
         pause: Deadline::new(),
+        run: None,
+        spare: Vec::new(),
     };
     async move {
         let reason = io.run().await;
@@ -689,7 +691,16 @@ struct IoReader {
     /// Fires the streaming machine's timeout.
     pause: Deadline,
     gone: GoneWait,
+    /// Output of one read for one session, queued on it together (one
+    /// take of the budget and one lock for a run of messages, not one
+    /// each): (its base, the session, the items).
+    run: Option<(u64, Arc<Session>, Vec<Output>)>,
+    /// The last run's emptied vector, for the next.
+    spare: Vec<Output>,
 }
+
+/// A run of output queued together holds at most this many items.
+const RUN_MAX: usize = 64;
 
 impl IoReader {
     /// Read and route until io ends or fails or the VM goes: why it did.
@@ -723,11 +734,13 @@ impl IoReader {
         loop {
             let m = match self.reader.decode_buffered() {
                 Ok(Some(m)) => m,
-                Ok(None) => return Ok(()),
+                Ok(None) => return self.flush_run().await,
                 Err(e) => {
                     if let Some(m) = &self.metrics {
                         m.error(crate::metrics::ErrorKind::AgentGarbage);
                     }
+                    // What came before the garbage is delivered.
+                    self.flush_run().await?;
                     return Err(e.to_string());
                 }
             };
@@ -735,8 +748,56 @@ impl IoReader {
         }
     }
 
-    /// Queue one message on its session (the hot path: one lookup in the
-    /// demux's routes, and a push into a queue with room).
+    /// Queue the run of output gathered so far on its session: all at once
+    /// when its budget allows, else one item after the other (waiting for
+    /// room as [`deliver`](Self::deliver) does).
+    async fn flush_run(&mut self) -> Result<(), String> {
+        let Some((base, session, mut items)) = self.run.take() else {
+            return Ok(());
+        };
+        let pushed = match session.try_push_all(&mut items) {
+            Some(pushed) => pushed,
+            None => {
+                let mut pushed = true;
+                for item in items.drain(..) {
+                    if !self.push(&session, item).await? {
+                        pushed = false;
+                        break;
+                    }
+                }
+                pushed
+            }
+        };
+        if !pushed {
+            self.reader.decoder_mut().forget(base);
+        }
+        items.clear();
+        self.spare = items;
+        Ok(())
+    }
+
+    /// Queue `item` on `session`, waiting for room if need be: whether the
+    /// session took it (`false`: it is gone). Err: the VM went meanwhile.
+    async fn push(&mut self, session: &Session, item: Output) -> Result<bool, String> {
+        match session.try_push(item) {
+            Ok(pushed) => Ok(pushed),
+            Err(item) => {
+                // Reading stops until this queue has room: writers
+                // waiting for the next read must write what they hold
+                // (some of it may be what makes the room).
+                let wake = self.streaming.queue_full();
+                tell(&self.vm.io_flow, &self.streaming, wake);
+                Box::pin(push_waiting(session, item, &mut self.gone))
+                    .await
+                    .ok_or_else(|| "VM torn down".to_string())
+            }
+        }
+    }
+
+    /// Route one message: output joins the run for its session (queued
+    /// with the rest of the read's, see [`flush_run`](Self::flush_run));
+    /// an exit, after everything before it, is queued at once, and the
+    /// session is forgotten (nothing more comes for it).
     async fn deliver(&mut self, m: IoMessage) -> Result<(), String> {
         let len = m.data.len();
         let vm = &self.vm;
@@ -751,33 +812,26 @@ impl IoReader {
                 return Ok(());
             }
         };
-        let exited = match item {
-            Output::Exited(code) => {
-                self.events.process_exited(vm.id, &session.token, code);
-                true
+        // The hot path: more output for the session of the run.
+        if let (Output::Stdout(_) | Output::Stderr(_), Some((_, to, items))) =
+            (&item, &mut self.run)
+        {
+            if Arc::ptr_eq(to, session) && items.len() < RUN_MAX {
+                items.push(item);
+                return Ok(());
             }
-            _ => false,
-        };
-        // Room in the queue (the usual case): no waiting, and no
-        // teardown watch to set up and take down per message.
-        let pushed = match session.try_push(item) {
-            Ok(pushed) => pushed,
-            Err(item) => {
-                // Reading stops until this queue has room: writers
-                // waiting for the next read must write what they hold
-                // (some of it may be what makes the room).
-                let wake = self.streaming.queue_full();
-                tell(&vm.io_flow, &self.streaming, wake);
-                Box::pin(push_waiting(session, item, &mut self.gone))
-                    .await
-                    .ok_or_else(|| "VM torn down".to_string())?
-            }
-        };
-        // A session gone, or whose process exited: nothing more comes
-        // for it.
-        if !pushed || exited {
-            self.reader.decoder_mut().forget(base);
         }
+        let session = session.clone();
+        self.flush_run().await?;
+        if let Output::Exited(code) = item {
+            self.events.process_exited(self.vm.id, &session.token, code);
+            self.push(&session, item).await?;
+            self.reader.decoder_mut().forget(base);
+            return Ok(());
+        }
+        let mut items = std::mem::take(&mut self.spare);
+        items.push(item);
+        self.run = Some((base, session, items));
         Ok(())
     }
 
@@ -878,8 +932,7 @@ impl IoWriter {
             let mut add = |m: IoOut, batch: &mut Batch| {
                 n += m.data.len() as u64;
                 msgs += 1;
-                batch.push_small(&m.header);
-                batch.push(m.data);
+                batch.push_frame(&m.header, m.data);
             };
             add(first, &mut self.batch);
             while self.batch.len() < 256 * 1024 {

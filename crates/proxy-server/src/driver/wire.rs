@@ -21,6 +21,10 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 /// Payloads up to this many bytes are copied into the arena.
 pub const COPY_MAX: usize = 2048;
 
+/// A frame header's length (the proxy's; hyperstart's io header is as
+/// long, which the io writer's use of [`Batch::push_frame`] checks).
+pub const FRAME_HEADER: usize = proxy_proto::frame::HEADER_LEN;
+
 /// The arena is blocks of at least this size, each twice the last up to
 /// [`MAX_BLOCK`]: a response takes one small block, a stream of small
 /// messages few large ones. A block never grows (slices point into it);
@@ -114,31 +118,64 @@ impl Batch {
         self.run = None;
     }
 
+    /// Append a frame: its 12-byte header copied into the arena, its
+    /// payload as [`push`](Self::push) takes it (a small one copied right
+    /// after the header, in one go).
+    #[inline]
+    pub fn push_frame(&mut self, header: &[u8; FRAME_HEADER], payload: Bytes) {
+        if payload.len() <= COPY_MAX {
+            self.copy_in(header, &payload);
+        } else {
+            self.copy_in(header, &[]);
+            self.push(payload);
+        }
+    }
+
+    /// [`push_frame`](Self::push_frame) of a payload the caller keeps: a
+    /// small one is only copied (no reference taken).
+    #[inline]
+    pub fn push_frame_ref(&mut self, header: &[u8; FRAME_HEADER], payload: &Bytes) {
+        if payload.len() <= COPY_MAX {
+            self.copy_in(header, payload);
+        } else {
+            self.copy_in(header, &[]);
+            self.push(payload.clone());
+        }
+    }
+
     /// Append a small chunk (a frame header) by copying it into the
     /// batch's arena.
     #[inline]
     pub fn push_small(&mut self, b: &[u8]) {
-        if b.is_empty() {
+        self.copy_in(b, &[]);
+    }
+
+    /// Copy `a` then `b` into the arena, joining the run of copies the
+    /// last slice is when it ends where they go.
+    fn copy_in(&mut self, a: &[u8], b: &[u8]) {
+        let n = a.len() + b.len();
+        if n == 0 {
             return;
         }
         let fits = self
             .arena
             .last()
-            .is_some_and(|a| a.capacity() - a.len() >= b.len());
+            .is_some_and(|blk| blk.capacity() - blk.len() >= n);
         if !fits {
-            let next = self.arena.last().map_or(FIRST_BLOCK, |a| {
-                a.capacity().saturating_mul(2).clamp(BLOCK, MAX_BLOCK)
+            let next = self.arena.last().map_or(FIRST_BLOCK, |blk| {
+                blk.capacity().saturating_mul(2).clamp(BLOCK, MAX_BLOCK)
             });
-            self.arena.push(Vec::with_capacity(next.max(b.len())));
+            self.arena.push(Vec::with_capacity(next.max(n)));
             self.run = None;
         }
-        let Some(a) = self.arena.last_mut() else {
+        let Some(blk) = self.arena.last_mut() else {
             return;
         };
-        let at = a.len();
+        let at = blk.len();
         // Does not reallocate: there is room (checked above).
-        a.extend_from_slice(b);
-        self.len += b.len();
+        blk.extend_from_slice(a);
+        blk.extend_from_slice(b);
+        self.len += n;
         let start = match self.run {
             Some(start) => {
                 self.slices.pop();
@@ -147,7 +184,7 @@ impl Batch {
             None => at,
         };
         self.run = Some(start);
-        let run = &a[start..];
+        let run = &blk[start..];
         // SAFETY: the run is in an arena block's buffer, which never moves
         // (a block is never grown: see above) and whose bytes in `..len()`
         // never change; the block is freed only after the slices are
