@@ -198,11 +198,28 @@ where
     W: FnOnce() -> Result<(), String> + Send,
     R: FnOnce() -> Result<T, String>,
 {
+    pump_with(
+        || {
+            let _ = wsock.shutdown(std::net::Shutdown::Both);
+        },
+        write,
+        read,
+    )
+}
+
+/// [`pump`], with `abort` run when the reader fails (to unblock a writer
+/// of several sockets).
+fn pump_with<A, W, R, T>(abort: A, write: W, read: R) -> Result<T, String>
+where
+    A: FnOnce(),
+    W: FnOnce() -> Result<(), String> + Send,
+    R: FnOnce() -> Result<T, String>,
+{
     std::thread::scope(|sc| {
         let w = sc.spawn(write);
         let r = read();
         if r.is_err() {
-            let _ = wsock.shutdown(std::net::Shutdown::Both);
+            abort();
         }
         let w = w
             .join()
@@ -1069,21 +1086,13 @@ impl Run<'_> {
             Ok(())
         };
         let t0 = Instant::now();
-        let sinks = std::thread::scope(|sc| {
-            let w = sc.spawn(write);
-            let r = read_threads(socks, &want);
-            if r.is_err() {
-                for s in &ends {
-                    let _ = s.shutdown(std::net::Shutdown::Both);
-                }
+        let abort = || {
+            for s in &ends {
+                let _ = s.shutdown(std::net::Shutdown::Both);
             }
-            let w = w
-                .join()
-                .unwrap_or_else(|_| Err("the writer thread panicked".into()));
-            let r = r?;
-            w.map(|()| r)
-        })
-        .map_err(|e| format!("{what}: {e}"))?;
+        };
+        let sinks = pump_with(abort, write, || read_threads(socks, &want))
+            .map_err(|e| format!("{what}: {e}"))?;
         Self::fanout_result(what, &sinks, &want, t0)
     }
 

@@ -595,15 +595,14 @@ impl Conn {
     /// From now on a writer task sends this connection's frames (no-op
     /// once it does).
     fn start_writer(&mut self) {
-        if !matches!(self.out, Out::Inline(_)) {
-            return;
-        }
-        let Out::Inline(w) = std::mem::replace(&mut self.out, Out::Failed) else {
-            return;
+        self.out = match std::mem::replace(&mut self.out, Out::Failed) {
+            Out::Inline(w) => {
+                let (tx, rx) = inbox::channel::<ToWriter>(TO_WRITER);
+                let task = tokio::spawn(ShimWriter::new(w, rx).run().in_current_span());
+                Out::Writer { tx, task }
+            }
+            other => other,
         };
-        let (tx, rx) = inbox::channel::<ToWriter>(TO_WRITER);
-        let task = tokio::spawn(ShimWriter::new(w, rx).run().in_current_span());
-        self.out = Out::Writer { tx, task };
     }
 
     async fn respond(&mut self, cmd: Command, r: Result<Bytes, ProxyError>) {
