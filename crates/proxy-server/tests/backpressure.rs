@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{check_pattern, metric_max, pattern, proxy_with, wait_metric};
+use common::{check_pattern, metric_max, pattern, proxy_with, wait_metric, wait_metric_at_most};
 use proxy_test_support::scenario::Vm;
 use proxy_test_support::{assert_serves_fresh_vm, MockClient, ProxyProcess};
 
@@ -216,7 +216,8 @@ async fn held_output_is_bounded_and_all_delivered_to_the_next_shim() {
     let t = vm.tokens[0].clone();
     let c = vm.start_container(&p, &t).await;
     drop(c.shim);
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    // The proxy has seen the shim go: what comes now is held for the next.
+    wait_metric_at_most(&msock, "cc_proxy_shims_connected", 0.0, "the shim to go").await;
     let writer = vm.agent.io_writer_task().await;
     const LEN: usize = 24 << 20;
     writer.send_io(c.io_base, pattern(0, LEN));

@@ -26,8 +26,9 @@ async fn a_slow_register_vm_does_not_block_other_registrations() {
     let ctl = mute.ctl_path().to_owned();
     let io = mute.io_path().to_owned();
     let pending = tokio::spawn(async move { slow.register_vm(&id, &ctl, &io, 0).await });
-    // Let the slow RegisterVM reach the proxy first.
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The slow RegisterVM has reached the proxy: it connected to the mute
+    // agent and waits for its READY.
+    mute.accept().await;
     let mut vm = Vm::register(&p, 0).await;
     assert_vm_answers(&mut vm).await;
     assert!(

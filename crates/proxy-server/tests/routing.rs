@@ -7,7 +7,9 @@ mod common;
 use std::collections::HashSet;
 use std::time::Duration;
 
-use common::{assert_vm_answers, proxy, SHORT};
+use common::{
+    assert_vm_answers, proxy, proxy_metered, wait_metric, wait_metric_at_most, Metered, SHORT,
+};
 use proxy_test_support::hyper::{Code, MAX_IO_DATA};
 use proxy_test_support::proxy_proto::{Command, FrameKind, Notification};
 use proxy_test_support::scenario::{newcontainer_data, unique_id, Vm};
@@ -280,13 +282,17 @@ async fn large_stdin_is_split_in_order_and_empty_stdin_is_eof() {
 
 #[tokio::test]
 async fn output_without_a_shim_is_held_and_delivered_in_order() {
-    let mut p = proxy().await;
+    let Metered {
+        mut p,
+        metrics,
+        dir: _dir,
+    } = proxy_metered(&[]).await;
     let mut vm = Vm::register(&p, 1).await;
     let t = vm.tokens[0].clone();
     let c = vm.start_container(&p, &t).await;
     drop(c.shim);
-    // Let the proxy see the shim go before the output comes.
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    // The proxy has seen the shim go before the output comes.
+    wait_metric_at_most(&metrics, "cc_proxy_shims_connected", 0.0, "the shim to go").await;
 
     let mut sent = 0;
     for i in 0..100 {
@@ -296,7 +302,14 @@ async fn output_without_a_shim_is_held_and_delivered_in_order() {
     }
     vm.agent.send_io(c.io_base + 1, b"err").await;
     vm.agent.send_exit(c.io_base, 9).await;
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // All of the output is held before a shim comes back for it.
+    wait_metric(
+        &metrics,
+        "cc_proxy_vm_output_queued_bytes",
+        (sent + 3) as f64,
+        "the output to be held",
+    )
+    .await;
 
     let mut shim = p.client().await;
     let mut claimed = shim.connect_shim(&t).await;
@@ -342,6 +355,73 @@ async fn hyper_with_a_token_waits_for_the_shim() {
     assert_eq!(&shim.expect_stdout(5).await[..], b"early");
     vm.agent.send_exit(io_base, 1).await;
     assert_eq!(shim.expect_exit().await, 1);
+    p.assert_running();
+    assert_serves_fresh_vm(&p).await;
+}
+
+#[tokio::test]
+async fn a_caller_leaving_while_its_hyper_waits_for_the_shim_frees_the_start() {
+    // The shim wait outlasts the test's: only seeing the caller go ends it.
+    let Metered {
+        mut p,
+        metrics,
+        dir: _dir,
+    } = proxy_metered(&["--shim-timeout", "300s"]).await;
+    let mut vm = Vm::register(&p, 1).await;
+    let t = vm.tokens[0].clone();
+    let mut quitter = p.client().await;
+    quitter.attach_vm(&vm.id, 0).await.unwrap();
+    let gone_id = unique_id("gone");
+    quitter
+        .send_hyper("newcontainer", &[&t], Some(&newcontainer_data(&gone_id)))
+        .await;
+    vm.agent.expect_no_ctl(SHORT).await;
+    drop(quitter);
+    wait_metric_at_most(
+        &metrics,
+        "cc_proxy_connections_open",
+        1.0,
+        "the quitter to go",
+    )
+    .await;
+    // Its start was never sent: the token's shim comes, and the process
+    // the runtime starts now is the only one the agent hears of.
+    let mut shim = p.client().await;
+    shim.connect_shim(&t).await.unwrap();
+    let id = unique_id("kept");
+    vm.runtime
+        .send_hyper("newcontainer", &[&t], Some(&newcontainer_data(&id)))
+        .await;
+    let v = vm.agent.expect_ctl_json(Code::NewContainer).await;
+    assert_eq!(v["id"], id.as_str(), "{v}");
+    vm.agent.reply_ack(b"").await;
+    vm.runtime.expect_response(Command::Hyper).await.unwrap();
+    vm.agent.expect_no_ctl(SHORT).await;
+    vm.agent
+        .send_exit(v["process"]["stdio"].as_u64().unwrap(), 4)
+        .await;
+    assert_eq!(shim.expect_exit().await, 4);
+    p.assert_running();
+    assert_serves_fresh_vm(&p).await;
+}
+
+#[tokio::test]
+async fn a_caller_that_only_shuts_down_its_writing_still_gets_its_reply() {
+    use tokio::io::AsyncWriteExt;
+    let mut p = proxy().await;
+    let mut vm = Vm::register(&p, 0).await;
+    let mut c = p.client().await;
+    c.attach_vm(&vm.id, 0).await.unwrap();
+    c.send_hyper("ping", &[], Some(r#"{"who":"half"}"#)).await;
+    c.raw().shutdown().await.unwrap();
+    let m = vm.agent.expect_ctl(Code::Ping).await;
+    assert_eq!(&m.payload[..], br#"{"who":"half"}"#);
+    vm.agent.reply_ack(b"for the half-closed").await;
+    assert_eq!(
+        &c.expect_response(Command::Hyper).await.unwrap()[..],
+        b"for the half-closed"
+    );
+    assert_vm_answers(&mut vm).await;
     p.assert_running();
     assert_serves_fresh_vm(&p).await;
 }
@@ -459,7 +539,11 @@ async fn a_one_byte_message_is_data_unless_it_follows_eof() {
 
 #[tokio::test]
 async fn a_caller_leaving_mid_command_does_not_shift_later_replies() {
-    let mut p = proxy().await;
+    let Metered {
+        mut p,
+        metrics,
+        dir: _dir,
+    } = proxy_metered(&["--ctl-timeout", "300s"]).await;
     let mut vm = Vm::register(&p, 0).await;
     let mut quitter = p.client().await;
     quitter.attach_vm(&vm.id, 0).await.unwrap();
@@ -469,7 +553,16 @@ async fn a_caller_leaving_mid_command_does_not_shift_later_replies() {
     let m = vm.agent.expect_ctl(Code::Ping).await;
     assert_eq!(&m.payload[..], br#"{"who":"quitter"}"#);
     drop(quitter);
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    // The proxy sees the quitter go while its command is with the agent
+    // (not when the agent answers, nor at the ctl timeout, which is
+    // longer than this wait): the runtime's is the one connection left.
+    wait_metric_at_most(
+        &metrics,
+        "cc_proxy_connections_open",
+        1.0,
+        "the quitter to go",
+    )
+    .await;
     // A second caller queues behind the orphaned transaction.
     vm.runtime
         .send_hyper("ping", &[], Some(r#"{"who":"runtime"}"#))

@@ -122,6 +122,16 @@ enum Out {
     Failed,
 }
 
+impl Out {
+    /// The socket, while this task still holds it (to see its peer go).
+    fn peer(&self) -> Option<&UnixStream> {
+        match self {
+            Out::Inline(w) => Some(w.as_ref()),
+            Out::Writer { .. } | Out::Failed => None,
+        }
+    }
+}
+
 /// How a connection's read loop ends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum End {
@@ -717,7 +727,10 @@ impl Conn {
             Command::RegisterVm => self.register(&payload).await,
             Command::UnregisterVm => self.unregister(&payload),
             Command::AttachVm => self.attach(&payload),
-            Command::Hyper => self.hyper(&payload).await,
+            Command::Hyper => match self.hyper(&payload).await {
+                Some(r) => r,
+                None => return Flow::Close,
+            },
             Command::ConnectShim => match self.connect_shim(&payload).await {
                 Ok(()) => return Flow::Continue,
                 Err(e) => Err(e),
@@ -767,22 +780,51 @@ impl Conn {
         Ok(Bytes::new())
     }
 
-    async fn hyper(&mut self, payload: &[u8]) -> Result<Bytes, ProxyError> {
-        let req: Hyper = parse(Command::Hyper, payload)?;
-        let client_vm = self.rules.vm_for_hyper()?;
+    /// Hyper: `None` when the caller left (closed its socket) while the
+    /// call waited; the connection then ends without a response. What
+    /// was already queued to the agent still completes, and its outcome
+    /// (a process started or not) is still recorded.
+    async fn hyper(&mut self, payload: &[u8]) -> Option<Result<Bytes, ProxyError>> {
+        let req: Hyper = match parse(Command::Hyper, payload) {
+            Ok(r) => r,
+            Err(e) => return Some(Err(e)),
+        };
+        let client_vm = match self.rules.vm_for_hyper() {
+            Ok(v) => v,
+            Err(e) => return Some(Err(e)),
+        };
         let (plan, vm) = {
             let mut st = self.shared.state();
-            let plan = st.registry.plan_hyper(Some(client_vm), &req)?;
+            let plan = match st.registry.plan_hyper(Some(client_vm), &req) {
+                Ok(p) => p,
+                Err(e) => return Some(Err(e)),
+            };
             let vm = st.registry.vm_handle(plan.vm).cloned();
             (plan, vm)
         };
-        let token = plan.session.as_ref().map(|(t, _)| t.clone());
-        let result = async {
-            let vm = vm.ok_or(ProxyError::VmGone)?;
-            let session = match &plan.session {
-                Some((_, io_base)) => Some(vm.session(*io_base).ok_or(ProxyError::VmGone)?),
-                None => None,
-            };
+        if plan.code == Code::DestroyPod {
+            debug!("destroypod forwarded");
+        }
+        let start = Start {
+            token: plan.session.as_ref().map(|(t, _)| t.clone()),
+            container_id: plan.container_id,
+        };
+        let Some(vm) = vm else {
+            start.finish(&self.shared, None, false);
+            return Some(Err(ProxyError::VmGone));
+        };
+        let session = match &plan.session {
+            Some((_, io_base)) => match vm.session(*io_base) {
+                Some(s) => Some(s),
+                None => {
+                    start.finish(&self.shared, None, false);
+                    return Some(Err(ProxyError::VmGone));
+                }
+            },
+            None => None,
+        };
+        let peer = self.out.peer();
+        let queue = async {
             if let Some(s) = &session {
                 let t = self.shared.config.shim_timeout;
                 wait_true(&s.shim, t, || {
@@ -790,24 +832,42 @@ impl Conn {
                 })
                 .await?;
             }
-            let reply = vm.ctl(plan.code, Bytes::from(plan.data)).await?;
-            if let Some(s) = &session {
-                s.started.set(true);
+            vm.ctl_queue(plan.code, Bytes::from(plan.data)).await
+        };
+        let queued = tokio::select! {
+            biased;
+            r = queue => r,
+            () = peer_gone(peer) => {
+                debug!("the caller left before its Hyper was sent; dropped");
+                start.finish(&self.shared, session.as_deref(), false);
+                return None;
             }
-            Ok(reply)
-        }
-        .await;
-        if let Some(t) = token {
-            let mut st = self.shared.state();
-            match &result {
-                Ok(_) => st.registry.process_started(&t, plan.container_id.clone()),
-                Err(_) => st.registry.process_start_failed(&t),
+        };
+        let mut pending = match queued {
+            Ok(p) => p,
+            Err(e) => {
+                start.finish(&self.shared, session.as_deref(), false);
+                return Some(Err(e));
             }
-        }
-        if plan.code == Code::DestroyPod {
-            debug!("destroypod forwarded");
-        }
-        result
+        };
+        let result = tokio::select! {
+            biased;
+            r = &mut pending => vm.ctl_outcome(r),
+            () = peer_gone(peer) => {
+                // The agent answers in its own time; the outcome is
+                // recorded then, without holding the caller's socket.
+                debug!("the caller left while its Hyper was with the agent; the reply will be dropped");
+                let shared = Arc::clone(&self.shared);
+                let vm = Arc::clone(&vm);
+                tokio::spawn(async move {
+                    let r = vm.ctl_outcome(pending.await);
+                    start.finish(&shared, session.as_deref(), r.is_ok());
+                });
+                return None;
+            }
+        };
+        start.finish(&self.shared, session.as_deref(), result.is_ok());
+        Some(result)
     }
 
     /// On success the response is sent here, before the session's output.
@@ -1072,6 +1132,56 @@ fn json<T: serde::Serialize>(v: &T) -> Result<Bytes, ProxyError> {
             what: "a response",
             source,
         })
+}
+
+/// A Hyper call's process start, recorded when the agent has answered.
+struct Start {
+    /// The session's token, for a call that starts its process.
+    token: Option<String>,
+    container_id: Option<String>,
+}
+
+impl Start {
+    /// Record the outcome: a process started (the agent said yes), or
+    /// none (the call failed, or never reached the agent).
+    fn finish(self, shared: &Shared, session: Option<&Session>, started: bool) {
+        if started {
+            if let Some(s) = session {
+                s.started.set(true);
+            }
+        }
+        if let Some(t) = self.token {
+            let mut st = shared.state();
+            if started {
+                st.registry.process_started(&t, self.container_id);
+            } else {
+                st.registry.process_start_failed(&t);
+            }
+        }
+    }
+}
+
+/// Resolves when the peer has closed its socket entirely: the reply to a
+/// call cannot reach it any more. A peer that has only shut down its
+/// writing (it still reads its reply), or that has sent more frames, is
+/// not gone: that is pending for good, as is a connection whose writer
+/// task owns the socket.
+async fn peer_gone(peer: Option<&UnixStream>) {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use std::os::fd::AsFd;
+    let Some(s) = peer else {
+        return std::future::pending().await;
+    };
+    if s.readable().await.is_err() {
+        return;
+    }
+    // Readable: data, a half-close, or a hang-up; only the last says gone.
+    let mut fds = [PollFd::new(s.as_fd(), PollFlags::POLLIN)];
+    let hup = PollFlags::POLLHUP | PollFlags::POLLERR;
+    match poll(&mut fds, PollTimeout::ZERO) {
+        Ok(_) if fds[0].revents().is_some_and(|r| r.intersects(hup)) => {}
+        _ => std::future::pending().await,
+    }
 }
 
 async fn wait_true(

@@ -49,6 +49,23 @@ pub const CTL_SMALL: usize = 256;
 /// A caller waiting for its ctl transaction's result.
 type CtlReply = oneshot::Sender<Result<Bytes, ProxyError>>;
 
+/// A ctl command in the VM's queue, its reply still to come
+/// ([`Vm::ctl_reply`]).
+/// Resolves to the reply, or to `None` when the VM went first.
+#[derive(Debug)]
+pub struct CtlPending(oneshot::Receiver<Result<Bytes, ProxyError>>);
+
+impl std::future::Future for CtlPending {
+    type Output = Option<Result<Bytes, ProxyError>>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        std::pin::Pin::new(&mut self.0).poll(cx).map(Result::ok)
+    }
+}
+
 /// Largest ctl data the agent takes in one message.
 pub use crate::rules::ctl::MAX_CTL_DATA;
 
@@ -430,12 +447,31 @@ impl Vm {
     /// Data larger than [`MAX_CTL_DATA`] is refused
     /// ([`ProxyError::CtlTooLarge`]) and the VM stays.
     pub async fn ctl(&self, code: Code, data: Bytes) -> Result<Bytes, ProxyError> {
+        let reply = self.ctl_queue(code, data).await?;
+        self.ctl_reply(reply).await
+    }
+
+    /// Queue a ctl command (waiting for room in the VM's queue). Once
+    /// queued it is sent and answered whether or not the reply is awaited:
+    /// a reply nobody waits for is dropped, and never shifts onto the next
+    /// caller's.
+    pub async fn ctl_queue(&self, code: Code, data: Bytes) -> Result<CtlPending, ProxyError> {
         let (reply, rx) = oneshot::channel();
         self.ctl_q
             .send(CtlRequest { code, data, reply })
             .await
             .map_err(|_| self.gone_error())?;
-        rx.await.map_err(|_| self.gone_error())?
+        Ok(CtlPending(rx))
+    }
+
+    /// The reply to a queued ctl command ([`CtlPending`] resolved).
+    pub async fn ctl_reply(&self, pending: CtlPending) -> Result<Bytes, ProxyError> {
+        self.ctl_outcome(pending.await)
+    }
+
+    /// What a resolved [`CtlPending`] means: its reply, or the VM's end.
+    pub fn ctl_outcome(&self, r: Option<Result<Bytes, ProxyError>>) -> Result<Bytes, ProxyError> {
+        r.unwrap_or_else(|| Err(self.gone_error()))
     }
 
     pub(crate) fn gone_error(&self) -> ProxyError {

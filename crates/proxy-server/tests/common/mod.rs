@@ -87,13 +87,65 @@ pub async fn metric_max(sock: &std::path::Path, name: &str) -> Option<f64> {
 /// `what`, if it does not within a generous bound.
 #[allow(dead_code)]
 pub async fn wait_metric(sock: &std::path::Path, name: &str, at_least: f64, what: &str) -> f64 {
+    wait_metric_until(
+        sock,
+        name,
+        |v| v >= at_least,
+        &format!("≥ {at_least}"),
+        what,
+    )
+    .await
+}
+
+/// Wait until the metric `name` falls to at most `at_most` (a gauge going
+/// down: a connection or a shim the daemon has seen go).
+#[allow(dead_code)]
+pub async fn wait_metric_at_most(
+    sock: &std::path::Path,
+    name: &str,
+    at_most: f64,
+    what: &str,
+) -> f64 {
+    wait_metric_until(sock, name, |v| v <= at_most, &format!("≤ {at_most}"), what).await
+}
+
+async fn wait_metric_until(
+    sock: &std::path::Path,
+    name: &str,
+    ok: impl Fn(f64) -> bool,
+    wanted: &str,
+    what: &str,
+) -> f64 {
     let mut last = None;
     for _ in 0..3000 {
         last = metric_max(sock, name).await;
-        if let Some(v) = last.filter(|v| *v >= at_least) {
+        if let Some(v) = last.filter(|v| ok(*v)) {
             return v;
         }
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
-    panic!("waited 30 s in vain for {what}: {name} is {last:?}, wanted ≥ {at_least}");
+    panic!("waited 30 s in vain for {what}: {name} is {last:?}, wanted {wanted}");
+}
+
+/// A daemon serving metrics on a socket of its own, so that a test can
+/// wait for what the daemon has seen rather than for a guessed while.
+pub struct Metered {
+    pub p: ProxyProcess,
+    /// The `--metrics-socket`.
+    pub metrics: std::path::PathBuf,
+    /// Holds the socket's directory while the test runs.
+    pub dir: proxy_test_support::TempDir,
+}
+
+/// A daemon with extra arguments and a metrics socket.
+pub async fn proxy_metered(args: &[&str]) -> Metered {
+    let dir = proxy_test_support::TempDir::new();
+    let metrics = dir.socket("metrics.sock");
+    let mut all = vec![
+        "--metrics-socket",
+        metrics.to_str().expect("a UTF-8 temp path"),
+    ];
+    all.extend_from_slice(args);
+    let p = proxy_with(&all).await;
+    Metered { p, metrics, dir }
 }
