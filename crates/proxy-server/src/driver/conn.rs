@@ -25,7 +25,7 @@ use tracing::{debug, info, warn, Instrument};
 
 use crate::driver::inbox::{self, TryRecvError};
 use crate::driver::wire::{write_frame, Batch};
-use crate::registry::{ConnId, ProxyError, SignalPlan, VmId};
+use crate::registry::{ConnId, HyperPlan, ProxyError, SignalPlan, VmId};
 use crate::rules::client::{self, Action, Client, CloseReason, StdinAction};
 use crate::rules::output::{Gather, Held, Inflight, Step};
 use crate::server::Shared;
@@ -785,22 +785,9 @@ impl Conn {
     /// was already queued to the agent still completes, and its outcome
     /// (a process started or not) is still recorded.
     async fn hyper(&mut self, payload: &[u8]) -> Option<Result<Bytes, ProxyError>> {
-        let req: Hyper = match parse(Command::Hyper, payload) {
-            Ok(r) => r,
+        let (plan, vm) = match self.plan_hyper(payload) {
+            Ok(p) => p,
             Err(e) => return Some(Err(e)),
-        };
-        let client_vm = match self.rules.vm_for_hyper() {
-            Ok(v) => v,
-            Err(e) => return Some(Err(e)),
-        };
-        let (plan, vm) = {
-            let mut st = self.shared.state();
-            let plan = match st.registry.plan_hyper(Some(client_vm), &req) {
-                Ok(p) => p,
-                Err(e) => return Some(Err(e)),
-            };
-            let vm = st.registry.vm_handle(plan.vm).cloned();
-            (plan, vm)
         };
         if plan.code == Code::DestroyPod {
             debug!("destroypod forwarded");
@@ -809,45 +796,37 @@ impl Conn {
             token: plan.session.as_ref().map(|(t, _)| t.clone()),
             container_id: plan.container_id,
         };
-        let Some(vm) = vm else {
-            start.finish(&self.shared, None, false);
-            return Some(Err(ProxyError::VmGone));
-        };
-        let session = match &plan.session {
-            Some((_, io_base)) => match vm.session(*io_base) {
-                Some(s) => Some(s),
-                None => {
-                    start.finish(&self.shared, None, false);
-                    return Some(Err(ProxyError::VmGone));
-                }
-            },
-            None => None,
-        };
+        let shared = &self.shared;
         let peer = self.out.peer();
         let queue = async {
+            let vm = vm.ok_or(ProxyError::VmGone)?;
+            let session = match &plan.session {
+                Some((_, io_base)) => Some(vm.session(*io_base).ok_or(ProxyError::VmGone)?),
+                None => None,
+            };
             if let Some(s) = &session {
-                let t = self.shared.config.shim_timeout;
+                let t = shared.config.shim_timeout;
                 wait_true(&s.shim, t, || {
                     format!("the shim of token {:?} to connect", s.token)
                 })
                 .await?;
             }
-            vm.ctl_queue(plan.code, Bytes::from(plan.data)).await
+            let pending = vm.ctl_queue(plan.code, Bytes::from(plan.data)).await?;
+            Ok((vm, session, pending))
         };
-        let queued = tokio::select! {
+        let (vm, session, mut pending) = tokio::select! {
             biased;
-            r = queue => r,
+            r = queue => match r {
+                Ok(q) => q,
+                Err(e) => {
+                    start.finish(shared, None, false);
+                    return Some(Err(e));
+                }
+            },
             () = peer_gone(peer) => {
                 debug!("the caller left before its Hyper was sent; dropped");
-                start.finish(&self.shared, session.as_deref(), false);
+                start.finish(shared, None, false);
                 return None;
-            }
-        };
-        let mut pending = match queued {
-            Ok(p) => p,
-            Err(e) => {
-                start.finish(&self.shared, session.as_deref(), false);
-                return Some(Err(e));
             }
         };
         let result = tokio::select! {
@@ -857,8 +836,7 @@ impl Conn {
                 // The agent answers in its own time; the outcome is
                 // recorded then, without holding the caller's socket.
                 debug!("the caller left while its Hyper was with the agent; the reply will be dropped");
-                let shared = Arc::clone(&self.shared);
-                let vm = Arc::clone(&vm);
+                let shared = Arc::clone(shared);
                 tokio::spawn(async move {
                     let r = vm.ctl_outcome(pending.await);
                     start.finish(&shared, session.as_deref(), r.is_ok());
@@ -866,8 +844,18 @@ impl Conn {
                 return None;
             }
         };
-        start.finish(&self.shared, session.as_deref(), result.is_ok());
+        start.finish(shared, session.as_deref(), result.is_ok());
         Some(result)
+    }
+
+    /// What a Hyper asks for, and of which VM (if it is still there).
+    fn plan_hyper(&self, payload: &[u8]) -> Result<(HyperPlan, Option<Arc<Vm>>), ProxyError> {
+        let req: Hyper = parse(Command::Hyper, payload)?;
+        let client_vm = self.rules.vm_for_hyper()?;
+        let mut st = self.shared.state();
+        let plan = st.registry.plan_hyper(Some(client_vm), &req)?;
+        let vm = st.registry.vm_handle(plan.vm).cloned();
+        Ok((plan, vm))
     }
 
     /// On success the response is sent here, before the session's output.
@@ -1142,8 +1130,9 @@ struct Start {
 }
 
 impl Start {
-    /// Record the outcome: a process started (the agent said yes), or
-    /// none (the call failed, or never reached the agent).
+    /// Record the outcome: a process started (the agent said yes, and
+    /// `session` is the call's), or none (the call failed, or never
+    /// reached the agent).
     fn finish(self, shared: &Shared, session: Option<&Session>, started: bool) {
         if started {
             if let Some(s) = session {
