@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use proxy_proto::hyper::ctl::{Code, CtlDecoder};
 use proxy_proto::hyper::io::{IoHeader, IoMessage, IO_HEADER_LEN, MAX_IO_DATA};
 use proxy_proto::hyper::MAX_MESSAGE_LEN;
@@ -703,6 +703,9 @@ fn io_reader(
         pause: Deadline::new(),
         run: None,
         spare: Vec::new(),
+        bulk: false,
+        join: BytesMut::new(),
+        join_stderr: false,
     };
     async move {
         let reason = io.run().await;
@@ -733,10 +736,37 @@ struct IoReader {
     run: Option<(u64, Arc<Session>, Vec<Output>)>,
     /// The last run's emptied vector, for the next.
     spare: Vec<Output>,
+    /// Whether the read being routed is a bulk one (at least
+    /// [`JOIN_READ`] bytes): its small messages are joined.
+    bulk: bool,
+    /// Small output of the run's session joined into one item, not yet
+    /// in the run (it goes after everything there): empty when none.
+    join: BytesMut,
+    /// Whether `join` holds stderr (else stdout).
+    join_stderr: bool,
 }
 
 /// A run of output queued together holds at most this many items.
 const RUN_MAX: usize = 64;
+
+/// A read at least this long is bulk output: consecutive small messages of
+/// one stream of one session in it are joined into one item (one frame to
+/// the shim), so the cost per message (queueing, a frame header, a write
+/// vector entry) is paid once per item. Shorter reads (interactive output)
+/// keep one frame per message.
+const JOIN_READ: usize = 16 * 1024;
+
+/// Messages up to this many data bytes are joined (bigger ones are passed
+/// on as they are, without a copy).
+const JOIN_SMALL: usize = crate::driver::wire::COPY_MAX;
+
+/// A joined item holds at most this many bytes: no more than one agent
+/// message may, so every bound on items holds for joined ones.
+const JOIN_MAX: usize = MAX_IO_DATA;
+
+/// Room the join buffer takes at a time (the items joined in it share it,
+/// as messages share the read buffer they were read into).
+const JOIN_BLOCK: usize = 64 * 1024;
 
 impl IoReader {
     /// Read and route until io ends or fails or the VM goes: why it did.
@@ -757,6 +787,12 @@ impl IoReader {
                 () = self.gone.wait() => return "VM torn down".to_string(),
             };
             let at = Instant::now();
+            self.bulk = n >= JOIN_READ;
+            if !self.bulk && self.join.capacity() > 0 {
+                // Bulk output ended: the join's block is kept only by the
+                // items still queued.
+                self.join = BytesMut::new();
+            }
             if let Err(reason) = self.route_buffered().await {
                 return reason;
             }
@@ -788,6 +824,7 @@ impl IoReader {
     /// when its budget allows, else one item after the other (waiting for
     /// room as [`deliver`](Self::deliver) does).
     async fn flush_run(&mut self) -> Result<(), String> {
+        self.end_join();
         let Some((base, session, mut items)) = self.run.take() else {
             return Ok(());
         };
@@ -849,10 +886,20 @@ impl IoReader {
             }
         };
         // The hot path: more output for the session of the run.
-        if let (Output::Stdout(_) | Output::Stderr(_), Some((_, to, items))) =
+        if let (Output::Stdout(data) | Output::Stderr(data), Some((_, to, items))) =
             (&item, &mut self.run)
         {
             if Arc::ptr_eq(to, session) && items.len() < RUN_MAX {
+                let stderr = matches!(item, Output::Stderr(_));
+                if joins(self.bulk, data) {
+                    let fits = self.join.len() + data.len() <= JOIN_MAX;
+                    if !fits || self.join_stderr != stderr {
+                        end_join(&mut self.join, self.join_stderr, items);
+                    }
+                    self.join_data(stderr, data);
+                    return Ok(());
+                }
+                end_join(&mut self.join, self.join_stderr, items);
                 items.push(item);
                 return Ok(());
             }
@@ -866,9 +913,35 @@ impl IoReader {
             return Ok(());
         }
         let mut items = std::mem::take(&mut self.spare);
-        items.push(item);
+        match &item {
+            Output::Stdout(data) | Output::Stderr(data) if joins(self.bulk, data) => {
+                self.join_data(matches!(item, Output::Stderr(_)), data);
+            }
+            _ => items.push(item),
+        }
         self.run = Some((base, session, items));
         Ok(())
+    }
+
+    /// Append `data` (of stderr or stdout) to the join, which is empty or
+    /// holds the same stream's.
+    fn join_data(&mut self, stderr: bool, data: &[u8]) {
+        if self.join.is_empty() {
+            self.join_stderr = stderr;
+            // Room for a whole joined item: in the block the last items
+            // share while it has that much left, else in a new one.
+            if self.join.capacity() < JOIN_MAX {
+                self.join = BytesMut::with_capacity(JOIN_BLOCK);
+            }
+        }
+        self.join.extend_from_slice(data);
+    }
+
+    /// The join, if any, goes to the end of the run.
+    fn end_join(&mut self) {
+        if let Some((_, _, items)) = &mut self.run {
+            end_join(&mut self.join, self.join_stderr, items);
+        }
     }
 
     /// A read of `n` bytes at `at` is routed: count its messages, and let
@@ -891,6 +964,26 @@ impl IoReader {
             .read_done(n, demux.take_switches(), at.into_std());
         tell(&self.vm.io_flow, &self.streaming, wake);
     }
+}
+
+/// Whether output `data`, of a read that is `bulk` or not, is joined with
+/// the output around it.
+fn joins(bulk: bool, data: &[u8]) -> bool {
+    bulk && !data.is_empty() && data.len() <= JOIN_SMALL
+}
+
+/// Move what `join` holds (of stderr or stdout) to the end of `items`, as
+/// one item.
+fn end_join(join: &mut BytesMut, stderr: bool, items: &mut Vec<Output>) {
+    if join.is_empty() {
+        return;
+    }
+    let data = join.split().freeze();
+    items.push(if stderr {
+        Output::Stderr(data)
+    } else {
+        Output::Stdout(data)
+    });
 }
 
 /// The slow path: wait for room in `session`'s queue. None: the VM went
@@ -1399,6 +1492,131 @@ mod tests {
         assert!(matches!(q.next().await, Some(Output::Exited(0))));
         // Held by this test and the VM's session map only.
         assert_eq!(Arc::strong_count(&s), 2);
+    }
+
+    /// Everything `q` delivers up to and including the exit, as (stream,
+    /// bytes) items: 'o' stdout, 'e' stderr, 'x' the exit code.
+    async fn items_until_exit(q: &mut crate::session::OutputQueue) -> Vec<(char, Bytes)> {
+        let mut got = Vec::new();
+        loop {
+            match q.next().await {
+                Some(Output::Stdout(b)) => got.push(('o', b)),
+                Some(Output::Stderr(b)) => got.push(('e', b)),
+                Some(Output::Exited(c)) => {
+                    got.push(('x', Bytes::from(vec![c])));
+                    return got;
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+
+    /// `items` with consecutive items of one stream concatenated.
+    fn streams(items: &[(char, Bytes)]) -> Vec<(char, Vec<u8>)> {
+        let mut out: Vec<(char, Vec<u8>)> = Vec::new();
+        for (k, b) in items {
+            match out.last_mut() {
+                Some((last, v)) if last == k => v.extend_from_slice(b),
+                _ => out.push((*k, b.to_vec())),
+            }
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn small_messages_of_a_bulk_read_are_joined_per_stream_in_order() {
+        let (vm, mut agent, _) = vm(Duration::from_secs(5));
+        let s = vm.add_session("t".into(), 3);
+        let other = vm.add_session("u".into(), 5);
+        // One write of 70 small messages (about 35 KiB, a bulk read):
+        // stdout, then stderr, a message for another session, stdout
+        // again, then EOF and the exit code.
+        let msg = |seq: u64, i: usize| {
+            let data: Vec<u8> = (0..500).map(|j| (i * 7 + j) as u8).collect();
+            (seq, data)
+        };
+        let mut plan: Vec<(u64, Vec<u8>)> = Vec::new();
+        plan.extend((0..30).map(|i| msg(3, i)));
+        plan.extend((30..35).map(|i| msg(4, i)));
+        plan.push(msg(5, 99));
+        plan.extend((35..69).map(|i| msg(3, i)));
+        let mut wire = BytesMut::new();
+        for (seq, data) in &plan {
+            IoMessage::new(*seq, data.clone())
+                .encode(&mut wire, MAX_MESSAGE_LEN)
+                .unwrap();
+        }
+        IoMessage::new(3, Vec::new())
+            .encode(&mut wire, MAX_MESSAGE_LEN)
+            .unwrap();
+        IoMessage::new(3, vec![9])
+            .encode(&mut wire, MAX_MESSAGE_LEN)
+            .unwrap();
+        agent.io.write_all(&wire).await.unwrap();
+
+        let mut q = s.take_queue().unwrap();
+        let got = items_until_exit(&mut q).await;
+        let cat = |seq: u64, range: std::ops::Range<usize>| -> Vec<u8> {
+            plan.iter()
+                .filter(|(s, _)| *s == seq)
+                .flat_map(|(_, d)| d.clone())
+                .skip(range.start * 500)
+                .take(range.len() * 500)
+                .collect()
+        };
+        assert_eq!(
+            streams(&got),
+            vec![
+                ('o', cat(3, 0..30)),
+                ('e', cat(4, 0..5)),
+                ('o', cat(3, 30..64)),
+                ('x', vec![9]),
+            ],
+            "every byte once, in order, each stream apart"
+        );
+        assert!(
+            got.iter().all(|(_, b)| b.len() <= MAX_IO_DATA),
+            "a joined item is no longer than one agent message may be: {:?}",
+            got.iter().map(|(k, b)| (*k, b.len())).collect::<Vec<_>>()
+        );
+        // 69 messages of output came: joined, they are a handful of items
+        // (one each, they would be 69).
+        assert!(got.len() <= 12, "{} items", got.len());
+        let mut oq = other.take_queue().unwrap();
+        assert!(matches!(oq.next().await, Some(Output::Stdout(b)) if b[..] == msg(5, 99).1[..]));
+    }
+
+    #[tokio::test]
+    async fn small_messages_of_a_short_read_keep_their_frames() {
+        // Interactive output (a read shorter than a bulk one) is passed on
+        // message by message, never held back or joined.
+        let (vm, mut agent, _) = vm(Duration::from_secs(5));
+        let s = vm.add_session("t".into(), 3);
+        let mut wire = BytesMut::new();
+        for line in [&b"one\n"[..], b"two\n", b"three\n"] {
+            IoMessage::new(3, line.to_vec())
+                .encode(&mut wire, MAX_MESSAGE_LEN)
+                .unwrap();
+        }
+        IoMessage::new(3, Vec::new())
+            .encode(&mut wire, MAX_MESSAGE_LEN)
+            .unwrap();
+        IoMessage::new(3, vec![0])
+            .encode(&mut wire, MAX_MESSAGE_LEN)
+            .unwrap();
+        agent.io.write_all(&wire).await.unwrap();
+        let mut q = s.take_queue().unwrap();
+        let got = items_until_exit(&mut q).await;
+        let got: Vec<(char, &[u8])> = got.iter().map(|(k, b)| (*k, &b[..])).collect();
+        assert_eq!(
+            got,
+            vec![
+                ('o', &b"one\n"[..]),
+                ('o', b"two\n"),
+                ('o', b"three\n"),
+                ('x', &[0][..]),
+            ]
+        );
     }
 
     #[tokio::test]
