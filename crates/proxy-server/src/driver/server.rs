@@ -661,6 +661,8 @@ pub async fn serve(shared: Arc<Shared>, listener: UnixListener, signals: Signals
                 Err(e) => {
                     if failures.failed(&e, Instant::now()) {
                         error!(error = %e, "accept failed; retrying every 50ms, the failures are summed up when accepting works again");
+                    } else {
+                        debug!(error = %e, failed_accepts = failures.count, "accept still failing");
                     }
                     // Connections already open are served meanwhile.
                     tokio::time::sleep(Duration::from_millis(50)).await;
