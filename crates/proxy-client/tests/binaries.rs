@@ -363,6 +363,9 @@ async fn cc_proxy_ctl_stats_shows_the_metrics_endpoints_figures() {
     vm.agent.send_io(3, vec![1u8; 300]).await;
     vm.agent.send_io(4, vec![2u8; 20]).await;
 
+    // What the two messages hold of the budgets: their 320 bytes and 128
+    // each besides (a queued message's item cost).
+    const HELD: u64 = 320 + 2 * 128;
     let stats = ["stats", "--metrics-socket", msock.as_str()];
     let json_stats = ["--json", "stats", "--metrics-socket", msock.as_str()];
     let mut v = serde_json::Value::Null;
@@ -370,7 +373,7 @@ async fn cc_proxy_ctl_stats_shows_the_metrics_endpoints_figures() {
         let (code, out, err) = ctl(&json_stats).await;
         assert_eq!(code, 0, "{err}");
         v = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
-        if v["vm"][0]["output_queued_bytes"] == 320 {
+        if v["vm"][0]["output_queued_bytes"] == HELD {
             break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -381,10 +384,11 @@ async fn cc_proxy_ctl_stats_shows_the_metrics_endpoints_figures() {
         ("sessions", 2),
         ("shims_connected", 0),
         ("connections_open", 1),
-        // 4 MiB, raised to one largest agent message (4 MiB + header).
-        ("session_buffer_bytes", (4 << 20) + 12),
+        // 4 MiB, raised to one largest agent message (4 MiB + header)
+        // and its item cost.
+        ("session_buffer_bytes", (4 << 20) + 12 + 128),
         ("memory_budget_bytes", 256 << 20),
-        ("memory_budget_used_bytes", 320),
+        ("memory_budget_used_bytes", HELD),
     ] {
         assert_eq!(v[key], want, "{key} in {v}");
     }
@@ -403,8 +407,8 @@ async fn cc_proxy_ctl_stats_shows_the_metrics_endpoints_figures() {
         "io_from_agent_messages": 2,
         "io_to_agent_bytes": 0,
         "io_to_agent_messages": 0,
-        "output_queued_bytes": 320,
-        "output_queued_max_session_bytes": 320,
+        "output_queued_bytes": HELD,
+        "output_queued_max_session_bytes": HELD,
     });
     assert_eq!(v["vm"][0], want, "{v}");
 
@@ -448,7 +452,7 @@ async fn cc_proxy_ctl_stats_shows_the_metrics_endpoints_figures() {
     let row: Vec<String> = line(&vm.id).split_whitespace().map(str::to_owned).collect();
     assert_eq!(
         row,
-        [vm.id.as_str(), "2", "0", "320", "2", "0", "0", "320", "320"],
+        [vm.id.as_str(), "2", "0", "320", "2", "0", "0", "576", "576"],
         "{out}"
     );
 

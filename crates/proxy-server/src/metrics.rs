@@ -313,9 +313,10 @@ impl Snapshot {
             sessions: all_sessions,
             shims: all_shims,
             // As the sessions apply it (room for one agent message at least).
-            session_buffer: (shared.config.session_buffer as usize)
-                .max(crate::vm::agent_message_bound(shared.config.max_frame_size))
-                as u64,
+            session_buffer: crate::vm::session_bound(
+                shared.config.session_buffer,
+                crate::vm::agent_message_bound(shared.config.max_frame_size),
+            ) as u64,
             conns_accepted: accepted,
             conns_open: shared.connections.load(Ordering::Relaxed) as u64,
             memory_budget: budget as u64,

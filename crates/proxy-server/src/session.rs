@@ -90,14 +90,24 @@ pub enum Output {
     Replayed(Box<Output>),
 }
 
+/// What a queued item of output costs beyond its payload, in bytes of
+/// budget: about what it takes besides its payload — its slot in the queue
+/// (40 bytes, up to twice that as the queue grows), its share of the
+/// buffer it was read into (its message's 12-byte header) and its entry
+/// in the writer's batch. Counted, a flood of tiny messages is bounded in
+/// memory as its bytes are: uncounted, two queues of 1 MiB of one-byte
+/// messages took 44 MiB.
+pub const ITEM_COST: u32 = 128;
+
 impl Output {
-    /// The permits (bytes of budget) this item holds.
+    /// The permits (bytes of budget) this item holds: its payload and
+    /// [`ITEM_COST`].
     pub fn cost(&self) -> u32 {
         match self {
-            Output::Stdout(b) | Output::Stderr(b) => {
-                u32::try_from(b.len()).unwrap_or(u32::MAX).max(1)
-            }
-            Output::Exited(_) => 1,
+            Output::Stdout(b) | Output::Stderr(b) => u32::try_from(b.len())
+                .unwrap_or(u32::MAX)
+                .saturating_add(ITEM_COST),
+            Output::Exited(_) => ITEM_COST,
             Output::Replayed(_) => 0,
         }
     }
@@ -267,6 +277,10 @@ impl Flag {
     }
 }
 
+/// The cost of the largest item of output: one agent message's payload
+/// (a joined item is never larger).
+pub const LARGEST_ITEM: usize = proxy_proto::hyper::MAX_MESSAGE_LEN + ITEM_COST as usize;
+
 /// What a session that no shim ever claimed may queue: no process can
 /// have been started with its token (a Hyper with a token waits for the
 /// token's shim), so its output is an agent's mistake, and more is dropped
@@ -335,7 +349,8 @@ impl Session {
         flow: Arc<IoFlow>,
         global: Budget,
     ) -> Arc<Self> {
-        let capacity = bound.max(proxy_proto::hyper::MAX_MESSAGE_LEN);
+        // Room for the largest item, whatever the bound.
+        let capacity = bound.max(LARGEST_ITEM);
         let chan = Arc::new(Chan::default());
         Arc::new(Self {
             token,
@@ -747,8 +762,10 @@ mod tests {
 
     #[tokio::test]
     async fn a_run_is_queued_whole_in_order_or_not_at_all() {
-        // The bound is never below one agent message (10240 bytes).
+        // The bound is never below one agent message and its item cost
+        // (10240 + 128 bytes); an item of 1000 bytes costs 1128.
         let s = Session::new("t".into(), 3, 10240, Arc::default());
+        assert_eq!(LARGEST_ITEM, 10368);
         let run = |n: usize, len: usize| -> Vec<Output> {
             (0..n)
                 .map(|i| Output::Stdout(Bytes::from(vec![i as u8; len])))
@@ -762,13 +779,13 @@ mod tests {
         let mut items = run(3, 1000);
         assert_eq!(s.try_push_all(&mut items), Some(true));
         assert!(items.is_empty());
-        assert_eq!(s.queued_bytes(), 3000);
-        // More than the budget has left (7240): nothing taken, and the
-        // budget is untouched (a run that fits still goes).
-        let mut big = run(8, 1000);
+        assert_eq!(s.queued_bytes(), 3 * 1128);
+        // More than the budget has left (10368 - 3384 = 6984): nothing
+        // taken, and the budget is untouched (a run that fits still goes).
+        let mut big = run(7, 1000);
         assert_eq!(s.try_push_all(&mut big), None);
-        assert_eq!(big.len(), 8);
-        let mut items = run(7, 1000);
+        assert_eq!(big.len(), 7);
+        let mut items = run(6, 1000);
         assert_eq!(s.try_push_all(&mut items), Some(true));
         let mut q = s.take_queue().unwrap();
         let mut got = Vec::new();
@@ -782,7 +799,7 @@ mod tests {
                 o => panic!("{o:?}"),
             })
             .collect();
-        assert_eq!(firsts, [0, 1, 2, 0, 1, 2, 3, 4, 5, 6]);
+        assert_eq!(firsts, [0, 1, 2, 0, 1, 2, 3, 4, 5]);
         s.written(got.iter());
         // Closed: refused, and the items are dropped.
         s.close();

@@ -357,3 +357,62 @@ async fn the_end_of_a_burst_is_delivered_with_nothing_after_it() {
     assert_eq!(b.shim.expect_exit().await, 4);
     p.assert_running();
 }
+
+/// The daemon's resident memory, in bytes.
+fn rss_of(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().strip_suffix("kB"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no VmRSS in {status}"));
+    kib * 1024
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn regression_a_flood_of_one_byte_messages_is_bounded_in_memory_not_only_in_bytes() {
+    // A hostile agent floods two sessions whose shims read nothing with
+    // one-byte messages. Their queues fill to their bound: that bound must
+    // hold the memory they take, not only their bytes (counted by payload
+    // alone, 2 MiB of bound took over 150 MiB here).
+    const BOUND: usize = 1 << 20;
+    let m = common::proxy_metered(&["--session-buffer", "1MiB"]).await;
+    let mut vm = Vm::register(&m.p, 2).await;
+    let (ta, tb) = (vm.tokens[0].clone(), vm.tokens[1].clone());
+    let a = vm.start_container(&m.p, &ta).await;
+    let b = vm.start_container(&m.p, &tb).await;
+    let before = rss_of(m.p.pid());
+    let writer = vm.agent.io_writer_task().await;
+    let mut chunk = Vec::new();
+    for i in 0..(64 << 10) {
+        let seq = if i % 2 == 0 { a.io_base } else { b.io_base };
+        chunk.extend_from_slice(&seq.to_be_bytes());
+        chunk.extend_from_slice(&13u32.to_be_bytes());
+        chunk.push(b'x');
+    }
+    // 64 × 64 Ki messages: far more than both bounds hold.
+    for _ in 0..64 {
+        writer.send_raw(chunk.clone());
+    }
+    // Both queues full: the reader waits for room (the agent is stalled).
+    common::wait_metric(
+        &m.metrics,
+        "cc_proxy_memory_budget_used_bytes",
+        (2 * BOUND - 4096) as f64,
+        "both sessions' queues are full",
+    )
+    .await;
+    let grew = rss_of(m.p.pid()).saturating_sub(before);
+    assert!(
+        grew < 16 << 20,
+        "2 MiB of bound took {} MiB of memory",
+        grew >> 20
+    );
+    // Nothing was lost: the agent's writer is stalled, not failed, and the
+    // daemon serves on.
+    assert!(writer.written() < 64 * chunk.len() as u64);
+    let mut m = m;
+    m.p.assert_running();
+    assert_serves_fresh_vm(&m.p).await;
+}

@@ -175,8 +175,9 @@ async fn a_known_workload_gives_exact_figures() {
         ("cc_proxy_shims_connected", 0.0),
         ("cc_proxy_ctl_round_trip_seconds_count", 0.0),
         // --session-buffer (4 MiB), raised to one largest agent message
-        // (--max-frame-size 4 MiB and its 12-byte header).
-        ("cc_proxy_session_buffer_bytes", 4194316.0),
+        // (--max-frame-size 4 MiB and its 12-byte header) and its item
+        // cost (128).
+        ("cc_proxy_session_buffer_bytes", 4194444.0),
         ("cc_proxy_memory_budget_bytes", 268435456.0),
         ("cc_proxy_memory_budget_used_bytes", 0.0),
     ] {
@@ -205,6 +206,8 @@ async fn a_known_workload_gives_exact_figures() {
     check_pattern(0, &c.shim.expect_stdout(n).await).unwrap();
     // Q bytes to the session without a shim, in one message: they stay queued.
     let q = 777usize;
+    // What it holds of the budget: its bytes and its item cost.
+    let held = q + proxy_server::session::ITEM_COST as usize;
     vm.agent.send_io(other, vec![7u8; q]).await;
     // K bytes of stdin in one frame: split into three io messages.
     let k = 2 * MAX_IO_DATA + 5;
@@ -245,9 +248,9 @@ async fn a_known_workload_gives_exact_figures() {
             )) == Some(k as f64)
             && s.try_get(&format!(
                 "cc_proxy_vm_output_queued_bytes{{container_id=\"{id}\"}}"
-            )) == Some(q as f64)
+            )) == Some(held as f64)
             && s.try_get("cc_proxy_connections_open") == Some(2.0)
-            && s.try_get("cc_proxy_memory_budget_used_bytes") == Some(q as f64)
+            && s.try_get("cc_proxy_memory_budget_used_bytes") == Some(held as f64)
     })
     .await;
     let exact = [
@@ -258,7 +261,7 @@ async fn a_known_workload_gives_exact_figures() {
         ("cc_proxy_connections_accepted_total", accepted + 3.0),
         ("cc_proxy_connections_open", 2.0),
         // What is held: the output queued for the session without a shim.
-        ("cc_proxy_memory_budget_used_bytes", q as f64),
+        ("cc_proxy_memory_budget_used_bytes", held as f64),
         (
             "cc_proxy_ctl_transactions_total{result=\"ok\"}",
             1.0, // newcontainer
@@ -288,8 +291,8 @@ async fn a_known_workload_gives_exact_figures() {
         ("cc_proxy_vm_io_from_agent_messages_total", m + 1),
         ("cc_proxy_vm_io_to_agent_bytes_total", k),
         ("cc_proxy_vm_io_to_agent_messages_total", 3),
-        ("cc_proxy_vm_output_queued_bytes", q),
-        ("cc_proxy_vm_output_queued_max_session_bytes", q),
+        ("cc_proxy_vm_output_queued_bytes", held),
+        ("cc_proxy_vm_output_queued_max_session_bytes", held),
     ] {
         assert_eq!(s.vm(name, &id), want as f64, "{name}:\n{}", s.text);
     }
@@ -419,10 +422,10 @@ async fn the_responder_answers_only_get_of_metrics_and_bounds_requests() {
     ])
     .await;
     // The bound as sessions apply it: room for one agent message at least
-    // (8192 + 12, but never below hyperstart's 10240).
+    // (8192 + 12, but never below hyperstart's 10240) and its item cost.
     assert_eq!(
         scrape(&msock).await.get("cc_proxy_session_buffer_bytes"),
-        10240.0
+        10368.0
     );
     let r = get_unix(&msock, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await;
     assert_eq!(r.status, "HTTP/1.1 200 OK");

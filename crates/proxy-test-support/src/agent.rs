@@ -858,6 +858,13 @@ impl IoWriter {
         let _ = self.tx.send(WriterCmd::Data(encode_io(seq, data.as_ref())));
     }
 
+    /// Queue bytes to write as they are (framed by the caller).
+    pub fn send_raw(&self, bytes: impl Into<Vec<u8>>) {
+        let _ = self
+            .tx
+            .send(WriterCmd::Data(BytesMut::from(&bytes.into()[..])));
+    }
+
     /// Queue EOF and the exit code of the session at `io_base`.
     pub fn send_exit(&self, io_base: u64, code: u8) {
         self.send_io(io_base, []);

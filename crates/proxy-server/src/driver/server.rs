@@ -437,10 +437,11 @@ pub async fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     let (path, pod_mode) = config.listen_path()?;
     let least = u64::from(config.max_frame_size)
         .saturating_add(12)
-        .saturating_mul(2);
+        .saturating_mul(2)
+        .max(crate::session::LARGEST_ITEM as u64);
     if u64::from(config.memory_budget) < least {
         return Err(format!(
-            "--memory-budget {} is too small for --max-frame-size {}: it must hold two frames of the largest size ({least} bytes)",
+            "--memory-budget {} is too small for --max-frame-size {}: it must hold two frames of the largest size and the largest agent message ({least} bytes)",
             config.memory_budget, config.max_frame_size
         )
         .into());

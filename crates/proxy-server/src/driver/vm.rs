@@ -234,12 +234,19 @@ impl VmOptions {
         let max_agent_message = agent_message_bound(c.max_frame_size);
         VmOptions {
             ctl_timeout: c.ctl_timeout,
-            // One message of the largest size must fit in a queue.
-            session_bound: (c.session_buffer as usize).max(max_agent_message),
+            session_bound: session_bound(c.session_buffer, max_agent_message),
             max_agent_message,
             budget,
         }
     }
+}
+
+/// A session queue's bound as applied: `--session-buffer`, raised so that
+/// one message of the largest size fits, with what its item costs beyond
+/// its payload.
+pub fn session_bound(session_buffer: u32, max_agent_message: usize) -> usize {
+    (session_buffer as usize)
+        .max(max_agent_message.saturating_add(crate::session::ITEM_COST as usize))
 }
 
 /// The largest agent message for a payload bound of `max_payload` bytes:

@@ -251,7 +251,10 @@ mod tests {
         // The first message and half of the second taken.
         fill(&mut f);
         let s = f.settle(112 + 12 + 50);
-        assert_eq!((s.handed_bytes, s.handed_cost), (150, 150));
+        // The first item's cost is handed whole; the second keeps its
+        // item cost with what goes back.
+        let item = crate::session::ITEM_COST as usize;
+        assert_eq!((s.handed_bytes, s.handed_cost), (150, 150 + item));
         assert_eq!(lens(&s.back), vec![50, 100, 1]);
         match &s.back[0] {
             Output::Stdout(b) => assert!(b.iter().all(|&x| x == 1)),
@@ -269,7 +272,7 @@ mod tests {
         fill(&mut f);
         let s = f.settle(3 * 112 + 13);
         assert!(s.back.is_empty());
-        assert_eq!(s.handed_cost, 301);
+        assert_eq!(s.handed_cost, 300 + 4 * item);
     }
 
     #[test]
