@@ -215,11 +215,21 @@ fn frame_len(raw: &RawHeader) -> usize {
         .saturating_add(usize::try_from(raw.payload_len).unwrap_or(usize::MAX))
 }
 
+/// What a frame of stdin waiting for its process counts beyond its
+/// payload (its slot in the queue and its share of the buffer it was read
+/// into): a flood of tiny frames, or of empty ones, is bounded in memory
+/// as its bytes are (counted by payload alone, empty frames were free).
+pub const STDIN_ITEM_COST: usize = 128;
+
 /// Stdin that came before its process started.
 #[derive(Debug, Default)]
 struct Pending {
     data: VecDeque<Bytes>,
+    /// Its payload bytes.
     bytes: usize,
+    /// What it counts against `--session-buffer` and the memory budget:
+    /// its bytes and [`STDIN_ITEM_COST`] per frame.
+    held: usize,
     /// When the oldest of it came.
     since: Option<Instant>,
 }
@@ -309,6 +319,26 @@ impl Client {
         self.stdin.bytes
     }
 
+    /// What the stdin waiting for the start counts against
+    /// `--session-buffer` and the memory budget (see [`STDIN_ITEM_COST`]).
+    pub fn pending_cost(&self) -> usize {
+        self.stdin.held
+    }
+
+    /// Whether stdin of `len` bytes fits in the queue that waits for the
+    /// start, beside what waits there: its cost within `--session-buffer`,
+    /// or, in an empty queue, its bytes (the bound always admits one frame
+    /// it holds the bytes of).
+    pub fn stdin_fits(&self, len: usize) -> bool {
+        let bound = self.limits.session_buffer;
+        let within = self
+            .stdin
+            .held
+            .checked_add(len.saturating_add(STDIN_ITEM_COST))
+            .is_some_and(|n| n <= bound);
+        within || (self.stdin.data.is_empty() && len <= bound)
+    }
+
     /// The stdin waiting for the start, oldest first.
     pub fn pending(&self) -> impl Iterator<Item = &Bytes> + '_ {
         self.stdin.data.iter()
@@ -366,14 +396,11 @@ impl Client {
         if *started && self.stdin.data.is_empty() {
             return Action::Stdin(StdinAction::Forward(data));
         }
-        let fits = self
-            .stdin
-            .bytes
-            .checked_add(data.len())
-            .filter(|n| *n <= self.limits.session_buffer);
-        match fits {
-            Some(bytes) if budget(data.len()) => {
-                self.stdin.bytes = bytes;
+        let cost = data.len().saturating_add(STDIN_ITEM_COST);
+        match self.stdin_fits(data.len()) {
+            true if budget(cost) => {
+                self.stdin.bytes = self.stdin.bytes.saturating_add(data.len());
+                self.stdin.held = self.stdin.held.saturating_add(cost);
                 self.stdin.data.push_back(data);
                 self.stdin.since.get_or_insert(now);
                 Action::Stdin(StdinAction::Queued)
@@ -783,9 +810,7 @@ pub fn simulate(seed: u64, steps: usize) -> Result<SimStats, String> {
                             StdinAction::Queued => stats.stdin_queued += 1,
                             StdinAction::WaitForStart { data, deadline } => {
                                 stats.back_pressure += 1;
-                                if conn.client.pending_bytes() + data.len() <= limits.session_buffer
-                                    && grant
-                                {
+                                if conn.client.stdin_fits(data.len()) && grant {
                                     return fail("stdin held back though it fits".into());
                                 }
                                 if rng.percent(60) {
@@ -950,10 +975,19 @@ pub fn simulate(seed: u64, steps: usize) -> Result<SimStats, String> {
         }
         let pending: Vec<Bytes> = conn.client.pending().cloned().collect();
         let pending_bytes: usize = pending.iter().map(Bytes::len).sum();
-        if pending_bytes != conn.client.pending_bytes() || pending_bytes > limits.session_buffer {
+        let pending_cost = pending_bytes + pending.len() * STDIN_ITEM_COST;
+        // One frame may wait whose bytes the bound holds; more only as far
+        // as their cost is within it.
+        if pending_bytes != conn.client.pending_bytes()
+            || pending_cost != conn.client.pending_cost()
+            || pending_bytes > limits.session_buffer
+            || (pending.len() > 1 && pending_cost > limits.session_buffer)
+        {
             return fail(format!(
-                "{pending_bytes} bytes pending (counted {}), bound {}",
+                "{} frames, {pending_bytes} bytes pending (counted {}, cost {}), bound {}",
+                pending.len(),
                 conn.client.pending_bytes(),
+                conn.client.pending_cost(),
                 limits.session_buffer
             ));
         }
@@ -1013,7 +1047,11 @@ mod tests {
     }
 
     fn shim(started: bool) -> Client {
-        let mut c = Client::new(limits());
+        shim_with(started, limits())
+    }
+
+    fn shim_with(started: bool, limits: Limits) -> Client {
+        let mut c = Client::new(limits);
         c.became_shim(VmId(1), "tok".into(), 3, started).unwrap();
         c
     }
@@ -1154,7 +1192,13 @@ mod tests {
     #[test]
     fn stdin_before_the_start_waits_and_goes_first_in_order() {
         let t0 = Instant::now();
-        let mut c = shim(false);
+        let mut c = shim_with(
+            false,
+            Limits {
+                session_buffer: 1000,
+                ..limits()
+            },
+        );
         for (i, b) in [&b"a"[..], b"bc", b""].into_iter().enumerate() {
             let now = t0 + SECOND * u32::try_from(i).unwrap();
             assert!(matches!(
@@ -1163,6 +1207,7 @@ mod tests {
             ));
         }
         assert_eq!(c.pending_bytes(), 3);
+        assert_eq!(c.pending_cost(), 3 + 3 * STDIN_ITEM_COST);
         // The oldest sets the deadline.
         assert_eq!(c.stdin_deadline(), Some(t0 + 30 * SECOND));
         // A signal behind it is served at once.
@@ -1178,6 +1223,45 @@ mod tests {
             c.on_frame(stdin(b"d"), t0, &mut yes()),
             Action::Stdin(StdinAction::Forward(_))
         ));
+    }
+
+    #[test]
+    fn regression_empty_or_tiny_stdin_frames_before_the_start_are_bounded_by_their_count_too() {
+        // Counted by payload alone, empty frames were free: a client could
+        // queue any number of them before its process started.
+        let t0 = Instant::now();
+        let mut c = shim_with(
+            false,
+            Limits {
+                session_buffer: 1000,
+                ..limits()
+            },
+        );
+        let mut queued = 0;
+        let mut budget_asked = 0;
+        loop {
+            let mut ask = |n: usize| {
+                budget_asked += n;
+                true
+            };
+            match c.on_frame(stdin(b""), t0, &mut ask) {
+                Action::Stdin(StdinAction::Queued) => queued += 1,
+                Action::Stdin(StdinAction::WaitForStart { .. }) => break,
+                a => panic!("{a:?}"),
+            }
+            assert!(queued < 100, "empty frames are never refused");
+        }
+        // 1000 / 128: seven frames, and the budget was asked for what
+        // they count.
+        assert_eq!(queued, 1000 / STDIN_ITEM_COST);
+        assert_eq!(c.pending_bytes(), 0);
+        assert_eq!(c.pending_cost(), queued * STDIN_ITEM_COST);
+        assert_eq!(budget_asked, queued * STDIN_ITEM_COST);
+        assert_eq!(
+            c.process_started().count(),
+            queued,
+            "every one goes, in order"
+        );
     }
 
     #[test]
