@@ -499,13 +499,14 @@ impl Vm {
     /// Forward stdin for the session at `io_base`: split into messages the
     /// agent accepts; an empty `data` is EOF (one zero-length message).
     pub async fn stdin(&self, io_base: u64, data: Bytes) -> Result<(), ProxyError> {
-        if data.is_empty() {
+        if data.len() <= MAX_IO_DATA {
             return self.send_io(io_base, data).await;
         }
-        let mut rest = data;
-        while !rest.is_empty() {
-            let chunk = rest.split_to(rest.len().min(MAX_IO_DATA));
-            self.send_io(io_base, chunk).await?;
+        // A frame longer than one message goes in copies: a queued piece
+        // must not keep the whole frame's buffer (up to --max-frame-size)
+        // alive once the connection has let go of it, and of its budget.
+        for piece in data.chunks(MAX_IO_DATA) {
+            self.send_io(io_base, Bytes::copy_from_slice(piece)).await?;
         }
         Ok(())
     }
@@ -1462,6 +1463,24 @@ mod tests {
         assert_eq!(got, data);
         let eof = agent.io_msg().await;
         assert_eq!((eof.seq, eof.data.len()), (3, 0));
+    }
+
+    #[tokio::test]
+    async fn regression_queued_pieces_of_a_long_stdin_frame_do_not_keep_the_frame() {
+        // The agent reads nothing yet: the pipe (64 KiB) fills, and the
+        // rest of the 300 KiB frame waits in the VM's io queue. Slices of
+        // the frame would keep its whole buffer (up to --max-frame-size)
+        // alive there after the connection let go of it and its budget.
+        let (vm, mut agent, _) = vm(Duration::from_secs(5));
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        let frame = Bytes::from(data.clone());
+        vm.stdin(3, frame.clone()).await.unwrap();
+        assert!(frame.is_unique(), "a queued piece holds the frame's buffer");
+        let mut got = Vec::new();
+        while got.len() < data.len() {
+            got.extend_from_slice(&agent.io_msg().await.data);
+        }
+        assert_eq!(got, data);
     }
 
     #[tokio::test]
