@@ -1520,6 +1520,17 @@ mod tests {
         assert_eq!(Arc::strong_count(&s), 2);
     }
 
+    /// The io messages `msgs` (seq, data) as the agent writes them.
+    fn wire_of<'a>(msgs: impl IntoIterator<Item = (u64, &'a [u8])>) -> BytesMut {
+        let mut wire = BytesMut::new();
+        for (seq, data) in msgs {
+            IoMessage::new(seq, data.to_vec())
+                .encode(&mut wire, MAX_MESSAGE_LEN)
+                .unwrap();
+        }
+        wire
+    }
+
     /// Everything `q` delivers up to and including the exit, as (stream,
     /// bytes) items: 'o' stdout, 'e' stderr, 'x' the exit code.
     async fn items_until_exit(q: &mut crate::session::OutputQueue) -> Vec<(char, Bytes)> {
@@ -1566,18 +1577,8 @@ mod tests {
         plan.extend((30..35).map(|i| msg(4, i)));
         plan.push(msg(5, 99));
         plan.extend((35..69).map(|i| msg(3, i)));
-        let mut wire = BytesMut::new();
-        for (seq, data) in &plan {
-            IoMessage::new(*seq, data.clone())
-                .encode(&mut wire, MAX_MESSAGE_LEN)
-                .unwrap();
-        }
-        IoMessage::new(3, Vec::new())
-            .encode(&mut wire, MAX_MESSAGE_LEN)
-            .unwrap();
-        IoMessage::new(3, vec![9])
-            .encode(&mut wire, MAX_MESSAGE_LEN)
-            .unwrap();
+        let mut wire = wire_of(plan.iter().map(|(seq, d)| (*seq, &d[..])));
+        wire.extend_from_slice(&wire_of([(3, &b""[..]), (3, &[9][..])]));
         agent.io.write_all(&wire).await.unwrap();
 
         let mut q = s.take_queue().unwrap();
@@ -1618,18 +1619,13 @@ mod tests {
         // message by message, never held back or joined.
         let (vm, mut agent, _) = vm(Duration::from_secs(5));
         let s = vm.add_session("t".into(), 3);
-        let mut wire = BytesMut::new();
-        for line in [&b"one\n"[..], b"two\n", b"three\n"] {
-            IoMessage::new(3, line.to_vec())
-                .encode(&mut wire, MAX_MESSAGE_LEN)
-                .unwrap();
-        }
-        IoMessage::new(3, Vec::new())
-            .encode(&mut wire, MAX_MESSAGE_LEN)
-            .unwrap();
-        IoMessage::new(3, vec![0])
-            .encode(&mut wire, MAX_MESSAGE_LEN)
-            .unwrap();
+        let wire = wire_of([
+            (3, &b"one\n"[..]),
+            (3, b"two\n"),
+            (3, b"three\n"),
+            (3, b""),
+            (3, &[0]),
+        ]);
         agent.io.write_all(&wire).await.unwrap();
         let mut q = s.take_queue().unwrap();
         let got = items_until_exit(&mut q).await;

@@ -1050,6 +1050,18 @@ mod tests {
         shim_with(started, limits())
     }
 
+    /// A shim whose process has not started, with room for a few frames
+    /// of stdin (`--session-buffer` 1000).
+    fn roomy_shim() -> Client {
+        shim_with(
+            false,
+            Limits {
+                session_buffer: 1000,
+                ..limits()
+            },
+        )
+    }
+
     fn shim_with(started: bool, limits: Limits) -> Client {
         let mut c = Client::new(limits);
         c.became_shim(VmId(1), "tok".into(), 3, started).unwrap();
@@ -1192,13 +1204,7 @@ mod tests {
     #[test]
     fn stdin_before_the_start_waits_and_goes_first_in_order() {
         let t0 = Instant::now();
-        let mut c = shim_with(
-            false,
-            Limits {
-                session_buffer: 1000,
-                ..limits()
-            },
-        );
+        let mut c = roomy_shim();
         for (i, b) in [&b"a"[..], b"bc", b""].into_iter().enumerate() {
             let now = t0 + SECOND * u32::try_from(i).unwrap();
             assert!(matches!(
@@ -1230,13 +1236,7 @@ mod tests {
         // Counted by payload alone, empty frames were free: a client could
         // queue any number of them before its process started.
         let t0 = Instant::now();
-        let mut c = shim_with(
-            false,
-            Limits {
-                session_buffer: 1000,
-                ..limits()
-            },
-        );
+        let mut c = roomy_shim();
         let mut queued = 0;
         let mut budget_asked = 0;
         loop {
