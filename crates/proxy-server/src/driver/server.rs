@@ -438,7 +438,10 @@ pub async fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     let least = u64::from(config.max_frame_size)
         .saturating_add(12)
         .saturating_mul(2)
-        .max(crate::session::LARGEST_ITEM as u64);
+        .max(
+            crate::vm::session_bound(0, crate::vm::agent_message_bound(config.max_frame_size))
+                as u64,
+        );
     if u64::from(config.memory_budget) < least {
         return Err(format!(
             "--memory-budget {} is too small for --max-frame-size {}: it must hold two frames of the largest size and the largest agent message ({least} bytes)",

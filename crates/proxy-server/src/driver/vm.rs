@@ -711,9 +711,7 @@ fn io_reader(
         pause: Deadline::new(),
         run: None,
         spare: Vec::new(),
-        bulk: false,
-        join: BytesMut::new(),
-        join_stderr: false,
+        join: Join::default(),
     };
     async move {
         let reason = io.run().await;
@@ -744,14 +742,8 @@ struct IoReader {
     run: Option<(u64, Arc<Session>, Vec<Output>)>,
     /// The last run's emptied vector, for the next.
     spare: Vec<Output>,
-    /// Whether the read being routed is a bulk one (at least
-    /// [`JOIN_READ`] bytes): its small messages are joined.
-    bulk: bool,
-    /// Small output of the run's session joined into one item, not yet
-    /// in the run (it goes after everything there): empty when none.
-    join: BytesMut,
-    /// Whether `join` holds stderr (else stdout).
-    join_stderr: bool,
+    /// Small output of the run's session being joined into one item.
+    join: Join,
 }
 
 /// A run of output queued together holds at most this many items.
@@ -795,12 +787,7 @@ impl IoReader {
                 () = self.gone.wait() => return "VM torn down".to_string(),
             };
             let at = Instant::now();
-            self.bulk = n >= JOIN_READ;
-            if !self.bulk && self.join.capacity() > 0 {
-                // Bulk output ended: the join's block is kept only by the
-                // items still queued.
-                self.join = BytesMut::new();
-            }
+            self.join.read(n);
             if let Err(reason) = self.route_buffered().await {
                 return reason;
             }
@@ -832,10 +819,10 @@ impl IoReader {
     /// when its budget allows, else one item after the other (waiting for
     /// room as [`deliver`](Self::deliver) does).
     async fn flush_run(&mut self) -> Result<(), String> {
-        self.end_join();
         let Some((base, session, mut items)) = self.run.take() else {
             return Ok(());
         };
+        self.join.end(&mut items);
         let pushed = match session.try_push_all(&mut items) {
             Some(pushed) => pushed,
             None => {
@@ -894,21 +881,11 @@ impl IoReader {
             }
         };
         // The hot path: more output for the session of the run.
-        if let (Output::Stdout(data) | Output::Stderr(data), Some((_, to, items))) =
+        if let (Output::Stdout(_) | Output::Stderr(_), Some((_, to, items))) =
             (&item, &mut self.run)
         {
             if Arc::ptr_eq(to, session) && items.len() < RUN_MAX {
-                let stderr = matches!(item, Output::Stderr(_));
-                if joins(self.bulk, data) {
-                    let fits = self.join.len() + data.len() <= JOIN_MAX;
-                    if !fits || self.join_stderr != stderr {
-                        end_join(&mut self.join, self.join_stderr, items);
-                    }
-                    self.join_data(stderr, data);
-                    return Ok(());
-                }
-                end_join(&mut self.join, self.join_stderr, items);
-                items.push(item);
+                self.join.add(item, items);
                 return Ok(());
             }
         }
@@ -921,35 +898,9 @@ impl IoReader {
             return Ok(());
         }
         let mut items = std::mem::take(&mut self.spare);
-        match &item {
-            Output::Stdout(data) | Output::Stderr(data) if joins(self.bulk, data) => {
-                self.join_data(matches!(item, Output::Stderr(_)), data);
-            }
-            _ => items.push(item),
-        }
+        self.join.add(item, &mut items);
         self.run = Some((base, session, items));
         Ok(())
-    }
-
-    /// Append `data` (of stderr or stdout) to the join, which is empty or
-    /// holds the same stream's.
-    fn join_data(&mut self, stderr: bool, data: &[u8]) {
-        if self.join.is_empty() {
-            self.join_stderr = stderr;
-            // Room for a whole joined item: in the block the last items
-            // share while it has that much left, else in a new one.
-            if self.join.capacity() < JOIN_MAX {
-                self.join = BytesMut::with_capacity(JOIN_BLOCK);
-            }
-        }
-        self.join.extend_from_slice(data);
-    }
-
-    /// The join, if any, goes to the end of the run.
-    fn end_join(&mut self) {
-        if let Some((_, _, items)) = &mut self.run {
-            end_join(&mut self.join, self.join_stderr, items);
-        }
     }
 
     /// A read of `n` bytes at `at` is routed: count its messages, and let
@@ -974,24 +925,74 @@ impl IoReader {
     }
 }
 
-/// Whether output `data`, of a read that is `bulk` or not, is joined with
-/// the output around it.
-fn joins(bulk: bool, data: &[u8]) -> bool {
-    bulk && !data.is_empty() && data.len() <= JOIN_SMALL
+/// The io reader's joining of small output (see [`JOIN_READ`]): the
+/// item being joined for the run's session, which goes after everything
+/// already in the run.
+#[derive(Debug, Default)]
+struct Join {
+    /// Whether the read being routed is a bulk one.
+    bulk: bool,
+    /// What is joined so far: empty when nothing is.
+    buf: BytesMut,
+    /// Whether `buf` holds stderr (else stdout).
+    stderr: bool,
 }
 
-/// Move what `join` holds (of stderr or stdout) to the end of `items`, as
-/// one item.
-fn end_join(join: &mut BytesMut, stderr: bool, items: &mut Vec<Output>) {
-    if join.is_empty() {
-        return;
+impl Join {
+    /// A read of `n` bytes is to be routed.
+    fn read(&mut self, n: usize) {
+        self.bulk = n >= JOIN_READ;
+        if !self.bulk && self.buf.capacity() > 0 {
+            // Bulk output ended: the block is kept only by the items
+            // still queued.
+            self.buf = BytesMut::new();
+        }
     }
-    let data = join.split().freeze();
-    items.push(if stderr {
-        Output::Stderr(data)
-    } else {
-        Output::Stdout(data)
-    });
+
+    /// Add `item`, for the run's session, to the run `items`: small output
+    /// of a bulk read is joined with what came before it of the same
+    /// stream; anything else ends the join and goes after it.
+    fn add(&mut self, item: Output, items: &mut Vec<Output>) {
+        let (stderr, data) = match &item {
+            Output::Stdout(d) => (false, d),
+            Output::Stderr(d) => (true, d),
+            _ => {
+                self.end(items);
+                items.push(item);
+                return;
+            }
+        };
+        if !self.bulk || data.is_empty() || data.len() > JOIN_SMALL {
+            self.end(items);
+            items.push(item);
+            return;
+        }
+        if self.stderr != stderr || self.buf.len() + data.len() > JOIN_MAX {
+            self.end(items);
+        }
+        if self.buf.is_empty() {
+            self.stderr = stderr;
+            // Room for a whole joined item: in the block the last items
+            // share while it has that much left, else in a new one.
+            if self.buf.capacity() < JOIN_MAX {
+                self.buf = BytesMut::with_capacity(JOIN_BLOCK);
+            }
+        }
+        self.buf.extend_from_slice(data);
+    }
+
+    /// What is joined, if anything, goes to the end of `items` as one item.
+    fn end(&mut self, items: &mut Vec<Output>) {
+        if self.buf.is_empty() {
+            return;
+        }
+        let data = self.buf.split().freeze();
+        items.push(if self.stderr {
+            Output::Stderr(data)
+        } else {
+            Output::Stdout(data)
+        });
+    }
 }
 
 /// The slow path: wait for room in `session`'s queue. None: the VM went
